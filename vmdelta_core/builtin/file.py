@@ -1,0 +1,37 @@
+"""The ``file`` source: an artifact that is its image, byte for byte (a raw disk or RAM dump).
+
+It is the fallback of format detection, so core works with no plugin installed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
+from vmdelta_core.fileio import hole_extents, map_readonly
+from vmdelta_core.hookspecs import hookimpl
+
+
+class FileSource(Source):
+    name = "file"
+    kinds = frozenset({"memory", "disk"})
+
+    def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
+        data, closers = map_readonly(path)
+        return SourceImage(kind=kind, data=data, holes=hole_extents(path), closers=closers)
+
+    def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
+        os.replace(rebuilt.path, output)
+
+
+@hookimpl
+def vmdelta_register_sources(register: Callable[[Source], None]) -> None:
+    register(FileSource())
+
+
+@hookimpl(trylast=True)
+def vmdelta_detect_source(path: Path, head: bytes, kind: str) -> str | None:
+    return "file"

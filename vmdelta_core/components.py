@@ -1,0 +1,248 @@
+"""What a plugin provides: sources, filters, encoders and frame codecs.
+
+Components are plain classes with *batch* methods; the core calls them once per image or once per
+batch of units, never once per unit from a Python loop of its own. A plugin hands instances to the
+``register`` callback of the matching ``vmdelta_register_*`` hook.
+
+The base classes here are conveniences, not requirements: the registry checks for the attributes
+and methods it needs (duck typing), so a plugin may implement them on any class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import attrs
+import numpy as np
+
+__all__ = [
+    "Codec",
+    "Encoder",
+    "Filter",
+    "FilterContext",
+    "FilterResult",
+    "ImageKind",
+    "RebuiltImage",
+    "Source",
+    "SourceImage",
+]
+
+ImageKind = Literal["memory", "disk"]
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class SourceImage:
+    """An artifact opened by a source: the image to diff and what is needed to rebuild the artifact.
+
+    ``data`` is a read-only ``uint8`` array of exactly ``size`` bytes, usually a view of an mmap,
+    so reading it costs page faults, not copies. ``holes`` lists byte ranges known to be zero
+    (``(n, 2)`` int64 array of start, length), which change detection skips when both images
+    have them. ``hints``, when not ``None``, is a sorted array of unit indices outside which the
+    modified image is known to equal its base (a qcow2 overlay's allocated clusters, say).
+    ``envelope`` holds the bytes of the artifact that are not in the image (device state, block
+    table); it is stored in the overlay, compressed against the base's envelope. ``layout`` is
+    JSON-able geometry (a RAM block table) that goes into the overlay metadata as it is.
+    """
+
+    kind: ImageKind
+    data: np.ndarray
+    holes: np.ndarray = attrs.field(factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    hints: np.ndarray | None = None
+    envelope: bytes = b""
+    layout: Mapping[str, Any] = attrs.field(factory=dict)
+    #: True when materialize() reproduces the artifact byte for byte from image + envelope.
+    exact_artifact: bool = True
+    _closers: list[Any] = attrs.field(factory=list, alias="closers")
+
+    @property
+    def size(self) -> int:
+        return int(self.data.shape[0])
+
+    def close(self) -> None:
+        """Release mmaps and files; the arrays must not be used afterwards."""
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer.close()
+            except BufferError:
+                # numpy views of an mmap still alive elsewhere; the mmap goes when they do
+                pass
+
+    def __enter__(self) -> SourceImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@attrs.define(eq=False)
+class RebuiltImage:
+    """The rebuilt image handed to :meth:`Source.materialize` at apply time.
+
+    ``path`` is a raw file of ``size`` bytes (sparse where zero) in the output's folder; a source
+    whose artifact *is* the raw image may simply rename it to the output. ``changed`` holds the
+    indices of the units that differ from the base image (the units the overlay wrote or zeroed),
+    ``base`` the opened base artifact and ``base_path`` its file, for outputs that refer to it
+    (a qcow2 backed by the base).
+    """
+
+    path: Path
+    size: int
+    unit_size: int
+    envelope: bytes
+    layout: Mapping[str, Any]
+    changed: np.ndarray
+    base: SourceImage
+    base_path: Path
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+class Source:
+    """Reads an artifact format into an image, and writes the same format back.
+
+    :cvar name: unique component name (``--format NAME``).
+    :cvar kinds: the image kinds it can read (``{"memory"}``, ``{"disk"}`` or both).
+    :cvar extensions: the output kinds ``materialize`` can write besides the input format, as
+        accepted by ``apply --disk-format`` (for example ``("qcow2",)``).
+    """
+
+    name: ClassVar[str]
+    kinds: ClassVar[frozenset[str]] = frozenset({"memory", "disk"})
+    output_formats: ClassVar[tuple[str, ...]] = ()
+
+    def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
+        """Open ``path`` read-only and present its image.
+
+        :param path: the artifact.
+        :param kind: which kind of image the user says it holds.
+        :param options: per-image settings from the pipeline config (``source_options``).
+        :raises FormatError: the file is not in this format or is damaged.
+        """
+        raise NotImplementedError
+
+    def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
+        """Write the artifact for ``rebuilt`` at ``output`` (a temporary path the core renames).
+
+        :param rebuilt: the rebuilt image, its envelope and layout.
+        :param output: where to write; it does not exist yet.
+        """
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# filters
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FilterContext:
+    """What a filter may look at when deciding which changed units to drop."""
+
+    image_name: str
+    kind: ImageKind
+    unit_size: int
+    base: SourceImage
+    modified: SourceImage
+    #: the input the user named with ``--filter NAME:INPUT`` (a trace log, a PFN list), if any
+    input: Path | None
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class FilterResult:
+    """Which candidates to drop: a boolean mask over the candidate array, and why."""
+
+    drop: np.ndarray
+    reason: str
+    #: anything worth recording in the overlay header (counts, what was skipped and why)
+    details: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+class Filter:
+    """Drops changed units that the guest treats as free space.
+
+    :cvar name: unique component name (``--filter NAME``).
+    :cvar kinds: image kinds it applies to.
+    :cvar needs_input: whether ``--filter NAME:INPUT`` must name an input file.
+    """
+
+    name: ClassVar[str]
+    kinds: ClassVar[frozenset[str]] = frozenset({"memory", "disk"})
+    needs_input: ClassVar[bool] = False
+
+    def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
+        """Decide, in one call per image, which candidate units to drop.
+
+        :param context: the images and the filter's input.
+        :param candidates: sorted ``int64`` unit indices of changed units.
+        :returns: a mask of the same length as ``candidates``.
+        :raises ConfigError: the input does not match the image (a log of another disk...).
+        """
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# encoders
+# --------------------------------------------------------------------------------------------
+
+
+class Encoder:
+    """Turns (base unit at the same offset, modified unit) into a payload, or declines.
+
+    :cvar name: unique component name (``--encoder NAME``).
+    :cvar wire_ref: the classic DeltaItem ref id (high nibble, ``0x1``..``0xF``) this encoding
+        has always had, or ``None`` to receive a free id per overlay.
+    """
+
+    name: ClassVar[str]
+    wire_ref: ClassVar[int | None] = None
+
+    def encode(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> list[bytes | None]:
+        """Encode a batch; ``None`` declines a unit (the policy then tries the next encoder).
+
+        ``bases[i]`` is the base image's bytes at the unit's offset, zero-padded to
+        ``len(targets[i])``. Implementations should release the GIL in their C calls: the core
+        runs batches on a thread pool.
+        """
+        raise NotImplementedError
+
+    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+        """Decode a batch; each result must be exactly ``lengths[i]`` bytes.
+
+        Payloads come from untrusted overlays: a damaged payload raises :class:`FormatError`,
+        and no payload may make the decoder allocate more than a small multiple of the length.
+        """
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# frame codecs
+# --------------------------------------------------------------------------------------------
+
+
+class Codec:
+    """Compresses one frame of items.
+
+    :cvar name: unique component name (``--codec NAME``).
+    :cvar default_level: level used when the config names none.
+    """
+
+    name: ClassVar[str]
+    default_level: ClassVar[int | None] = None
+
+    def compress(self, data: bytes, level: int | None) -> bytes:
+        raise NotImplementedError
+
+    def decompress(self, data: bytes, size: int) -> bytes:
+        """Decompress a frame known to be ``size`` bytes; never produce more.
+
+        :raises FormatError: the data are damaged or do not decompress to exactly ``size`` bytes.
+        """
+        raise NotImplementedError

@@ -1,0 +1,150 @@
+"""Files as the pipeline needs them: read-only maps, sparse extents, atomic outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from vmdelta_core.errors import ConfigError
+
+__all__ = [
+    "AtomicOutput",
+    "data_extents",
+    "hole_extents",
+    "map_readonly",
+    "punch_zero_runs",
+]
+
+_CHUNK = 16 << 20
+
+
+def map_readonly(path: Path) -> tuple[np.ndarray, list[object]]:
+    """The whole file as a read-only ``uint8`` array, and what to close when done."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return np.zeros(0, dtype=np.uint8), []
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except OSError as exc:
+        raise ConfigError(f"cannot map {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    with contextlib.suppress(AttributeError, OSError):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return np.frombuffer(mapped, dtype=np.uint8), [mapped]
+
+
+def data_extents(path: Path, start: int = 0, end: int | None = None) -> np.ndarray:
+    """Byte ranges ``(start, length)`` that hold data, found with SEEK_DATA/SEEK_HOLE.
+
+    On a file system without sparse support the whole file is one data extent.
+    """
+    out: list[tuple[int, int]] = []
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size if end is None else end
+        pos = start
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                out = [(start, size - start)]
+                break
+            if data >= size:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            out.append((data, hole - data))
+            pos = hole
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def hole_extents(path: Path) -> np.ndarray:
+    """Byte ranges ``(start, length)`` that are holes (read as zeros) in ``path``."""
+    size = os.stat(path).st_size
+    data = data_extents(path)
+    holes: list[tuple[int, int]] = []
+    pos = 0
+    for start, length in data.tolist():
+        if start > pos:
+            holes.append((pos, start - pos))
+        pos = start + length
+    if pos < size:
+        holes.append((pos, size - pos))
+    return np.array(holes, dtype=np.int64).reshape(-1, 2)
+
+
+def punch_zero_runs(fd: int, start: int, data: np.ndarray, unit: int) -> None:
+    """Write ``data`` at ``start``, leaving holes where whole units are zero."""
+    n = data.shape[0] // unit
+    if n:
+        units = data[: n * unit].reshape(n, unit)
+        nonzero = units.view(np.uint64).any(axis=1) if unit % 8 == 0 else units.any(axis=1)
+    else:
+        nonzero = np.zeros(0, dtype=bool)
+    # runs of units with data
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], nonzero, [False])).astype(np.int8)))
+    for run_start, run_end in edges.reshape(-1, 2).tolist():
+        os.pwrite(fd, data[run_start * unit : run_end * unit], start + run_start * unit)
+    tail = data[n * unit :]
+    if tail.shape[0] and tail.any():
+        os.pwrite(fd, tail, start + n * unit)
+
+
+class AtomicOutput:
+    """A temporary file beside ``target`` that replaces it only on :meth:`commit`.
+
+    If anything fails before that, the temporary file is removed and ``target`` is untouched.
+    """
+
+    def __init__(self, target: Path, suffix: str = ".part") -> None:
+        self.target = Path(target)
+        folder = self.target.parent
+        if not folder.is_dir():
+            raise ConfigError(f"cannot write {self.target}: folder {folder} does not exist")
+        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=suffix, dir=folder)
+        os.close(fd)
+        self.path = Path(name)
+        self._done = False
+
+    def commit(self) -> None:
+        os.replace(self.path, self.target)
+        self._done = True
+
+    def discard(self) -> None:
+        if not self._done:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._done = True
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None or not self._done:
+            self.discard()
+
+
+@contextlib.contextmanager
+def atomic_outputs(targets: list[Path]) -> Iterator[list[AtomicOutput]]:
+    """Several outputs that appear together or not at all (best effort: renames are per file)."""
+    outputs: list[AtomicOutput] = []
+    try:
+        for target in targets:
+            outputs.append(AtomicOutput(target))
+        yield outputs
+    finally:
+        for output in outputs:
+            output.discard()

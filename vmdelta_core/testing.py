@@ -1,0 +1,180 @@
+"""Conformance checks for plugin authors.
+
+Call these from a plugin's own tests so that every third-party component gets the same
+guarantees as the ones that ship with vmdelta::
+
+    from vmdelta_core.testing import check_encoder
+
+    def test_conformance():
+        check_encoder(MyEncoder())
+
+Each check raises ``AssertionError`` with a message saying what the component got wrong.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmdelta_core.components import Encoder, Filter, FilterContext, FilterResult, RebuiltImage, Source, SourceImage
+from vmdelta_core.errors import FormatError, VmdeltaError
+
+__all__ = ["check_encoder", "check_filter", "check_source", "real_fixtures", "sample_unit_pairs"]
+
+
+def sample_unit_pairs(unit: int = 4096, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """(base, modified) pairs covering what real images hold: equal, sparse edits, shifted text,
+    zeros to data, data to zeros, random data, a short last unit."""
+    rng = np.random.default_rng(seed)
+    text = (b"the quick brown fox jumps over the lazy dog; " * (unit // 32 + 1))[:unit]
+    noise = rng.integers(0, 256, unit, dtype=np.uint8).tobytes()
+    edited = bytearray(text)
+    for pos in rng.integers(0, unit, 12):
+        edited[pos] ^= 0x5A
+    shifted = (b"#" + text)[:unit]
+    half = bytes(unit // 2) + noise[: unit - unit // 2]
+    return [
+        (text, text),
+        (text, bytes(edited)),
+        (text, shifted),
+        (bytes(unit), text),
+        (text, bytes(unit)),
+        (noise, rng.integers(0, 256, unit, dtype=np.uint8).tobytes()),
+        (noise, half),
+        (text[:1000], bytes(edited[:1000])),
+    ]
+
+
+def check_encoder(encoder: Encoder, pairs: Sequence[tuple[bytes, bytes]] | None = None) -> dict[str, int]:
+    """An encoder round-trips every unit it accepts, declines cleanly, and rejects damage.
+
+    :returns: how many units it accepted and declined, for the caller's own assertions.
+    """
+    pairs = list(pairs if pairs is not None else sample_unit_pairs())
+    bases = [memoryview(base.ljust(len(target), b"\0")[: len(target)]) for base, target in pairs]
+    targets = [memoryview(target) for _, target in pairs]
+    assert isinstance(encoder.name, str) and encoder.name, "an encoder needs a name"
+    wire_ref = getattr(encoder, "wire_ref", None)
+    assert wire_ref is None or wire_ref in (0x1, 0x2, 0x7, 0x9) or 0xA <= wire_ref <= 0xF, (
+        f"{encoder.name}: wire_ref {wire_ref!r} is taken by a base/self/zero ref"
+    )
+    payloads = encoder.encode(bases, targets)
+    assert len(payloads) == len(pairs), f"{encoder.name}: encode returned {len(payloads)} results for {len(pairs)} units"
+    accepted = [i for i, p in enumerate(payloads) if p is not None]
+    for i, payload in enumerate(payloads):
+        assert payload is None or isinstance(payload, (bytes, bytearray)), (
+            f"{encoder.name}: payload {i} is {type(payload).__name__}, not bytes or None"
+        )
+    if accepted:
+        decoded = encoder.decode(
+            [bases[i] for i in accepted],
+            [memoryview(payloads[i]) for i in accepted],  # type: ignore[arg-type]
+            [len(targets[i]) for i in accepted],
+        )
+        assert len(decoded) == len(accepted), f"{encoder.name}: decode returned the wrong number of units"
+        for i, unit in zip(accepted, decoded, strict=True):
+            assert bytes(unit) == bytes(targets[i]), f"{encoder.name}: unit {i} does not round-trip"
+        # damage: a truncated or garbled payload must raise FormatError or decode to the right
+        # length (an encoder without its own checks cannot tell), never anything else
+        for i in accepted:
+            payload = bytes(payloads[i])  # type: ignore[arg-type]
+            for broken in (payload[: len(payload) // 2], bytes(b ^ 0xFF for b in payload[:64]) + payload[64:], b""):
+                try:
+                    out = encoder.decode([bases[i]], [memoryview(broken)], [len(targets[i])])
+                except FormatError:
+                    continue
+                assert len(out) == 1 and len(out[0]) == len(targets[i]), (
+                    f"{encoder.name}: a damaged payload decoded to {len(out[0]) if out else 0} bytes "
+                    f"instead of raising FormatError"
+                )
+    return {"accepted": len(accepted), "declined": len(pairs) - len(accepted)}
+
+
+def check_source(source: Source, artifact: Path, kind: str, *, options: Mapping[str, Any] | None = None) -> SourceImage:
+    """Materializing the image a source read gives an artifact equivalent to the original.
+
+    "Equivalent" means: opening the materialized artifact again yields the same image bytes and
+    the same envelope; when the source says ``exact_artifact`` the files must be identical.
+    """
+    options = dict(options or {})
+    image = source.open(artifact, kind=kind, options=options)  # type: ignore[arg-type]
+    assert image.data.dtype == np.uint8 and image.data.ndim == 1, "SourceImage.data must be a flat uint8 array"
+    assert image.kind == kind
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "image.raw"
+        raw.write_bytes(image.data.tobytes())
+        out = Path(tmp) / "rebuilt"
+        unit = 4096
+        rebuilt = RebuiltImage(
+            path=raw,
+            size=image.size,
+            unit_size=unit,
+            envelope=image.envelope,
+            layout=image.layout,
+            changed=np.arange((image.size + unit - 1) // unit, dtype=np.int64),
+            base=image,
+            base_path=artifact,
+            options=options,
+        )
+        source.materialize(rebuilt, out)
+        assert out.exists(), f"{source.name}: materialize wrote nothing at {out}"
+        again = source.open(out, kind=kind, options=options)  # type: ignore[arg-type]
+        try:
+            assert again.size == image.size, f"{source.name}: rebuilt image is {again.size} bytes, not {image.size}"
+            assert np.array_equal(again.data, image.data), f"{source.name}: rebuilt image differs"
+            assert again.envelope == image.envelope, f"{source.name}: rebuilt envelope differs"
+            if image.exact_artifact:
+                assert out.read_bytes() == Path(artifact).read_bytes(), f"{source.name}: artifact not rebuilt byte for byte"
+        finally:
+            again.close()
+    return image
+
+
+def check_filter(filt: Filter, context: FilterContext, candidates: np.ndarray) -> FilterResult:
+    """A filter answers with a mask over exactly the candidates it was given, and a reason."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    try:
+        result = filt.select(context, candidates.copy())
+    except VmdeltaError:
+        raise
+    assert isinstance(result, FilterResult), f"{filt.name}: select must return a FilterResult"
+    drop = np.asarray(result.drop)
+    assert drop.dtype == np.bool_, f"{filt.name}: drop must be a boolean mask, got {drop.dtype}"
+    assert drop.shape == candidates.shape, f"{filt.name}: mask has shape {drop.shape} for {candidates.shape} candidates"
+    assert isinstance(result.reason, str) and result.reason, f"{filt.name}: a drop needs a reason"
+    return result
+
+
+def real_fixtures(set_name: str = "realistic-128") -> Path | None:
+    """The unpacked real QEMU fixture set, or ``None`` when it is not available here.
+
+    Looks for the packed fixtures in ``$VMDELTA_SHARED/fixtures`` or ``../shared/fixtures`` of
+    the repository, unpacks them once (``unpack.sh``, needs ``zstd``) into
+    ``$VMDELTA_FIXTURES`` (default ``/tmp/vmdelta-fixtures``) and returns that set's folder. With
+    ``VMDELTA_REQUIRE_FIXTURES=1`` (as in CI) a missing set is an error instead of ``None``.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    required = os.environ.get("VMDELTA_REQUIRE_FIXTURES") == "1"
+    here = Path(__file__).resolve()
+    candidates = [Path(os.environ["VMDELTA_SHARED"]) / "fixtures"] if os.environ.get("VMDELTA_SHARED") else []
+    candidates += [parent / "shared" / "fixtures" for parent in here.parents]
+    packed = next((c for c in candidates if (c / "unpack.sh").is_file()), None)
+    if packed is None or shutil.which("zstd") is None:
+        if required:
+            raise RuntimeError("real fixtures required but shared/fixtures or the zstd command is missing")
+        return None
+    dest = Path(os.environ.get("VMDELTA_FIXTURES", "/tmp/vmdelta-fixtures"))
+    subprocess.run(["bash", str(packed / "unpack.sh"), str(dest)], check=True, stdout=subprocess.DEVNULL)
+    found = dest / set_name
+    if not found.is_dir():
+        if required:
+            raise RuntimeError(f"fixture set {set_name} not found in {dest}")
+        return None
+    return found
