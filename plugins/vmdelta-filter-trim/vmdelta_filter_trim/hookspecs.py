@@ -1,0 +1,41 @@
+"""The trim filter's own hook: third-party trace parsers.
+
+QEMU has many block trace events and a deployment may log another one (a different block
+driver, a custom backend). A plugin teaches the trim filter a new line format by implementing
+this hook with the ordinary ``vmdelta`` marker::
+
+    from vmdelta_core.hookspecs import hookimpl
+
+    @hookimpl
+    def vmdelta_trim_trace_parsers(register):
+        register(MyParser())          # any object with .name and .parse_line(line)
+
+and declaring its module under the ``vmdelta`` entry-point group as usual. The spec is added to
+the plugin manager by the trim filter when it collects parsers, so core needs no change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from vmdelta_filter_trim.parsers import TraceParser
+
+__all__ = ["hookspec"]
+
+hookspec = pluggy.HookspecMarker("vmdelta")
+
+# --------------------------------------------------------------------------------------------
+# trace parsers: called once, when the trim filter reads its first trace
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def vmdelta_trim_trace_parsers(register: Callable[[TraceParser], None]) -> None:
+    """Register parsers for trace-log lines the trim filter does not know yet.
+
+    :param register: call it once per parser (an object with ``name`` and ``parse_line``).
+    """

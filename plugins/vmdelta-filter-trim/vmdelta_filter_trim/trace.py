@@ -1,0 +1,123 @@
+"""Reading a trace log and replaying it into the byte ranges that were discarded last."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+
+from vmdelta_core.errors import ConfigError, FormatError, PluginError
+from vmdelta_filter_trim import hookspecs
+from vmdelta_filter_trim.parsers import BUILTIN_PARSERS, DISCARD, WRITE, TraceEvent, TraceParser
+from vmdelta_filter_trim.ranges import ByteRanges
+
+__all__ = ["TraceLog", "collect_parsers", "discarded_ranges", "read_trace"]
+
+
+@attrs.frozen
+class TraceLog:
+    """The events of one log in file order, and what the parsers made of its lines."""
+
+    events: list[TraceEvent]
+    lines: int
+    unrecognised: int
+    by_parser: Mapping[str, int]
+
+
+def collect_parsers(pm: pluggy.PluginManager | None, extra: Iterable[TraceParser] = ()) -> list[TraceParser]:
+    """The builtin parsers, then ``extra``, then those the plugins of ``pm`` register."""
+    found: list[TraceParser] = [*BUILTIN_PARSERS, *extra]
+
+    def register(parser: TraceParser) -> None:
+        if not isinstance(parser, TraceParser) or not isinstance(parser.name, str):
+            raise PluginError(f"a trace parser needs a name and a parse_line method, got {parser!r}")
+        found.append(parser)
+
+    if pm is not None:
+        caller = getattr(pm.hook, "vmdelta_trim_trace_parsers", None)
+        if caller is None or not caller.has_spec():
+            pm.add_hookspecs(hookspecs)
+        pm.hook.vmdelta_trim_trace_parsers(register=register)
+    names = [parser.name for parser in found]
+    for name in names:
+        if names.count(name) > 1:
+            raise PluginError(f"trace parser {name!r} is registered twice")
+    return found
+
+
+def read_trace(path: Path, parsers: Sequence[TraceParser]) -> TraceLog:
+    """Parse every line of ``path``; a line no parser knows is counted, not fatal.
+
+    :raises ConfigError: the file cannot be read or no line is a known trace event.
+    :raises FormatError: a line of a known format is damaged (with its line number).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"trim: cannot read trace log {path}: {exc.strerror}") from None
+    events: list[TraceEvent] = []
+    by_parser = {parser.name: 0 for parser in parsers}
+    unrecognised = 0
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        for parser in parsers:
+            try:
+                event = parser.parse_line(line)
+            except FormatError as exc:
+                raise FormatError(f"trim: {path} line {number}: {exc}") from None
+            if event is not None:
+                events.append(event)
+                by_parser[parser.name] += 1
+                break
+        else:
+            unrecognised += 1
+    if not events:
+        known = ", ".join(parser.name for parser in parsers)
+        raise ConfigError(f"trim: no line of {path} is a trace event it understands ({known})")
+    return TraceLog(events, len(lines), unrecognised, {k: v for k, v in by_parser.items() if v})
+
+
+def _window(value: Any, what: str) -> int | None:
+    """An option ``after``/``before``: integer microseconds or ``"SEC.USEC"``."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value)
+    sec, _, usec = text.partition(".")
+    if not sec.isdigit() or (usec and not usec.isdigit()) or len(usec) > 6:
+        raise ConfigError(f"trim: option {what}={value!r} is not SEC.USEC or integer microseconds")
+    return int(sec) * 1_000_000 + int(usec or "0")
+
+
+def discarded_ranges(
+    events: Sequence[TraceEvent], options: Mapping[str, Any] | None = None
+) -> tuple[ByteRanges, dict[str, int]]:
+    """Replay writes and discards in time order: what is left is every byte whose last request
+    was a discard. Equal timestamps keep file order (Python's sort is stable).
+
+    Options ``after`` and ``before`` keep only requests in that window (for a log that runs past
+    the snapshots).
+    """
+    options = options or {}
+    after = _window(options.get("after"), "after")
+    before = _window(options.get("before"), "before")
+    ranges = ByteRanges()
+    counts = {"writes": 0, "discards": 0, "other": 0, "outside_window": 0}
+    for event in sorted(events, key=lambda e: e.time_us):
+        if (after is not None and event.time_us < after) or (before is not None and event.time_us > before):
+            counts["outside_window"] += 1
+        elif event.op == DISCARD:
+            counts["discards"] += 1
+            ranges.add(event.offset, event.offset + event.length)
+        elif event.op == WRITE:
+            counts["writes"] += 1
+            ranges.remove(event.offset, event.offset + event.length)
+        else:
+            counts["other"] += 1
+    return ranges, counts
