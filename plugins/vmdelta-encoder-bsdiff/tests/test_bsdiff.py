@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import bsdiff4
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmdelta_core.registry import default_registry
+from vmdelta_core.schema import Ref
+from vmdelta_core.testing import check_encoder, sample_unit_pairs
+from vmdelta_encoder_bsdiff import BsdiffEncoder
+
+
+def _views(pairs):
+    return [memoryview(b) for b, _ in pairs], [memoryview(t) for _, t in pairs]
+
+
+def test_conformance_on_sample_pairs() -> None:
+    counts = check_encoder(BsdiffEncoder())
+    assert counts["declined"] >= 1 and counts["accepted"] >= 5
+
+
+def test_declines_what_would_not_shrink() -> None:
+    pairs = sample_unit_pairs()
+    payloads = BsdiffEncoder().encode(*_views(pairs))
+    for (_, target), payload in zip(pairs, payloads, strict=True):
+        assert payload is None or len(payload) < len(target)
+    assert payloads[5] is None  # noise against other noise
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    base=st.binary(min_size=1, max_size=4096),
+    edits=st.lists(st.tuples(st.integers(0, 4095), st.binary(min_size=1, max_size=64)), max_size=8),
+    random_target=st.booleans(),
+    other=st.binary(min_size=1, max_size=4096),
+)
+def test_round_trips_random_pairs(base: bytes, edits, random_target: bool, other: bytes) -> None:
+    target = bytearray(other if random_target else base)
+    for pos, data in edits:
+        pos = min(pos, len(target))
+        target[pos : pos + len(data)] = data
+    check_encoder(BsdiffEncoder(), [(base, bytes(target))])
+
+
+@pytest.mark.fixtures
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_round_trips_real_units(real_pairs, kind: str) -> None:
+    counts = check_encoder(BsdiffEncoder(), real_pairs[kind][:120])
+    assert counts["accepted"] > 0
+
+
+def test_payloads_are_standard_bsdiff40() -> None:
+    """bsdiff4's own patch() applies our payloads, and we apply bsdiff4's own diff()."""
+    for base, target in sample_unit_pairs()[:5]:
+        (payload,) = BsdiffEncoder().encode([memoryview(base)], [memoryview(target)])
+        assert payload is not None and payload.startswith(b"BSDIFF40")
+        assert bsdiff4.patch(base, payload) == target
+        theirs = bsdiff4.diff(base, target)
+        assert BsdiffEncoder().decode([memoryview(base)], [memoryview(theirs)], [len(target)]) == [target]
+
+
+def test_threads_give_the_same_payloads() -> None:
+    pairs = sample_unit_pairs() * 4
+    encoder = BsdiffEncoder()
+    alone = encoder.encode(*_views(pairs))
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(lambda part: encoder.encode(*_views(part)), [pairs[::2], pairs[1::2]]))
+    assert halves[0] == alone[::2] and halves[1] == alone[1::2]
+
+
+def test_registered_under_its_classic_ref() -> None:
+    encoder = default_registry().encoder("bsdiff")
+    assert isinstance(encoder, BsdiffEncoder)
+    assert encoder.wire_ref == Ref.BSDIFF == 0x7
