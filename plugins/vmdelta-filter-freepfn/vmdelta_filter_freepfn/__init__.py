@@ -1,0 +1,28 @@
+"""vmdelta filter ``freepfn``: memory units in page frames the guest had free."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vmdelta_core.components import Filter
+from vmdelta_core.hookspecs import hookimpl
+from vmdelta_filter_freepfn.filter import FreePfnFilter, free_image_ranges
+from vmdelta_filter_freepfn.frames import KPF_BUDDY, FreeFrames, parse_kpageflags, parse_ranges, read_free_frames
+from vmdelta_filter_freepfn.ramlayout import FOUR_GIB, ram_segments
+
+__all__ = [
+    "FOUR_GIB",
+    "KPF_BUDDY",
+    "FreeFrames",
+    "FreePfnFilter",
+    "free_image_ranges",
+    "parse_kpageflags",
+    "parse_ranges",
+    "ram_segments",
+    "read_free_frames",
+]
+
+
+@hookimpl
+def vmdelta_register_filters(register: Callable[[Filter], None]) -> None:
+    register(FreePfnFilter())
