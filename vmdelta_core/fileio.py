@@ -148,3 +148,34 @@ def atomic_outputs(targets: list[Path]) -> Iterator[list[AtomicOutput]]:
     finally:
         for output in outputs:
             output.discard()
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_fallocate = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make ``length`` bytes at ``offset`` read as zeros, freeing their blocks where the file
+    system can (falls back to writing zeros)."""
+    global _fallocate
+    if _fallocate is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            func = libc.fallocate
+            func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+            func.restype = ctypes.c_int
+            _fallocate = func
+        except (OSError, AttributeError):
+            _fallocate = False
+    if _fallocate and _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    zeros = bytes(min(length, 1 << 20))
+    while length:
+        step = min(length, len(zeros))
+        os.pwrite(fd, zeros[:step], offset)
+        offset += step
+        length -= step

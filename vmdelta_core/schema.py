@@ -34,6 +34,7 @@ __all__ = [
     "DELTA_ITEM_WITH_HASH",
     "FIXED_VALUE_REFS",
     "FRAME_INDEX_ENTRY",
+    "FrameKind",
     "HEADER",
     "LIVE_TYPES",
     "OVERLAY_MAGIC",
@@ -111,17 +112,17 @@ DELTA_ITEM_WITH_HASH = _delta_item(with_hash=True)
 OVERLAY_MAGIC = b"\x89VMDELTA"
 TRAILER_MAGIC = b"VMDLTEND"
 
+#: the first 16 bytes of an overlay
 HEADER = Struct(
     "magic" / Const(OVERLAY_MAGIC),
     "version" / Int16ub,
     "flags" / Int16ub,
     "reserved" / Int32ub,
-    "metadata_length" / Int64ub,
-    "metadata_checksum" / Int64ub,
 )
 
 FrameKind = Enum(Int8ub, items=0, envelope=1)
 
+#: one entry of the frame index (48 bytes)
 FRAME_INDEX_ENTRY = Struct(
     "file_offset" / Int64ub,
     "stored_length" / Int32ub,
@@ -135,7 +136,11 @@ FRAME_INDEX_ENTRY = Struct(
     "checksum" / Int64ub,
 )
 
+#: the last 64 bytes of an overlay; ``file_checksum`` covers every byte before it
 TRAILER = Struct(
+    "metadata_offset" / Int64ub,
+    "metadata_length" / Int64ub,
+    "metadata_checksum" / Int64ub,
     "index_offset" / Int64ub,
     "index_count" / Int64ub,
     "index_checksum" / Int64ub,

@@ -1,0 +1,319 @@
+"""``apply`` (VM synthesis): base + overlay -> the customized VM, verified before it appears.
+
+Order of trust: the overlay's checksums are verified first, then every base is checked against
+the fingerprint recorded at create time — all before a single output byte is written. Each image
+is rebuilt in a temporary file beside its output, checked against the recorded digest, turned into
+its artifact by the source, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from vmdelta_core.components import Codec, Encoder, RebuiltImage, SourceImage
+from vmdelta_core.config import ApplyConfig, ApplyImageSpec
+from vmdelta_core.container import KIND_ENVELOPE, OverlayReader
+from vmdelta_core.dedup import split_address
+from vmdelta_core.errors import BaseMismatchError, ConfigError, FormatError, IntegrityError, PluginError
+from vmdelta_core.fileio import AtomicOutput, hole_extents, map_readonly, punch_hole, punch_zero_runs
+from vmdelta_core.index import image_digest, load_or_build_index
+from vmdelta_core.metadata import OverlayMetadata, read_metadata
+from vmdelta_core.pipeline import file_digest
+from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
+from vmdelta_core.registry import Registry, default_registry
+from vmdelta_core.schema import ItemType, Ref
+
+__all__ = ["apply_overlay"]
+
+_DECODE_BATCH = 256
+_VALUE_REFS = {int(Ref.BASE_MEM): "memory", int(Ref.BASE_DISK): "disk"}
+
+
+def apply_overlay(
+    config: ApplyConfig, *, registry: Registry | None = None, progress: Progress | None = None
+) -> ApplyReport:
+    """Rebuild every image of ``config.overlay`` from the bases in ``config`` and verify it."""
+    started = time.monotonic()
+    registry = registry or default_registry()
+    progress = progress or NullProgress()
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(OverlayReader(config.overlay))
+        reader.verify(progress.start("verify overlay", reader.size))
+        meta = read_metadata(reader.metadata, reader.frames)
+        _match_images(meta, config)
+        if config.strict:
+            lossy = {f["name"]: f["dropped"] for image in meta.images for f in image["filters"] if f["dropped"]}
+            if lossy:
+                dropped = ", ".join(f"{n} dropped {c}" for n, c in lossy.items())
+                raise ConfigError(f"--strict: this overlay rebuilds some units from the base ({dropped})")
+        codecs, encoders = _components(meta, registry)
+
+        # open and check every base before writing anything
+        bases: list[SourceImage] = []
+        for image, spec in zip(meta.images, config.images, strict=True):
+            source = registry.source(image["base_source"])
+            if not spec.base.is_file():
+                raise ConfigError(f"base {spec.base} does not exist or is not a file")
+            base = stack.enter_context(source.open(spec.base, kind=image["kind"], options=dict(spec.base_options)))
+            expected = image["base"]
+            if base.size != expected["size"]:
+                raise BaseMismatchError(
+                    f"{spec.base} is not the base this overlay was made from: "
+                    f"{base.size} bytes, expected {expected['size']} ({expected['name']})"
+                )
+            advance = progress.start(f"check base {spec.base.name}", base.size)
+            index, cached = load_or_build_index(
+                spec.base, base, source=image["base_source"], unit=meta.unit_size, options=dict(spec.base_options),
+                cache_dir=config.cache_dir, progress=advance,
+            )
+            if index.fingerprint != expected["fingerprint"]:
+                raise BaseMismatchError(
+                    f"{spec.base} is not the base this overlay was made from (fingerprint differs from {expected['name']})"
+                )
+            bases.append(base)
+        for spec in config.images:
+            if spec.output.resolve() in {s.base.resolve() for s in config.images} or spec.output.resolve() == config.overlay.resolve():
+                raise ConfigError(f"output {spec.output} would overwrite an input")
+
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
+        rebuilt_files: list[tuple[AtomicOutput, int]] = []
+        outputs: list[AtomicOutput] = []
+        reports = []
+        for number, (image, spec) in enumerate(zip(meta.images, config.images, strict=True)):
+            tmp = stack.enter_context(AtomicOutput(spec.output, suffix=".rebuilt"))
+            fd = os.open(tmp.path, os.O_RDWR)
+            stack.callback(os.close, fd)
+            rebuilt_files.append((tmp, fd))
+            _copy_base(bases[number], fd, image["size"], meta.unit_size, progress.start(f"copy base {spec.base.name}", image["size"]))
+            changed = _apply_items(number, image, reader, meta, codecs, encoders, bases, rebuilt_files, pool, progress)
+            advance = progress.start(f"verify {image['name']}", image["size"])
+            digest = _file_image_digest(tmp.path, image["kind"], meta.unit_size, advance)
+            if digest != image["digest"]:
+                raise IntegrityError(f"rebuilt {image['name']} does not match the digest recorded at create time")
+            envelope = _envelope(reader, number, bases[number].envelope)
+            out = stack.enter_context(AtomicOutput(spec.output))
+            rebuilt = RebuiltImage(
+                path=tmp.path, size=image["size"], unit_size=meta.unit_size, envelope=envelope,
+                layout=image["layout"], changed=changed, base=bases[number], base_path=spec.base,
+                options={**dict(spec.output_options), **({"output_format": spec.output_format} if spec.output_format else {})},
+            )
+            outputs.append(out)
+            reports.append((image, spec, rebuilt, out, digest))
+
+        # materialize only once every image verified, so a failure leaves no output behind
+        results = []
+        for image, spec, rebuilt, out, digest in reports:
+            registry.source(image["source"]).materialize(rebuilt, out.path)
+            identical = False
+            if image.get("artifact_digest") and not spec.output_format:
+                if file_digest(out.path) != image["artifact_digest"]:
+                    raise IntegrityError(f"rebuilt artifact {spec.output} differs from the one the overlay was made from")
+                identical = True
+            results.append(RebuiltReport(
+                image["name"], image["kind"], spec.output, image["size"], digest, identical,
+                {f["name"]: f["dropped"] for f in image["filters"]},
+            ))
+        for out in outputs:
+            out.commit()
+    return ApplyReport(overlay=config.overlay, seconds=time.monotonic() - started, images=tuple(results))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _match_images(meta: OverlayMetadata, config: ApplyConfig) -> None:
+    want = [image["kind"] for image in meta.images]
+    got = [spec.kind for spec in config.images]
+    if want != got:
+        def describe(kinds: list[str]) -> str:
+            disks = kinds.count("disk")
+            parts = (["--memory"] if "memory" in kinds else []) + ([f"{disks} --disk"] if disks else [])
+            return " and ".join(parts) or "nothing"
+        raise ConfigError(f"this overlay holds {describe(want)} pair(s); the command gave {describe(got)}")
+    if sorted(got, key=lambda k: k != "memory") != got:
+        raise ConfigError("internal: memory image must come first")
+
+
+def _components(meta: OverlayMetadata, registry: Registry) -> tuple[dict[int, Codec], dict[int, Encoder]]:
+    codecs: dict[int, Codec] = {}
+    encoders: dict[int, Encoder] = {}
+    for component in meta.components:
+        kind, name = component["kind"], component["name"]
+        if kind not in ("codec", "encoder", "source"):
+            continue
+        try:
+            instance = registry.info(kind, name).component
+        except PluginError:
+            raise PluginError(
+                f"this overlay needs the {kind} {name!r} from {component['distribution']} "
+                f"{component['version']}; install it (pip install {component['distribution']})"
+            ) from None
+        if kind == "codec":
+            codecs[int(component["id"])] = instance
+        elif kind == "encoder":
+            encoders[int(component["ref"])] = instance
+    return codecs, encoders
+
+
+def _copy_base(base: SourceImage, fd: int, size: int, unit: int, advance: Any) -> None:
+    """Start the rebuilt image as the base's image, sparse where the base is zero."""
+    os.ftruncate(fd, size)
+    limit = min(size, base.size)
+    step = 16 << 20
+    holes = base.holes.tolist()
+    h = 0
+    pos = 0
+    while pos < limit:
+        end = min(pos + step, limit)
+        while h < len(holes) and holes[h][0] + holes[h][1] <= pos:
+            h += 1
+        if h < len(holes) and holes[h][0] <= pos and holes[h][0] + holes[h][1] >= end:
+            pass  # wholly inside a hole: nothing to write
+        else:
+            punch_zero_runs(fd, pos, base.data[pos:end], unit)
+        advance(end - pos)
+        pos = end
+
+
+def _apply_items(
+    number: int,
+    image: Mapping[str, Any],
+    reader: OverlayReader,
+    meta: OverlayMetadata,
+    codecs: Mapping[int, Codec],
+    encoders: Mapping[int, Encoder],
+    bases: list[SourceImage],
+    rebuilt: list[tuple[AtomicOutput, int]],
+    pool: ThreadPoolExecutor,
+    progress: Progress,
+) -> np.ndarray:
+    unit = meta.unit_size
+    size = int(image["size"])
+    fd = rebuilt[number][1]
+    kind = image["kind"]
+    allowed_types = {int(ItemType.MEMORY), int(ItemType.MEMORY_LIVE)} if kind == "memory" else {int(ItemType.DISK), int(ItemType.DISK_LIVE)}
+    bases_by_kind = {"memory": [], "disk": []}
+    for b, img in zip(bases, meta.images, strict=True):
+        bases_by_kind[img["kind"]].append(b)
+    base = bases[number]
+    written: list[np.ndarray] = []
+    previous = -1
+    frames = list(reader.frames_of(number))
+    advance = progress.start(f"rebuild {image['name']}", sum(f.length for f in frames))
+    for frame in frames:
+        codec = codecs.get(frame.codec)
+        if codec is None:
+            raise FormatError(f"frame at byte {frame.file_offset} names codec {frame.codec}, which the metadata does not list")
+        cols = reader.items(frame, codec)
+        offsets = cols.offsets.astype(np.int64)
+        lengths = cols.lengths
+        where = f"frame at byte {frame.file_offset}"
+        if len(cols):
+            if not set(np.unique(cols.types).tolist()) <= allowed_types:
+                raise FormatError(f"{where}: items of the wrong image type for {image['name']}")
+            if (offsets % unit).any() or (offsets < 0).any() or (offsets >= size).any():
+                raise FormatError(f"{where}: an item lies outside {image['name']} or off the unit grid")
+            if (lengths != np.minimum(unit, size - offsets)).any():
+                raise FormatError(f"{where}: an item's length does not match its unit")
+            # address order: strictly increasing, except a live item may repeat the unit before it
+            steps = np.diff(np.concatenate(([previous], offsets)))
+            if ((steps < 0) | ((steps == 0) & (cols.live_seqs < 0))).any():
+                raise FormatError(f"{where}: items are not in address order")
+            previous = int(offsets[-1])
+        refs = cols.refs
+        for ref in np.unique(refs).tolist():
+            rows = np.flatnonzero(refs == ref)
+            if ref == Ref.ZEROS:
+                for o, n in zip(offsets[rows].tolist(), lengths[rows].tolist(), strict=True):
+                    punch_hole(fd, o, n)
+            elif ref in _VALUE_REFS:
+                pool_of = bases_by_kind[_VALUE_REFS[ref]]
+                for row in rows.tolist():
+                    ordinal, at = split_address(int(cols.values[row]))
+                    n = int(lengths[row])
+                    if ordinal >= len(pool_of) or at + n > pool_of[ordinal].size:
+                        raise FormatError(f"{where}: a base reference points outside the base")
+                    os.pwrite(fd, pool_of[ordinal].data[at : at + n], int(offsets[row]))
+            elif ref == Ref.SELF:
+                for row in rows.tolist():
+                    target, at = split_address(int(cols.values[row]))
+                    n = int(lengths[row])
+                    here = (number, int(offsets[row]))
+                    if (target, at) >= here or at + n > int(meta.images[target]["size"]):
+                        raise FormatError(f"{where}: a self reference does not point to an earlier unit")
+                    data = os.pread(rebuilt[target][1], n, at)
+                    os.pwrite(fd, data, int(offsets[row]))
+            elif ref == Ref.SELF_HASH:
+                raise FormatError(f"{where}: SELF_HASH items are not used by overlay v1")
+            else:
+                encoder = encoders.get(ref)
+                if encoder is None:
+                    raise FormatError(f"{where}: items use ref {ref:#x}, which the metadata does not list")
+                _decode_rows(encoder, rows, cols, offsets, lengths, base, unit, fd, pool, where)
+        written.append(offsets // unit)
+        advance(frame.length)
+    return np.sort(np.concatenate(written)) if written else np.zeros(0, dtype=np.int64)
+
+
+def _decode_rows(
+    encoder: Encoder, rows: np.ndarray, cols: Any, offsets: np.ndarray, lengths: np.ndarray,
+    base: SourceImage, unit: int, fd: int, pool: ThreadPoolExecutor, where: str,
+) -> None:
+    def base_unit(o: int, n: int) -> memoryview:
+        got = base.data[o : min(o + n, base.size)].tobytes() if o < base.size else b""
+        return memoryview(got.ljust(n, b"\0"))
+
+    chunks = [rows[i : i + _DECODE_BATCH] for i in range(0, rows.size, _DECODE_BATCH)]
+
+    def decode(chunk: np.ndarray) -> list[bytes]:
+        bases = [base_unit(int(offsets[r]), int(lengths[r])) for r in chunk.tolist()]
+        payloads = [memoryview(cols.payloads[r]) for r in chunk.tolist()]
+        return encoder.decode(bases, payloads, [int(lengths[r]) for r in chunk.tolist()])
+
+    for chunk, units in zip(chunks, pool.map(decode, chunks), strict=True):
+        if len(units) != chunk.size:
+            raise PluginError(f"encoder {encoder.name!r} decoded {len(units)} units of {chunk.size}")
+        for r, data in zip(chunk.tolist(), units, strict=True):
+            if len(data) != lengths[r]:
+                raise FormatError(f"{where}: a {encoder.name} payload decodes to {len(data)} bytes, not {lengths[r]}")
+            os.pwrite(fd, data, int(offsets[r]))
+
+
+def _file_image_digest(path: Path, kind: str, unit: int, advance: Any) -> str:
+    data, closers = map_readonly(path)
+    image = SourceImage(kind=kind, data=data, holes=hole_extents(path), closers=closers)  # type: ignore[arg-type]
+    try:
+        return image_digest(image, unit, advance)
+    finally:
+        del data
+        image.close()
+
+
+def _envelope(reader: OverlayReader, number: int, base_envelope: bytes) -> bytes:
+    entries = list(reader.frames_of(number, KIND_ENVELOPE))
+    if not entries:
+        return b""
+    if len(entries) > 1:
+        raise FormatError(f"image {number} has {len(entries)} envelopes")
+    entry = entries[0]
+    stored = reader.stored(entry)
+    try:
+        if base_envelope:
+            dictionary = zstandard.ZstdCompressionDict(base_envelope, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            out = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(stored, max_output_size=entry.length)
+        else:
+            out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=entry.length)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"envelope of image {number} does not decompress against this base: {exc}") from None
+    if len(out) != entry.length:
+        raise FormatError(f"envelope of image {number} holds {len(out)} bytes, the index says {entry.length}")
+    return out

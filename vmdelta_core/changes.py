@@ -1,0 +1,103 @@
+"""Change detection: which units of the modified image differ from the base, found with numpy.
+
+Whole 16 MiB chunks are compared as ``uint64`` words over the two maps; chunks that are holes in
+both images are skipped without being read, and when the source gives change hints (a qcow2
+overlay's allocated clusters) only those units are compared at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from vmdelta_core.components import SourceImage
+from vmdelta_core.index import hole_units, iter_chunks
+
+__all__ = ["changed_units", "unit_bytes"]
+
+ProgressFn = Callable[[int], None]
+
+
+def unit_bytes(image: SourceImage, index: int, unit: int, length: int | None = None) -> bytes:
+    """The bytes of one unit, zero-padded past the end of the image to ``length`` (default: unit)."""
+    length = unit if length is None else length
+    start = index * unit
+    got = image.data[start : min(start + length, image.size)].tobytes() if start < image.size else b""
+    return got.ljust(length, b"\0")
+
+
+def _differ(a: np.ndarray, b: np.ndarray, unit: int) -> np.ndarray:
+    """Row-wise inequality of two equally long runs of whole units."""
+    if unit % 8 == 0:
+        return (a.view(np.uint64).reshape(-1, unit // 8) != b.view(np.uint64).reshape(-1, unit // 8)).any(axis=1)
+    return (a.reshape(-1, unit) != b.reshape(-1, unit)).any(axis=1)
+
+
+def changed_units(base: SourceImage, modified: SourceImage, unit: int, progress: ProgressFn | None = None) -> np.ndarray:
+    """Sorted ``int64`` indices of the modified image's units whose bytes differ from the base's.
+
+    The base is read as zero-padded past its end, so a grown image's new units count as changed
+    unless they are zero.
+    """
+    msize, bsize = modified.size, base.size
+    count = -(-msize // unit)
+    if modified.hints is not None:
+        return _changed_among(base, modified, unit, np.asarray(modified.hints, dtype=np.int64), progress)
+
+    common = min(msize, bsize) // unit  # units wholly inside both images
+    both_holes = hole_units(modified, unit, count)
+    base_holes = hole_units(base, unit, -(-bsize // unit))
+    both_holes[: base_holes.shape[0]] &= base_holes
+    found: list[np.ndarray] = []
+    mdata, bdata = modified.data, base.data
+    for first, end, is_hole in iter_chunks(modified, unit, both_holes[:common]):
+        if not is_hole:
+            lo, hi = first * unit, end * unit
+            diff = _differ(mdata[lo:hi], bdata[lo:hi], unit)
+            found.append(first + np.flatnonzero(diff))
+        if progress is not None:
+            progress((end - first) * unit)
+    # the tail: units past the end of the base (compared with zeros) and partial units
+    tail = np.arange(common, count, dtype=np.int64)
+    if tail.size:
+        found.append(_changed_among(base, modified, unit, tail, None))
+        if progress is not None:
+            progress(msize - common * unit)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def _changed_among(
+    base: SourceImage, modified: SourceImage, unit: int, indices: np.ndarray, progress: ProgressFn | None
+) -> np.ndarray:
+    """Which of ``indices`` differ, comparing unit by unit in vectorized batches."""
+    msize, bsize = modified.size, base.size
+    count = -(-msize // unit)
+    indices = indices[(indices >= 0) & (indices < count)]
+    full_both = min(msize, bsize) // unit
+    fast = indices[indices < full_both]
+    out: list[np.ndarray] = []
+    if fast.size:
+        mview = modified.data[: full_both * unit].reshape(-1, unit)
+        bview = base.data[: full_both * unit].reshape(-1, unit)
+        for pos in range(0, fast.size, 4096):
+            batch = fast[pos : pos + 4096]
+            out.append(batch[_differ(mview[batch].reshape(-1), bview[batch].reshape(-1), unit)])
+            if progress is not None:
+                progress(batch.size * unit)
+    # units wholly past the end of the base and wholly inside the modified: changed unless zero
+    beyond = indices[(indices >= -(-bsize // unit)) & (indices < msize // unit)]
+    if beyond.size:
+        mview = modified.data[: (msize // unit) * unit].reshape(-1, unit)
+        for pos in range(0, beyond.size, 4096):
+            batch = beyond[pos : pos + 4096]
+            out.append(batch[mview[batch].any(axis=1)])
+    slow = np.setdiff1d(indices[indices >= full_both], beyond, assume_unique=True)
+    if slow.size:
+        keep = []
+        for index in slow.tolist():
+            length = min(unit, msize - index * unit)
+            if unit_bytes(modified, index, unit, length) != unit_bytes(base, index, unit, length):
+                keep.append(index)
+        out.append(np.array(keep, dtype=np.int64))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)

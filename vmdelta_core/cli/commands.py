@@ -1,0 +1,196 @@
+"""The subcommands: turn flags into a config, call the API, show the report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmdelta_core.api import (
+    ApplyConfig,
+    ApplyImageSpec,
+    CreateConfig,
+    ImageSpec,
+    apply_overlay,
+    create_overlay,
+    inspect_overlay,
+    load_pipeline,
+)
+from vmdelta_core.cli.output import console, print_json, progress_for, render_overlay
+from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter
+from vmdelta_core.errors import ConfigError
+from vmdelta_core.index import load_or_build_index
+from vmdelta_core.plugins import core_version
+from vmdelta_core.records import ApplyReport, CreateReport
+from vmdelta_core.registry import default_registry
+
+__all__ = ["apply", "create", "demo", "index", "inspect", "plugins", "run", "version"]
+
+
+def version() -> str:
+    return core_version()
+
+
+def _threads(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "threads", None):
+        out["threads"] = args.threads
+    if getattr(args, "cache_dir", None):
+        out["cache_dir"] = Path(args.cache_dir)
+    return out
+
+
+def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
+    """The same :class:`CreateConfig` a TOML pipeline would build."""
+    encoders = tuple(e.strip() for e in args.encoder.split(",") if e.strip()) if args.encoder else DEFAULT_ENCODERS
+    policy = args.policy or (DEFAULT_POLICY if not args.encoder or len(encoders) == 1 else "first-smaller")
+    filters = [parse_filter(text) for text in args.filter]
+    images: list[ImageSpec] = []
+    if args.memory:
+        ram = args.memory_ram or (None, None)
+        images.append(ImageSpec(
+            "memory", args.memory[0], args.memory[1], format=args.memory_format, encoders=encoders, policy=policy,
+            filters=[f for f in filters if _applies(f.name, "memory")],
+            base_options={"ram": ram[0]} if ram[0] else {}, modified_options={"ram": ram[1]} if ram[1] else {},
+        ))
+    elif args.memory_ram:
+        raise ConfigError("--memory-ram needs --memory (the device-state streams)")
+    for base, modified in args.disk:
+        images.append(ImageSpec(
+            "disk", base, modified, format=args.disk_format, encoders=encoders, policy=policy,
+            filters=[f for f in filters if _applies(f.name, "disk")],
+        ))
+    used = {f.name for image in images for f in image.filters}
+    unused = [f.name for f in filters if f.name not in used]
+    if unused:
+        raise ConfigError(f"filter {unused[0]!r} applies to none of the images given")
+    return CreateConfig(
+        output=Path(args.output), images=tuple(images), unit_size=args.unit_size, codec=args.codec,
+        level=args.level, frame_size=args.frame_size, **_threads(args),
+    )
+
+
+def _applies(name: str, kind: str) -> bool:
+    return kind in default_registry().filter(name).kinds
+
+
+def _show_create(report: CreateReport, args: argparse.Namespace) -> None:
+    if args.json:
+        print_json({"output": str(report.output), "size": report.size, "seconds": round(report.seconds, 3),
+                    "images": [attrs.asdict(image) for image in report.images]})
+    elif not args.quiet:
+        render_overlay(report.metadata, size=report.size)
+        console.print(f"wrote {report.output} ({report.size} bytes) in {report.seconds:.2f} s")
+
+
+def create(args: argparse.Namespace) -> int:
+    config = create_config_from_args(args)
+    with progress_for(args.quiet or args.json) as progress:
+        report = create_overlay(config, progress=progress)
+    _show_create(report, args)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_pipeline(Path(args.pipeline))
+    config = attrs.evolve(config, **_threads(args))
+    with progress_for(args.quiet or args.json) as progress:
+        report = create_overlay(config, progress=progress)
+    _show_create(report, args)
+    return 0
+
+
+def _show_apply(report: ApplyReport, args: argparse.Namespace) -> None:
+    if args.json:
+        print_json({"overlay": str(report.overlay), "seconds": round(report.seconds, 3),
+                    "images": [attrs.asdict(image) for image in report.images]})
+    elif not args.quiet:
+        for image in report.images:
+            same = "artifact identical to the original" if image.artifact_identical else "image verified"
+            dropped = sum(image.dropped.values())
+            note = f"; {dropped} units rebuilt from the base by filters" if dropped else ""
+            console.print(f"{image.name}: wrote {image.output} ({image.size} bytes), {same} ({image.digest}){note}")
+        console.print(f"applied {report.overlay} in {report.seconds:.2f} s")
+
+
+def apply(args: argparse.Namespace) -> int:
+    images: list[ApplyImageSpec] = []
+    if args.memory:
+        ram = args.memory_ram or (None, None)
+        images.append(ApplyImageSpec(
+            "memory", args.memory[0], args.memory[1],
+            base_options={"ram": ram[0]} if ram[0] else {}, output_options={"ram_output": ram[1]} if ram[1] else {},
+        ))
+    elif args.memory_ram:
+        raise ConfigError("--memory-ram needs --memory (the device-state streams)")
+    for base, output in args.disk:
+        images.append(ApplyImageSpec("disk", base, output, output_format=args.disk_format))
+    if not images:
+        raise ConfigError("nothing to rebuild: give the --memory and --disk pairs the overlay was made from")
+    config = ApplyConfig(overlay=Path(args.overlay), images=tuple(images), strict=args.strict, **_threads(args))
+    with progress_for(args.quiet or args.json) as progress:
+        report = apply_overlay(config, progress=progress)
+    _show_apply(report, args)
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    data = inspect_overlay(Path(args.overlay), verify=not args.no_verify)
+    if args.json:
+        print_json(data)
+    else:
+        render_overlay(data["metadata"], size=data["size"], frames=data["frames"] if args.frames else None)
+    return 0
+
+
+def index(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    results = []
+    with progress_for(args.quiet or args.json) as progress:
+        for name in args.bases:
+            path = Path(name)
+            if not path.is_file():
+                raise ConfigError(f"{path} does not exist or is not a file")
+            source = args.format or registry.detect_source(path, args.kind)
+            with registry.source(source).open(path, kind=args.kind, options={}) as image:
+                built, cached = load_or_build_index(
+                    path, image, source=source, unit=args.unit_size, options={},
+                    cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                    progress=progress.start(f"index {path.name}", image.size), beside=args.beside,
+                )
+            results.append({"base": str(path), "source": source, "size": built.size,
+                            "fingerprint": built.fingerprint, "cached": cached})
+    if args.json:
+        print_json(results)
+    elif not args.quiet:
+        for r in results:
+            state = "already indexed" if r["cached"] else "indexed"
+            console.print(f"{r['base']}: {state} ({r['source']}, {r['size']} bytes, {r['fingerprint']})")
+    return 0
+
+
+def plugins(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    rows = [{"component": i.name, "kind": i.kind, "plugin": i.plugin, "distribution": i.distribution,
+             "version": i.version} for i in registry]
+    if args.json:
+        print_json(rows)
+        return 0
+    from rich.table import Table
+
+    table = Table()
+    for column in ("component", "kind", "distribution", "version", "plugin"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["component"], r["kind"], r["distribution"], r["version"], r["plugin"])
+    console.print(table)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from vmdelta_core.cli.demo import run_demo
+
+    return run_demo(Path(args.keep) if args.keep else None, quiet=args.quiet, as_json=args.json,
+                    **_threads(args))

@@ -1,0 +1,123 @@
+"""What the CLI shows: rich progress bars on a terminal, statistics tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+__all__ = ["BarProgress", "console", "progress_for", "render_overlay", "print_json"]
+
+console = Console(stderr=False, highlight=False)
+_err = Console(stderr=True, highlight=False)
+
+
+class BarProgress:
+    """Implements :class:`vmdelta_core.records.Progress` with rich bars on stderr."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+            console=_err, transient=True,
+        )
+        self._current: int | None = None
+
+    def start(self, description: str, total: int) -> Callable[[int], None]:
+        if self._current is not None:
+            self._progress.remove_task(self._current)
+        task = self._progress.add_task(description, total=max(total, 1))
+        self._current = task
+        return lambda n: self._progress.advance(task, n)
+
+    def __enter__(self) -> BarProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+class _Silent:
+    def start(self, description: str, total: int) -> Callable[[int], None]:
+        return lambda n: None
+
+
+@contextmanager
+def progress_for(quiet: bool) -> Iterator[Any]:
+    """Bars on an interactive terminal unless ``-q``; silence otherwise."""
+    if quiet or not sys.stderr.isatty():
+        yield _Silent()
+        return
+    with BarProgress() as bars:
+        yield bars
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def render_overlay(metadata: Mapping[str, Any], *, size: int | None = None, frames: list[dict[str, Any]] | None = None) -> None:
+    """The statistics table of an overlay, one column per image."""
+    images = metadata["images"]
+    title = "overlay" + (f" — {_size(size)}" if size is not None else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for image in images:
+        table.add_column(f"{image['name']} ({image['source']})", justify="right")
+
+    def row(label: str, values: list[Any]) -> None:
+        table.add_row(label, *[str(v) for v in values])
+
+    stats = [image["statistics"] for image in images]
+    row("image size", [_size(image["size"]) for image in images])
+    row("units", [s.get("units", 0) for s in stats])
+    row("changed", [s.get("changed", 0) for s in stats])
+    names = sorted({name for s in stats for name in s.get("dropped", {})})
+    for name in names:
+        row(f"  dropped by {name}", [s.get("dropped", {}).get(name, 0) for s in stats])
+    row("  zero", [s.get("zero", 0) for s in stats])
+    row("  same as base memory", [s.get("base_memory", 0) for s in stats])
+    row("  same as base disk", [s.get("base_disk", 0) for s in stats])
+    row("  same as earlier unit", [s.get("self", 0) for s in stats])
+    encoders = sorted({name for s in stats for name in s.get("encoders", {})})
+    for name in encoders:
+        row(f"  {name} (units / bytes)", [
+            f"{s['encoders'][name]['units']} / {_size(s['encoders'][name]['bytes'])}" if name in s.get("encoders", {}) else "-"
+            for s in stats
+        ])
+    row("stored (compressed)", [_size(s.get("stored_bytes", 0)) for s in stats])
+    console.print(table)
+    for image in images:
+        for f in image.get("filters", []):
+            console.print(f"{image['name']}: filter {f['name']} dropped {f['dropped']} units ({f['reason']}); "
+                          f"input {f.get('input') or '-'} {f.get('input_fingerprint') or ''}")
+    components = Table(title="components", title_justify="left")
+    for column in ("kind", "name", "distribution", "version", "id"):
+        components.add_column(column)
+    for c in metadata["components"]:
+        ident = c.get("ref", c.get("id", ""))
+        components.add_row(c["kind"], c["name"], c["distribution"], c["version"], f"{ident:#x}" if c["kind"] == "encoder" else str(ident))
+    console.print(components)
+    if frames is not None:
+        ft = Table(title="frames", title_justify="left")
+        for column in ("image", "kind", "items", "addresses", "bytes", "stored"):
+            ft.add_column(column, justify="right")
+        for f in frames:
+            ft.add_row(images[f["image"]]["name"], f["kind"], str(f["items"]), f"{f['first']:#x}-{f['end']:#x}",
+                       str(f["length"]), str(f["stored"]))
+        console.print(ft)

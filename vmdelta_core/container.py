@@ -1,0 +1,340 @@
+"""The overlay container, version 1 (``schemas/overlay-v1.md`` describes every byte).
+
+::
+
+    header (16 B) | frames ... | metadata (JSON) | frame index (48 B each) | trailer (64 B)
+
+Frames hold whole DeltaItems of one image in address order, each frame compressed on its own and
+checksummed, so apply streams them and a reader can fetch any one. Everything a reader needs to
+start (metadata, index) is found from the trailer, so the writer streams too.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import attrs
+import construct
+import numpy as np
+import xxhash
+
+from vmdelta_core.components import Codec
+from vmdelta_core.errors import FormatError, IntegrityError
+from vmdelta_core.items import ItemColumns, pack_items, unpack_items
+from vmdelta_core.schema import FRAME_INDEX_ENTRY, HEADER, LIVE_TYPES, OVERLAY_MAGIC, TRAILER, TRAILER_MAGIC, Ref
+
+__all__ = ["FORMAT_VERSION", "FrameEntry", "OverlayReader", "OverlayWriter"]
+
+FORMAT_VERSION = 1
+HEADER_SIZE = HEADER.sizeof()
+TRAILER_SIZE = TRAILER.sizeof()
+ENTRY_SIZE = FRAME_INDEX_ENTRY.sizeof()
+MAX_FRAME = 64 << 20  # no frame, stored or decompressed, may be larger (untrusted input)
+MAX_METADATA = 64 << 20
+KIND_ITEMS = "items"
+KIND_ENVELOPE = "envelope"
+_VALUE_REFS = frozenset(int(r) for r in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM))
+_LIVE = frozenset(int(t) for t in LIVE_TYPES)
+
+
+@attrs.frozen
+class FrameEntry:
+    """One frame as the index describes it."""
+
+    file_offset: int
+    stored_length: int
+    length: int
+    image: int
+    kind: str
+    codec: int
+    item_count: int
+    first_offset: int
+    end_offset: int
+    checksum: int
+
+
+def _item_sizes(refs: np.ndarray, types: np.ndarray, payloads: list[Any]) -> np.ndarray:
+    sizes = np.full(refs.shape[0], 11, dtype=np.int64)
+    for i, ref in enumerate(refs.tolist()):
+        if ref in _VALUE_REFS:
+            sizes[i] += 8
+        elif ref == Ref.SELF_HASH:
+            sizes[i] += 32
+        elif ref != Ref.ZEROS:
+            sizes[i] += 8 + len(payloads[i])
+    sizes += np.isin(types, list(_LIVE)) * 2
+    return sizes
+
+
+class OverlayWriter:
+    """Streams an overlay to ``file``: frames as they fill, metadata and index at the end."""
+
+    def __init__(
+        self,
+        file: BinaryIO,
+        *,
+        codec: Codec,
+        codec_id: int,
+        level: int | None,
+        frame_size: int,
+        pool: ThreadPoolExecutor,
+        in_flight: int = 4,
+    ) -> None:
+        self.file = file
+        self.codec = codec
+        self.codec_id = codec_id
+        self.level = level
+        self.frame_size = frame_size
+        self.pool = pool
+        self.in_flight = max(1, in_flight)
+        self._hash = xxhash.xxh3_64()
+        self._offset = 0
+        self._entries: list[FrameEntry] = []
+        self._pending: collections.deque[tuple[Future[bytes], dict[str, Any], bytes]] = collections.deque()
+        self._parts: list[bytes] = []
+        self._part_bytes = 0
+        self._frame: dict[str, Any] | None = None
+        self.stored_bytes_by_image: dict[int, int] = collections.defaultdict(int)
+        self._write(HEADER.build({"version": FORMAT_VERSION, "flags": 0, "reserved": 0}))
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self._hash.update(data)
+        self._offset += len(data)
+
+    # ----------------------------------------------------------------------------------------
+
+    def add_items(
+        self,
+        image: int,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        refs: np.ndarray,
+        types: np.ndarray,
+        values: np.ndarray,
+        payloads: list[Any],
+    ) -> None:
+        """Append items of ``image`` (address order, after every item already added for it)."""
+        if offsets.shape[0] == 0:
+            return
+        if self._frame is not None and self._frame["image"] != image:
+            self._close_frame()
+        sizes = _item_sizes(refs, types, payloads)
+        start = 0
+        n = offsets.shape[0]
+        while start < n:
+            room = self.frame_size - self._part_bytes
+            fits = int(np.searchsorted(np.cumsum(sizes[start:]), room, side="right"))
+            if fits == 0 and self._part_bytes:
+                self._close_frame()
+                continue
+            stop = start + max(fits, 1)
+            if self._frame is None:
+                self._frame = {"image": image, "count": 0, "first": int(offsets[start]), "end": 0}
+            self._parts.append(
+                pack_items(offsets[start:stop], lengths[start:stop], refs[start:stop], types[start:stop],
+                           values[start:stop], payloads[start:stop])
+            )
+            self._part_bytes += int(sizes[start:stop].sum())
+            self._frame["count"] += stop - start
+            self._frame["end"] = int(offsets[stop - 1]) + int(lengths[stop - 1])
+            start = stop
+            if self._part_bytes >= self.frame_size:
+                self._close_frame()
+
+    def add_envelope(self, image: int, stored: bytes, length: int) -> None:
+        """Store an image's envelope, already compressed against the base's envelope."""
+        self._close_frame()
+        self._drain(0)
+        checksum = xxhash.xxh3_64_intdigest(stored)
+        self._entries.append(
+            FrameEntry(self._offset, len(stored), length, image, KIND_ENVELOPE, 0, 0, 0, 0, checksum)
+        )
+        self._write(stored)
+
+    def _close_frame(self) -> None:
+        if self._frame is None:
+            return
+        data = b"".join(self._parts)
+        self._parts, self._part_bytes = [], 0
+        frame, self._frame = self._frame, None
+        future = self.pool.submit(self.codec.compress, data, self.level)
+        self._pending.append((future, frame, data))
+        self._drain(self.in_flight)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            future, frame, data = self._pending.popleft()
+            stored = future.result()
+            if len(stored) > MAX_FRAME:
+                raise FormatError(f"codec {self.codec.name} produced a frame over {MAX_FRAME} bytes")
+            entry = FrameEntry(
+                self._offset, len(stored), len(data), frame["image"], KIND_ITEMS, self.codec_id,
+                frame["count"], frame["first"], frame["end"], xxhash.xxh3_64_intdigest(stored),
+            )
+            self._entries.append(entry)
+            self.stored_bytes_by_image[frame["image"]] += len(stored)
+            self._write(stored)
+
+    def flush(self) -> None:
+        """Compress and write every pending frame (the per-image byte counts are then final)."""
+        self._close_frame()
+        self._drain(0)
+
+    def finish(self, metadata: Mapping[str, Any]) -> int:
+        """Write metadata, index and trailer; returns the overlay's size in bytes."""
+        self.flush()
+        meta = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        meta_offset = self._offset
+        self._write(meta)
+        index = b"".join(
+            FRAME_INDEX_ENTRY.build(
+                {"file_offset": e.file_offset, "stored_length": e.stored_length, "length": e.length,
+                 "image": e.image, "kind": e.kind, "codec": e.codec, "item_count": e.item_count,
+                 "first_offset": e.first_offset, "end_offset": e.end_offset, "checksum": e.checksum}
+            )
+            for e in self._entries
+        )
+        index_offset = self._offset
+        self._write(index)
+        head = TRAILER.build(
+            {"metadata_offset": meta_offset, "metadata_length": len(meta),
+             "metadata_checksum": xxhash.xxh3_64_intdigest(meta), "index_offset": index_offset,
+             "index_count": len(self._entries), "index_checksum": xxhash.xxh3_64_intdigest(index),
+             "file_checksum": 0}
+        )[: TRAILER_SIZE - 16]
+        self._write(head)
+        checksum = self._hash.intdigest()
+        self._write(checksum.to_bytes(8, "big") + TRAILER_MAGIC)
+        return self._offset
+
+    def abort(self) -> None:
+        for future, _, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+
+class OverlayReader:
+    """Reads and checks an overlay. Opening it checks structure; :meth:`verify` checks all bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.file = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise FormatError(f"cannot open overlay {path}: {exc.strerror}") from None
+        try:
+            self._read_structure()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> OverlayReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.file.fileno(), length, offset)
+        if len(data) != length:
+            raise FormatError(f"{self.path}: overlay is cut short at byte {offset + len(data)}")
+        return data
+
+    def _read_structure(self) -> None:
+        size = os.fstat(self.file.fileno()).st_size
+        self.size = size
+        if size < HEADER_SIZE + TRAILER_SIZE:
+            raise FormatError(f"{self.path}: too short to be an overlay ({size} bytes)")
+        head = self._pread(0, HEADER_SIZE)
+        if head[:8] != OVERLAY_MAGIC:
+            raise FormatError(f"{self.path}: not a vmdelta overlay (bad magic)")
+        header = HEADER.parse(head)
+        if header.version != FORMAT_VERSION:
+            raise FormatError(f"{self.path}: overlay format version {header.version}; this vmdelta reads {FORMAT_VERSION}")
+        if header.flags or header.reserved:
+            raise FormatError(f"{self.path}: overlay header has unknown flags set ({header.flags:#x})")
+        try:
+            trailer = TRAILER.parse(self._pread(size - TRAILER_SIZE, TRAILER_SIZE))
+        except construct.ConstructError:
+            raise FormatError(f"{self.path}: overlay trailer is missing or damaged (the file may be cut short)") from None
+        end = size - TRAILER_SIZE
+        m_off, m_len = trailer.metadata_offset, trailer.metadata_length
+        i_off, i_count = trailer.index_offset, trailer.index_count
+        if not (HEADER_SIZE <= m_off and m_len <= MAX_METADATA and m_off + m_len == i_off
+                and i_count <= end // ENTRY_SIZE and i_off + i_count * ENTRY_SIZE == end):
+            raise FormatError(f"{self.path}: overlay trailer points outside the file")
+        self.file_checksum = trailer.file_checksum
+        meta_bytes = self._pread(m_off, m_len)
+        if xxhash.xxh3_64_intdigest(meta_bytes) != trailer.metadata_checksum:
+            raise IntegrityError(f"{self.path}: overlay metadata checksum mismatch")
+        try:
+            self.metadata: dict[str, Any] = json.loads(meta_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{self.path}: overlay metadata is not valid JSON: {exc}") from None
+        if not isinstance(self.metadata, dict):
+            raise FormatError(f"{self.path}: overlay metadata is not a JSON object")
+        index_bytes = self._pread(i_off, i_count * ENTRY_SIZE)
+        if xxhash.xxh3_64_intdigest(index_bytes) != trailer.index_checksum:
+            raise IntegrityError(f"{self.path}: overlay frame index checksum mismatch")
+        self.frames: list[FrameEntry] = []
+        pos = HEADER_SIZE
+        for k in range(i_count):
+            try:
+                raw = FRAME_INDEX_ENTRY.parse(index_bytes[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
+            except construct.ConstructError:
+                raise FormatError(f"{self.path}: frame index entry {k} is damaged") from None
+            entry = FrameEntry(raw.file_offset, raw.stored_length, raw.length, raw.image, str(raw.kind),
+                               raw.codec, raw.item_count, raw.first_offset, raw.end_offset, raw.checksum)
+            if entry.file_offset != pos or entry.stored_length > MAX_FRAME or entry.length > MAX_FRAME:
+                raise FormatError(f"{self.path}: frame {k} lies outside its place in the file")
+            pos += entry.stored_length
+            self.frames.append(entry)
+        if pos != m_off:
+            raise FormatError(f"{self.path}: frames do not fill the space before the metadata")
+
+    # ----------------------------------------------------------------------------------------
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> None:
+        """Check the whole-file checksum (every byte before the trailer's last 16)."""
+        h = xxhash.xxh3_64()
+        remaining = self.size - 16
+        offset = 0
+        while remaining:
+            step = min(remaining, 8 << 20)
+            chunk = self._pread(offset, step)
+            h.update(chunk)
+            offset += step
+            remaining -= step
+            if progress is not None:
+                progress(step)
+        if h.intdigest() != self.file_checksum:
+            raise IntegrityError(f"{self.path}: overlay checksum mismatch: the file is damaged")
+
+    def stored(self, entry: FrameEntry) -> bytes:
+        """A frame's bytes as stored, after checking its checksum."""
+        data = self._pread(entry.file_offset, entry.stored_length)
+        if xxhash.xxh3_64_intdigest(data) != entry.checksum:
+            raise IntegrityError(f"{self.path}: frame at byte {entry.file_offset} is damaged (checksum mismatch)")
+        return data
+
+    def items(self, entry: FrameEntry, codec: Codec) -> ItemColumns:
+        """The items of one frame, decompressed and parsed."""
+        data = codec.decompress(self.stored(entry), entry.length)
+        columns = unpack_items(data, base_offset=entry.file_offset)
+        if len(columns) != entry.item_count:
+            raise FormatError(f"{self.path}: frame at byte {entry.file_offset} holds {len(columns)} items, "
+                              f"the index says {entry.item_count}")
+        return columns
+
+    def frames_of(self, image: int, kind: str = KIND_ITEMS) -> Iterator[FrameEntry]:
+        return (e for e in self.frames if e.image == image and e.kind == kind)

@@ -1,0 +1,171 @@
+"""Dedup of changed units: zero, then base memory, then base disk, then earlier in this overlay.
+
+Everything runs on arrays of one batch of units: hashes are looked up with ``np.searchsorted``
+in the base indexes, and every proposed match is confirmed by comparing the bytes (vectorized)
+before a ref is emitted, so a hash collision can only cost a missed match, never a wrong VM.
+
+Addresses: a base ref's value is ``ordinal << 52 | byte offset`` where ordinal counts the bases
+of that kind in overlay order (so with one disk it is the plain byte offset, as in the original
+item streams); a self ref's value is ``image number << 52 | byte offset`` of the earlier item.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from vmdelta_core.components import SourceImage
+from vmdelta_core.index import BaseIndex, unit_hashes
+from vmdelta_core.schema import Ref
+
+__all__ = ["ADDRESS_BITS", "DedupBase", "Deduplicator", "split_address"]
+
+ADDRESS_BITS = 52
+_OFFSET_MASK = (1 << ADDRESS_BITS) - 1
+ENCODE = 0  # class of a unit that needs an encoder
+
+
+def split_address(value: int) -> tuple[int, int]:
+    """(ordinal or image number, byte offset) of a base or self ref value."""
+    return value >> ADDRESS_BITS, value & _OFFSET_MASK
+
+
+def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return ~(a.view(np.uint64) != b.view(np.uint64)).any(axis=1) if a.shape[1] % 8 == 0 else (a == b).all(axis=1)
+
+
+@attrs.define(eq=False)
+class DedupBase:
+    """A base image units can be referenced from."""
+
+    ref: int  # Ref.BASE_MEM or Ref.BASE_DISK
+    ordinal: int
+    image: SourceImage
+    index: BaseIndex
+
+    def units(self) -> np.ndarray:
+        unit = self.index.unit_size
+        full = self.image.size // unit
+        return self.image.data[: full * unit].reshape(full, unit)
+
+
+@attrs.define(eq=False)
+class _Seen:
+    hashes: np.ndarray
+    addresses: np.ndarray
+
+
+class Deduplicator:
+    """Classifies batches of changed units; remembers what the overlay already holds."""
+
+    def __init__(self, unit: int, bases: list[DedupBase], images: list[SourceImage]) -> None:
+        self.unit = unit
+        # order matters: all memory bases before all disk bases
+        self.bases = sorted(bases, key=lambda b: (b.ref != Ref.BASE_MEM, b.ordinal))
+        self.images = images
+        self._seen: list[_Seen] = []
+
+    def classify(self, image_number: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Classes (``ENCODE`` or a Ref) and ref values for the units ``indices`` of one image.
+
+        The units must be full units inside the image; they are given in address order, and
+        every batch of an image must come after the batches before it.
+        """
+        unit = self.unit
+        image = self.images[image_number]
+        n = indices.shape[0]
+        classes = np.full(n, ENCODE, dtype=np.uint8)
+        values = np.zeros(n, dtype=np.uint64)
+        if n == 0:
+            return classes, values
+        full = image.size // unit
+        units = image.data[: full * unit].reshape(full, unit)[indices]
+        if unit % 8 == 0:
+            nonzero = units.view(np.uint64).any(axis=1)
+        else:
+            nonzero = units.any(axis=1)
+        classes[~nonzero] = Ref.ZEROS
+        todo = np.flatnonzero(nonzero)
+        if todo.size == 0:
+            return classes, values
+        hashes = unit_hashes(units[todo])
+
+        for base in self.bases:
+            if todo.size == 0:
+                break
+            found = base.index.lookup(hashes)
+            hit = np.flatnonzero(found >= 0)
+            if hit.size == 0:
+                continue
+            same = _rows_equal(units[todo[hit]], base.units()[found[hit]])
+            rows = todo[hit[same]]
+            classes[rows] = base.ref
+            values[rows] = (np.uint64(base.ordinal) << np.uint64(ADDRESS_BITS)) | (
+                found[hit[same]].astype(np.uint64) * np.uint64(unit)
+            )
+            keep = np.ones(todo.size, dtype=bool)
+            keep[hit[same]] = False
+            todo, hashes = todo[keep], hashes[keep]
+
+        if todo.size:
+            todo, hashes = self._earlier_batches(todo, hashes, units, classes, values)
+        if todo.size:
+            self._within_batch(image_number, indices, todo, hashes, units, classes, values)
+        return classes, values
+
+    def _earlier_batches(
+        self, todo: np.ndarray, hashes: np.ndarray, units: np.ndarray, classes: np.ndarray, values: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        unit = self.unit
+        keep = np.ones(todo.size, dtype=bool)
+        for seen in self._seen:
+            pos = np.minimum(np.searchsorted(seen.hashes, hashes), seen.hashes.size - 1)
+            hit = np.flatnonzero(keep & (seen.hashes[pos] == hashes))
+            for row, address in zip(hit.tolist(), seen.addresses[pos[hit]].tolist(), strict=True):
+                number, offset = split_address(address)
+                earlier = self.images[number].data[offset : offset + unit]
+                if np.array_equal(earlier, units[todo[row]]):
+                    classes[todo[row]] = Ref.SELF
+                    values[todo[row]] = address
+                    keep[row] = False
+        return todo[keep], hashes[keep]
+
+    def _within_batch(
+        self,
+        image_number: int,
+        indices: np.ndarray,
+        todo: np.ndarray,
+        hashes: np.ndarray,
+        units: np.ndarray,
+        classes: np.ndarray,
+        values: np.ndarray,
+    ) -> None:
+        _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        leader = first[inverse]  # position in todo of the first unit with the same hash
+        later = np.flatnonzero(leader != np.arange(todo.size))
+        if later.size:
+            same = _rows_equal(units[todo[later]], units[todo[leader[later]]])
+            rows = todo[later[same]]
+            classes[rows] = Ref.SELF
+            lead_units = indices[todo[leader[later[same]]]].astype(np.uint64)
+            values[rows] = (np.uint64(image_number) << np.uint64(ADDRESS_BITS)) | (lead_units * np.uint64(self.unit))
+        # what is encoded in this batch can be referenced by later ones
+        encoded = classes[todo] == ENCODE
+        if encoded.any():
+            h = hashes[encoded]
+            addresses = (np.uint64(image_number) << np.uint64(ADDRESS_BITS)) | (
+                indices[todo[encoded]].astype(np.uint64) * np.uint64(self.unit)
+            )
+            self._remember(h, addresses)
+
+    def _remember(self, hashes: np.ndarray, addresses: np.ndarray) -> None:
+        self._seen.append(_Seen(hashes, addresses))
+        if len(self._seen) == 1 or len(self._seen) > 8:
+            # keep few sorted runs, so lookups stay a handful of searchsorted calls
+            h = np.concatenate([s.hashes for s in self._seen])
+            a = np.concatenate([s.addresses for s in self._seen])
+            order = np.argsort(h, kind="stable")
+            self._seen = [_Seen(h[order], a[order])]
+        else:
+            order = np.argsort(hashes, kind="stable")
+            self._seen[-1] = _Seen(hashes[order], addresses[order])

@@ -1,0 +1,93 @@
+"""Choosing an encoding per unit: the policies, run in batches on a thread pool.
+
+Policies:
+
+``fixed``
+    the first configured encoder for every unit; a unit it declines is stored raw.
+``first-smaller``
+    the first encoder, in the configured order, whose payload is smaller than the unit.
+``best``
+    the encoding that is smallest *after* frame compression, estimated per unit with a fast
+    zstd pass over each candidate payload: the original system found per-page deltas that were
+    smaller than the page made the compressed overlay larger, so the raw size is the wrong judge.
+
+``raw`` is always the last resort, so every unit gets an encoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import attrs
+import zstandard
+
+from vmdelta_core.components import Encoder
+
+__all__ = ["EncoderChoice", "EncodingPolicy"]
+
+_BATCH = 256
+
+
+@attrs.frozen
+class EncoderChoice:
+    """An encoder as used in one overlay: its name, instance and wire ref id."""
+
+    name: str
+    ref: int
+    encoder: Encoder = attrs.field(eq=False, repr=False)
+
+
+class EncodingPolicy:
+    """Encodes batches of (base, target) units with ``encoders`` under ``policy``."""
+
+    def __init__(self, encoders: Sequence[EncoderChoice], raw: EncoderChoice, policy: str, pool: ThreadPoolExecutor):
+        self.encoders = [e for e in encoders if e.name != raw.name]
+        self.raw = raw
+        self.policy = policy
+        self.pool = pool
+
+    def encode(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> tuple[list[int], list[bytes]]:
+        """Ref id and payload for every target, in order."""
+        chunks = [(bases[i : i + _BATCH], targets[i : i + _BATCH]) for i in range(0, len(targets), _BATCH)]
+        refs: list[int] = []
+        payloads: list[bytes] = []
+        for chunk_refs, chunk_payloads in self.pool.map(lambda c: self._encode_chunk(*c), chunks):
+            refs.extend(chunk_refs)
+            payloads.extend(chunk_payloads)
+        return refs, payloads
+
+    def _encode_chunk(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> tuple[list[int], list[bytes]]:
+        n = len(targets)
+        refs: list[int | None] = [None] * n
+        payloads: list[bytes | None] = [None] * n
+        if self.policy == "best":
+            estimate = zstandard.ZstdCompressor(level=1, write_content_size=False, write_checksum=False).compress
+            best = [len(estimate(bytes(t))) + 8 for t in targets]
+            for choice in self.encoders:
+                for i, payload in enumerate(choice.encoder.encode(bases, targets)):
+                    if payload is None or len(payload) >= len(targets[i]):
+                        continue
+                    size = min(len(payload), len(estimate(payload)))
+                    if size < best[i]:
+                        best[i], refs[i], payloads[i] = size, choice.ref, payload
+        else:
+            candidates = self.encoders[:1] if self.policy == "fixed" else self.encoders
+            pending = list(range(n))
+            for choice in candidates:
+                if not pending:
+                    break
+                results = choice.encoder.encode([bases[i] for i in pending], [targets[i] for i in pending])
+                still = []
+                for i, payload in zip(pending, results, strict=True):
+                    if payload is not None and (self.policy == "fixed" or len(payload) < len(targets[i])):
+                        refs[i], payloads[i] = choice.ref, payload
+                    else:
+                        still.append(i)
+                pending = still
+        missing = [i for i in range(n) if refs[i] is None]
+        if missing:
+            raw = self.raw.encoder.encode([bases[i] for i in missing], [targets[i] for i in missing])
+            for i, payload in zip(missing, raw, strict=True):
+                refs[i], payloads[i] = self.raw.ref, payload  # type: ignore[assignment]
+        return refs, payloads  # type: ignore[return-value]

@@ -1,0 +1,308 @@
+"""Base indexes: per-unit hashes and the fingerprint of a base image, computed once and cached.
+
+An index proposes dedup matches (``np.searchsorted`` over the sorted hashes); the pipeline then
+compares bytes, so a hash collision can never corrupt a VM. The fingerprint (XXH3-128 of the whole
+image) is what ``apply`` checks a base against before it writes anything.
+
+Indexes are cached in ``BASE.vmdidx`` beside the base when that file exists (``vmdelta index
+--beside``), else in the cache folder (``--cache-dir``, ``$VMDELTA_CACHE_DIR``,
+``$XDG_CACHE_HOME/vmdelta`` or ``~/.cache/vmdelta``), keyed by the file's identity and
+modification time, and rebuilt whenever the base changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import xxhash
+
+from vmdelta_core.components import SourceImage
+
+__all__ = ["BaseIndex", "ImageDigest", "cache_folder", "image_digest", "load_or_build_index", "unit_hashes"]
+
+_MAGIC = b"VMDIDX01"
+_VERSION = 1
+_CHUNK_UNITS = 4096  # 16 MiB of 4 KiB units per step
+ProgressFn = Callable[[int], None]
+
+
+def unit_hashes(units: np.ndarray) -> np.ndarray:
+    """XXH3-64 of each row of a ``(n, unit)`` uint8 array (zero rows get the zero unit's hash)."""
+    n, unit = units.shape
+    out = np.full(n, xxhash.xxh3_64_intdigest(bytes(unit)), dtype=np.uint64)
+    nonzero = np.flatnonzero(_nonzero_rows(units))
+    if nonzero.size:
+        digest = xxhash.xxh3_64_intdigest
+        flat = memoryview(np.ascontiguousarray(units)).cast("B")
+        out[nonzero] = np.fromiter(
+            (digest(flat[i * unit : (i + 1) * unit]) for i in nonzero.tolist()), dtype=np.uint64, count=nonzero.size
+        )
+    return out
+
+
+def _nonzero_rows(units: np.ndarray) -> np.ndarray:
+    if units.shape[1] % 8 == 0 and units.flags.c_contiguous:
+        return units.view(np.uint64).any(axis=1)
+    return units.any(axis=1)
+
+
+class ImageDigest:
+    """XXH3-128 over an image, fed in order; holes are fed from a shared zero buffer."""
+
+    _zeros = np.zeros(16 << 20, dtype=np.uint8)
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_128()
+
+    def update(self, data: np.ndarray | bytes | memoryview) -> None:
+        self._h.update(data)
+
+    def update_zeros(self, count: int) -> None:
+        while count:
+            step = min(count, self._zeros.shape[0])
+            self._h.update(self._zeros[:step])
+            count -= step
+
+    def hexdigest(self) -> str:
+        return "xxh3-128:" + self._h.hexdigest()
+
+
+def hole_units(image: SourceImage, unit: int, count: int) -> np.ndarray:
+    """Boolean per unit: the whole unit lies in one of the image's holes."""
+    mask = np.zeros(count, dtype=bool)
+    for start, length in image.holes.tolist():
+        first = -(-start // unit)
+        last = min((start + length) // unit, count)
+        if (start + length) >= image.size:
+            last = count  # a hole that runs to the end covers the short last unit too
+        if last > first:
+            mask[first:last] = True
+    return mask
+
+
+def iter_chunks(image: SourceImage, unit: int, holes: np.ndarray) -> Iterator[tuple[int, int, bool]]:
+    """(first unit, end unit, whole chunk is a hole) in steps of at most 16 MiB."""
+    count = holes.shape[0]
+    pos = 0
+    while pos < count:
+        end = min(pos + _CHUNK_UNITS, count)
+        chunk = holes[pos:end]
+        if chunk.all():
+            # run to the end of the hole run in one step, however long
+            nxt = np.flatnonzero(~holes[pos:])
+            end = pos + int(nxt[0]) if nxt.size else count
+            yield pos, end, True
+        else:
+            yield pos, end, False
+        pos = end
+
+
+def image_digest(
+    image: SourceImage,
+    unit: int = 4096,
+    progress: ProgressFn | None = None,
+    *,
+    replaced: tuple[SourceImage, np.ndarray] | None = None,
+) -> str:
+    """Digest of an opened image (holes are not read).
+
+    :param replaced: ``(base, unit indices)``: digest the image as it is with those units taken
+        from ``base`` instead (zero-padded past its end): the image apply rebuilds when filters
+        dropped them.
+    """
+    return _scan(image, unit, want_hashes=False, progress=progress, replaced=replaced)[0]
+
+
+def _scan(
+    image: SourceImage,
+    unit: int,
+    *,
+    want_hashes: bool,
+    progress: ProgressFn | None = None,
+    replaced: tuple[SourceImage, np.ndarray] | None = None,
+) -> tuple[str, np.ndarray]:
+    size = image.size
+    count = -(-size // unit)
+    full = size // unit
+    holes = hole_units(image, unit, count)
+    digest = ImageDigest()
+    hashes = np.full(full, xxhash.xxh3_64_intdigest(bytes(unit)), dtype=np.uint64) if want_hashes else np.zeros(0, np.uint64)
+    data = image.data
+    swap = np.zeros(0, dtype=np.int64) if replaced is None else np.asarray(replaced[1], dtype=np.int64)
+    for first, end, is_hole in iter_chunks(image, unit, holes):
+        lo, hi = first * unit, min(end * unit, size)
+        inside = swap[np.searchsorted(swap, first) : np.searchsorted(swap, end)]
+        if inside.size:
+            assert replaced is not None
+            base, pos = replaced[0], lo
+            for index in inside.tolist():
+                a, b = index * unit, min(index * unit + unit, size)
+                if is_hole:
+                    digest.update_zeros(a - pos)
+                else:
+                    digest.update(data[pos:a])
+                got = base.data[a : min(b, base.size)]
+                digest.update(got)
+                digest.update_zeros(b - a - got.shape[0])
+                pos = b
+            if is_hole:
+                digest.update_zeros(hi - pos)
+            else:
+                digest.update(data[pos:hi])
+        elif is_hole:
+            digest.update_zeros(hi - lo)
+        else:
+            chunk = data[lo:hi]
+            digest.update(chunk)
+            if want_hashes:
+                last_full = min(end, full)
+                if last_full > first:
+                    units = chunk[: (last_full - first) * unit].reshape(-1, unit)
+                    hashes[first:last_full] = unit_hashes(units)
+        if progress is not None:
+            progress(hi - lo)
+    return digest.hexdigest(), hashes
+
+
+@attrs.define(eq=False)
+class BaseIndex:
+    """Per-unit hashes of a base image (full units only) and its fingerprint."""
+
+    size: int
+    unit_size: int
+    fingerprint: str
+    hashes: np.ndarray
+    _sorted: np.ndarray | None = attrs.field(default=None, alias="sorted")
+    _order: np.ndarray | None = attrs.field(default=None, alias="order")
+
+    @classmethod
+    def build(cls, image: SourceImage, unit: int, progress: ProgressFn | None = None) -> BaseIndex:
+        fingerprint, hashes = _scan(image, unit, want_hashes=True, progress=progress)
+        return cls(size=image.size, unit_size=unit, fingerprint=fingerprint, hashes=hashes)
+
+    def _sorted_view(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._order is None:
+            self._order = np.argsort(self.hashes, kind="stable")
+            self._sorted = self.hashes[self._order]
+        assert self._sorted is not None
+        return self._sorted, self._order
+
+    def lookup(self, queries: np.ndarray) -> np.ndarray:
+        """For each query hash, the index of a base unit with that hash, or -1."""
+        if self.hashes.size == 0 or queries.size == 0:
+            return np.full(queries.shape[0], -1, dtype=np.int64)
+        ordered, order = self._sorted_view()
+        pos = np.searchsorted(ordered, queries)
+        pos_clipped = np.minimum(pos, ordered.shape[0] - 1)
+        hit = ordered[pos_clipped] == queries
+        return np.where(hit, order[pos_clipped], -1).astype(np.int64)
+
+    # ----------------------------------------------------------------------------------------
+
+    def save(self, path: Path, key: dict[str, Any]) -> None:
+        header = json.dumps(
+            {"version": _VERSION, "key": key, "size": self.size, "unit_size": self.unit_size,
+             "fingerprint": self.fingerprint, "count": int(self.hashes.shape[0])},
+            sort_keys=True,
+        ).encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_MAGIC + struct.pack("<I", len(header)) + header)
+                f.write(self.hashes.astype("<u8").tobytes())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Path, key: dict[str, Any]) -> BaseIndex | None:
+        """The cached index at ``path`` if it is intact and was made for ``key``, else ``None``."""
+        try:
+            with open(path, "rb") as f:
+                if f.read(8) != _MAGIC:
+                    return None
+                (length,) = struct.unpack("<I", f.read(4))
+                if length > 1 << 20:
+                    return None
+                header = json.loads(f.read(length))
+                if header.get("version") != _VERSION or header.get("key") != key:
+                    return None
+                count = int(header["count"])
+                raw = f.read(count * 8 + 1)
+        except (OSError, ValueError, struct.error, KeyError, TypeError):
+            return None
+        if len(raw) != count * 8 or count != int(header["size"]) // int(header["unit_size"]):
+            return None
+        hashes = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        return cls(size=int(header["size"]), unit_size=int(header["unit_size"]),
+                   fingerprint=str(header["fingerprint"]), hashes=hashes)
+
+
+def cache_folder(cache_dir: Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("VMDELTA_CACHE_DIR"):
+        return Path(os.environ["VMDELTA_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vmdelta"
+
+
+def index_key(path: Path, source: str, unit: int, options: dict[str, Any]) -> dict[str, Any]:
+    st = os.stat(path)
+    key: dict[str, Any] = {
+        "path": str(Path(path).resolve()), "source": source, "unit": unit,
+        "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    }
+    # files an option names (a raw RAM file) are part of the base too
+    for name, value in sorted(options.items()):
+        if isinstance(value, str) and os.path.exists(value):
+            sub = os.stat(value)
+            key[f"option:{name}"] = [str(Path(value).resolve()), sub.st_size, sub.st_mtime_ns, sub.st_ino]
+        else:
+            key[f"option:{name}"] = value
+    return key
+
+
+def beside_path(path: Path) -> Path:
+    return Path(str(path) + ".vmdidx")
+
+
+def load_or_build_index(
+    path: Path,
+    image: SourceImage,
+    *,
+    source: str,
+    unit: int,
+    options: dict[str, Any],
+    cache_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    beside: bool = False,
+) -> tuple[BaseIndex, bool]:
+    """The index of ``image`` (opened from ``path``), from the cache or freshly built and cached.
+
+    :returns: the index and whether it came from the cache.
+    """
+    key = index_key(path, source, unit, options)
+    cached_name = xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True).encode()) + ".vmdidx"
+    candidates = [beside_path(path), cache_folder(cache_dir) / cached_name]
+    for candidate in candidates:
+        index = BaseIndex.load(candidate, key)
+        if index is not None and index.size == image.size and index.unit_size == unit:
+            return index, True
+    index = BaseIndex.build(image, unit, progress=progress)
+    target = beside_path(path) if beside else candidates[1]
+    with contextlib.suppress(OSError):  # a read-only cache only costs speed
+        index.save(target, key)
+    return index, False

@@ -1,0 +1,334 @@
+"""``create``: artifacts -> sources -> change detection -> filters -> dedup -> encoders -> overlay."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import xxhash
+import zstandard
+
+from vmdelta_core.changes import changed_units, unit_bytes
+from vmdelta_core.components import FilterContext, FilterResult, SourceImage
+from vmdelta_core.config import CreateConfig, ImageSpec, describe_config
+from vmdelta_core.container import FORMAT_VERSION, OverlayWriter
+from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
+from vmdelta_core.encode import EncoderChoice, EncodingPolicy
+from vmdelta_core.errors import ConfigError, PluginError
+from vmdelta_core.fileio import AtomicOutput
+from vmdelta_core.index import image_digest, load_or_build_index
+from vmdelta_core.plugins import core_version
+from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
+from vmdelta_core.registry import ComponentInfo, Registry, default_registry
+from vmdelta_core.schema import ItemType, Ref
+
+__all__ = ["create_overlay", "file_digest", "image_names"]
+
+BATCH_UNITS = 8192
+_FREE_REFS = (0xA, 0xB, 0xC, 0xD, 0xE, 0xF, 0x0)
+_RESERVED_REFS = frozenset(int(r) for r in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM, Ref.ZEROS, Ref.SELF_HASH))
+
+
+def image_names(kinds: list[str]) -> list[str]:
+    """``memory``, ``disk0``, ``disk1``... in overlay order."""
+    names, disks = [], 0
+    for kind in kinds:
+        if kind == "memory":
+            names.append("memory")
+        else:
+            names.append(f"disk{disks}")
+            disks += 1
+    return names
+
+
+def file_digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return "xxh3-128:" + h.hexdigest()
+
+
+def _component(info: ComponentInfo, **extra: Any) -> dict[str, Any]:
+    return {"kind": info.kind, "name": info.name, "distribution": info.distribution, "version": info.version, **extra}
+
+
+def assign_refs(registry: Registry, names: list[str]) -> dict[str, EncoderChoice]:
+    """Ref ids for the encoders an overlay uses: classic ids where free, else the spare nibbles."""
+    choices: dict[str, EncoderChoice] = {}
+    taken: set[int] = set()
+    for name in ["raw", *names]:
+        if name in choices:
+            continue
+        encoder = registry.encoder(name)
+        wanted = getattr(encoder, "wire_ref", None)
+        if wanted is not None and (wanted in _RESERVED_REFS or not 0 <= wanted <= 0xF):
+            raise PluginError(f"encoder {name!r} asks for ref id {wanted:#x}, which is reserved")
+        if wanted is None or wanted in taken:
+            wanted = next((r for r in _FREE_REFS if r not in taken), None)
+            if wanted is None:
+                raise ConfigError("too many encoders for one overlay (at most 11)")
+        taken.add(wanted)
+        choices[name] = EncoderChoice(name, wanted, encoder)
+    return choices
+
+
+@attrs.define(eq=False)
+class _Opened:
+    spec: ImageSpec
+    name: str
+    base_source: str
+    source: str
+    base: SourceImage
+    modified: SourceImage
+
+
+def create_overlay(
+    config: CreateConfig, *, registry: Registry | None = None, progress: Progress | None = None
+) -> CreateReport:
+    """Create the overlay ``config.output`` from the image pairs of ``config``.
+
+    The output appears only when everything succeeded; an existing file of that name is replaced
+    then and not before.
+    """
+    started = time.monotonic()
+    registry = registry or default_registry()
+    progress = progress or NullProgress()
+    unit = config.unit_size
+    _check_paths(config)
+    codec_info = registry.info("codec", config.codec)
+    encoder_names = sorted({name for spec in config.images for name in spec.encoders})
+    refs = assign_refs(registry, encoder_names)
+    for spec in config.images:
+        for f in spec.filters:
+            filt = registry.filter(f.name)
+            if spec.kind not in filt.kinds:
+                raise ConfigError(f"filter {f.name!r} does not apply to {spec.kind} images")
+            if getattr(filt, "needs_input", False) and f.input is None:
+                raise ConfigError(f"filter {f.name!r} needs an input: --filter {f.name}:FILE")
+            if f.input is not None and not f.input.is_file():
+                raise ConfigError(f"filter {f.name!r}: input {f.input} does not exist")
+
+    with contextlib.ExitStack() as stack:
+        names = image_names([spec.kind for spec in config.images])
+        opened: list[_Opened] = []
+        for spec, name in zip(config.images, names, strict=True):
+            base_source = spec.format or registry.detect_source(spec.base, spec.kind)
+            source = spec.format or registry.detect_source(spec.modified, spec.kind)
+            for src in (base_source, source):
+                if spec.kind not in registry.source(src).kinds:
+                    raise ConfigError(f"source {src!r} does not read {spec.kind} images")
+            base = stack.enter_context(registry.source(base_source).open(spec.base, kind=spec.kind, options=spec.base_options))
+            modified = stack.enter_context(
+                registry.source(source).open(spec.modified, kind=spec.kind, options=spec.modified_options)
+            )
+            opened.append(_Opened(spec, name, base_source, source, base, modified))
+
+        bases: list[DedupBase] = []
+        ordinals = {"memory": 0, "disk": 0}
+        base_meta: list[dict[str, Any]] = []
+        for item in opened:
+            advance = progress.start(f"index {item.spec.base.name}", item.base.size)
+            index, cached = load_or_build_index(
+                item.spec.base, item.base, source=item.base_source, unit=unit, options=dict(item.spec.base_options),
+                cache_dir=config.cache_dir, progress=advance,
+            )
+            if cached:
+                advance(item.base.size)
+            ref = Ref.BASE_MEM if item.spec.kind == "memory" else Ref.BASE_DISK
+            bases.append(DedupBase(int(ref), ordinals[item.spec.kind], item.base, index))
+            ordinals[item.spec.kind] += 1
+            base_meta.append({"name": item.spec.base.name, "source": item.base_source, "size": item.base.size,
+                              "fingerprint": index.fingerprint, "index_cached": cached})
+
+        dedup = Deduplicator(unit, bases, [item.modified for item in opened])
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
+        out = stack.enter_context(AtomicOutput(config.output))
+        with open(out.path, "wb") as f:
+            writer = OverlayWriter(
+                f, codec=codec_info.component, codec_id=0, level=config.level, frame_size=config.frame_size,
+                pool=pool, in_flight=config.threads * 2,
+            )
+            images_meta = []
+            try:
+                for number, item in enumerate(opened):
+                    meta = _encode_image(number, item, config, registry, refs, dedup, writer, pool, progress)
+                    meta["base"] = base_meta[number]
+                    images_meta.append(meta)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.flush()
+            metadata = _metadata(config, registry, codec_info, refs, opened, images_meta, writer)
+            size = writer.finish(metadata)
+            f.flush()
+            os.fsync(f.fileno())
+        out.commit()
+    return CreateReport(
+        output=config.output,
+        size=size,
+        seconds=time.monotonic() - started,
+        images=tuple(ImageReport.from_metadata(image) for image in images_meta),
+        metadata=metadata,
+    )
+
+
+def _check_paths(config: CreateConfig) -> None:
+    output = config.output.resolve()
+    for spec in config.images:
+        for path in (spec.base, spec.modified):
+            if not path.is_file():
+                raise ConfigError(f"{path} does not exist or is not a file")
+            if path.resolve() == output:
+                raise ConfigError(f"the overlay would overwrite its own input {path}")
+
+
+def _encode_image(
+    number: int,
+    item: _Opened,
+    config: CreateConfig,
+    registry: Registry,
+    refs: Mapping[str, EncoderChoice],
+    dedup: Deduplicator,
+    writer: OverlayWriter,
+    pool: ThreadPoolExecutor,
+    progress: Progress,
+) -> dict[str, Any]:
+    unit = config.unit_size
+    spec, base, modified = item.spec, item.base, item.modified
+    advance = progress.start(f"compare {item.name}", modified.size)
+    changed = changed_units(base, modified, unit, progress=advance)
+    stats: dict[str, Any] = {"units": -(-modified.size // unit), "changed": int(changed.size)}
+
+    filters_meta = []
+    dropped_all: list[np.ndarray] = []
+    kept = changed
+    for f in spec.filters:
+        component = registry.filter(f.name)
+        context = FilterContext(item.name, spec.kind, unit, base, modified, f.input, dict(f.options))
+        result = component.select(context, kept.copy())
+        drop = _checked_mask(f.name, result, kept)
+        dropped_all.append(kept[drop])
+        filters_meta.append({
+            "name": f.name, "input": f.input.name if f.input else None,
+            "input_fingerprint": file_digest(f.input) if f.input else None,
+            "reason": result.reason, "dropped": int(drop.sum()), "details": dict(result.details),
+        })
+        kept = kept[~drop]
+    dropped = np.sort(np.concatenate(dropped_all)) if dropped_all else np.zeros(0, dtype=np.int64)
+    stats["dropped"] = {m["name"]: m["dropped"] for m in filters_meta}
+
+    policy = EncodingPolicy([refs[name] for name in spec.encoders], refs["raw"], spec.policy, pool)
+    by_ref = {choice.ref: choice.name for choice in refs.values()}
+    counts = {"zero": 0, "base_memory": 0, "base_disk": 0, "self": 0}
+    encoder_stats: dict[str, dict[str, int]] = {}
+    item_type = int(ItemType.MEMORY if spec.kind == "memory" else ItemType.DISK)
+    full = modified.size // unit
+    advance = progress.start(f"encode {item.name}", int(kept.size))
+    for start in range(0, kept.size, BATCH_UNITS):
+        batch = kept[start : start + BATCH_UNITS]
+        whole = batch[batch < full]
+        classes, values = dedup.classify(number, whole)
+        if whole.size < batch.size:  # the short last unit: zero or encoded, never deduplicated
+            tail_zero = not modified.data[full * unit :].any()
+            classes = np.append(classes, np.uint8(Ref.ZEROS if tail_zero else ENCODE))
+            values = np.append(values, np.uint64(0))
+        lengths = np.minimum(unit, modified.size - batch * unit)
+        payloads: list[bytes | None] = [None] * batch.size
+        refs_out = classes.astype(np.uint8)
+        todo = np.flatnonzero(classes == ENCODE)
+        if todo.size:
+            bases_mv = [memoryview(unit_bytes(base, i, unit, int(n))) for i, n in zip(batch[todo].tolist(), lengths[todo].tolist(), strict=True)]
+            targets = [memoryview(modified.data[i * unit : i * unit + int(n)]) for i, n in zip(batch[todo].tolist(), lengths[todo].tolist(), strict=True)]
+            enc_refs, enc_payloads = policy.encode(bases_mv, targets)
+            for row, ref, payload in zip(todo.tolist(), enc_refs, enc_payloads, strict=True):
+                refs_out[row] = ref
+                payloads[row] = payload
+                entry = encoder_stats.setdefault(by_ref[ref], {"units": 0, "bytes": 0})
+                entry["units"] += 1
+                entry["bytes"] += len(payload)
+        counts["zero"] += int((classes == Ref.ZEROS).sum())
+        counts["base_memory"] += int((classes == Ref.BASE_MEM).sum())
+        counts["base_disk"] += int((classes == Ref.BASE_DISK).sum())
+        counts["self"] += int((classes == Ref.SELF).sum())
+        writer.add_items(number, (batch * unit).astype(np.uint64), lengths, refs_out,
+                         np.full(batch.size, item_type, dtype=np.uint8), values, payloads)
+        advance(int(batch.size))
+    stats.update(counts)
+    stats["encoders"] = encoder_stats
+
+    envelope_meta = None
+    if modified.envelope or base.envelope:
+        stored = _compress_envelope(modified.envelope, base.envelope)
+        writer.add_envelope(number, stored, len(modified.envelope))
+        envelope_meta = {"length": len(modified.envelope), "stored": len(stored)}
+
+    advance = progress.start(f"digest {item.name}", modified.size)
+    digest = image_digest(modified, unit, advance, replaced=(base, dropped) if dropped.size else None)
+    artifact_digest = file_digest(spec.modified) if modified.exact_artifact and not dropped.size else None
+    return {
+        "name": item.name,
+        "kind": spec.kind,
+        "source": item.source,
+        "base_source": item.base_source,
+        "artifact": spec.modified.name,
+        "size": modified.size,
+        "digest": digest,
+        "artifact_digest": artifact_digest,
+        "layout": dict(modified.layout),
+        "envelope": envelope_meta,
+        "filters": filters_meta,
+        "encoders": list(spec.encoders),
+        "policy": spec.policy,
+        "statistics": stats,
+    }
+
+
+def _checked_mask(name: str, result: FilterResult, candidates: np.ndarray) -> np.ndarray:
+    drop = np.asarray(result.drop)
+    if drop.dtype != np.bool_ or drop.shape != candidates.shape:
+        raise PluginError(f"filter {name!r} answered with a mask of {drop.dtype} {drop.shape} for {candidates.shape[0]} candidates")
+    return drop
+
+
+def _compress_envelope(envelope: bytes, base_envelope: bytes) -> bytes:
+    """The envelope compressed with the base's as a dictionary: only the difference costs."""
+    if base_envelope:
+        dictionary = zstandard.ZstdCompressionDict(base_envelope, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return zstandard.ZstdCompressor(level=19, dict_data=dictionary).compress(envelope)
+    return zstandard.ZstdCompressor(level=19).compress(envelope)
+
+
+def _metadata(
+    config: CreateConfig,
+    registry: Registry,
+    codec_info: ComponentInfo,
+    refs: Mapping[str, EncoderChoice],
+    opened: list[_Opened],
+    images: list[dict[str, Any]],
+    writer: OverlayWriter,
+) -> dict[str, Any]:
+    components = [_component(codec_info, id=0)]
+    components += [_component(registry.info("encoder", name), ref=choice.ref) for name, choice in sorted(refs.items())]
+    sources = sorted({s for item in opened for s in (item.source, item.base_source)})
+    components += [_component(registry.info("source", name)) for name in sources]
+    filters = sorted({f.name for spec in config.images for f in spec.filters})
+    components += [_component(registry.info("filter", name)) for name in filters]
+    for number, image in enumerate(images):
+        image["statistics"]["stored_bytes"] = writer.stored_bytes_by_image.get(number, 0)
+    return {
+        "format": "vmdelta-overlay",
+        "version": FORMAT_VERSION,
+        "creator": {"name": "vmdelta-core", "version": core_version()},
+        "unit_size": config.unit_size,
+        "components": components,
+        "images": images,
+        "settings": describe_config(config),
+    }

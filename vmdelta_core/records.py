@@ -1,0 +1,72 @@
+"""Value objects the API returns: what ``create`` made and what ``apply`` rebuilt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+
+__all__ = ["ApplyReport", "CreateReport", "ImageReport", "NullProgress", "Progress", "RebuiltReport"]
+
+
+class Progress(Protocol):
+    """Where long work reports how far it got (the CLI draws bars; the API default is silent)."""
+
+    def start(self, description: str, total: int) -> Callable[[int], None]:
+        """Begin a task of ``total`` steps (bytes); returns a function to advance it."""
+        ...
+
+
+class NullProgress:
+    def start(self, description: str, total: int) -> Callable[[int], None]:
+        return lambda n: None
+
+
+@attrs.frozen
+class ImageReport:
+    """Statistics of one image in an overlay, as stored in its metadata."""
+
+    name: str
+    kind: str
+    source: str
+    size: int
+    statistics: Mapping[str, Any]
+
+    @classmethod
+    def from_metadata(cls, image: Mapping[str, Any]) -> ImageReport:
+        return cls(image["name"], image["kind"], image["source"], image["size"], image["statistics"])
+
+
+@attrs.frozen
+class CreateReport:
+    """What ``create_overlay`` wrote."""
+
+    output: Path
+    size: int
+    seconds: float
+    images: tuple[ImageReport, ...]
+    metadata: Mapping[str, Any] = attrs.field(repr=False)
+
+
+@attrs.frozen
+class RebuiltReport:
+    """One artifact ``apply_overlay`` rebuilt."""
+
+    name: str
+    kind: str
+    output: Path
+    size: int
+    digest: str
+    artifact_identical: bool
+    dropped: Mapping[str, int]
+
+
+@attrs.frozen
+class ApplyReport:
+    """What ``apply_overlay`` rebuilt and verified."""
+
+    overlay: Path
+    seconds: float
+    images: tuple[RebuiltReport, ...]
