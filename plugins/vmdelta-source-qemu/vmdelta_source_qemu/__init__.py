@@ -1,0 +1,34 @@
+"""vmdelta source for QEMU memory snapshots.
+
+Registers ``qemu`` (migration streams of QEMU 7.2-10.x, mapped-ram files, x-ignore-shared
+streams with their RAM file) and ``qemu-ram`` (raw RAM images), and detects streams by their
+QEVM magic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from vmdelta_core.components import Source
+from vmdelta_core.hookspecs import hookimpl
+
+from vmdelta_source_qemu.envelope import Envelope
+from vmdelta_source_qemu.source import QemuRamSource, QemuSource
+
+__all__ = ["Envelope", "QemuRamSource", "QemuSource"]
+
+__version__ = "0.1.0"
+
+
+@hookimpl
+def vmdelta_register_sources(register: Callable[[Source], None]) -> None:
+    register(QemuSource())
+    register(QemuRamSource())
+
+
+@hookimpl
+def vmdelta_detect_source(path: Path, head: bytes, kind: str) -> str | None:
+    if kind == "memory" and head[:4] == b"QEVM":
+        return "qemu"
+    return None

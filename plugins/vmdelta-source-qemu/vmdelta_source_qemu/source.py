@@ -1,0 +1,123 @@
+"""The ``qemu`` and ``qemu-ram`` sources.
+
+``qemu`` reads migration streams (QEMU 7.2-10.x, ``migrate "exec:cat > FILE"`` or ``file:``),
+mapped-ram files and x-ignore-shared streams together with their RAM file, and writes the same
+kind of artifact back. ``qemu-ram`` reads a raw RAM image (the x-ignore-shared backing file, a
+``pmemsave`` dump) as a one-block memory image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
+from vmdelta_core.errors import ConfigError, FormatError
+from vmdelta_core.fileio import AtomicOutput, hole_extents, map_readonly, punch_zero_runs
+
+from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
+from vmdelta_source_qemu.c_migration import PAGE_SIZE
+from vmdelta_source_qemu.envelope import Envelope
+from vmdelta_source_qemu.reader import read_snapshot
+from vmdelta_source_qemu.writer import write_snapshot
+
+__all__ = ["QemuRamSource", "QemuSource"]
+
+
+def _memory_only(name: str, kind: str) -> None:
+    if kind != "memory":
+        raise ConfigError(f"the {name} source reads memory images, not {kind} images")
+
+
+class QemuSource(Source):
+    """QEMU migration streams and mapped-ram files; options: ``ram`` (x-ignore-shared RAM file),
+    and at apply ``ram_output`` (where the rebuilt RAM file goes)."""
+
+    name = "qemu"
+    kinds = frozenset({"memory"})
+
+    def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
+        _memory_only(self.name, kind)
+        snap = read_snapshot(Path(path), options)
+        return SourceImage(
+            kind=kind,
+            data=snap.image,
+            holes=snap.holes,
+            envelope=snap.envelope.to_bytes(),
+            layout=snap.layout,
+            exact_artifact=snap.exact,
+            closers=snap.closers,
+        )
+
+    def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
+        envelope = Envelope.from_bytes(rebuilt.envelope)
+        try:
+            blocks = [RamBlock(str(n), int(length), int(off)) for n, off, length in envelope.meta["blocks"]]
+            external = [str(name) for name in envelope.meta.get("external", [])]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError("QEMU envelope: metadata without a usable block table") from None
+        end = blocks[-1].offset + blocks[-1].length if blocks else 0
+        if end > rebuilt.size:
+            raise FormatError(f"rebuilt memory image is {rebuilt.size} bytes, its RAM blocks need {end}")
+        ram_output = rebuilt.options.get("ram_output")
+        if external and not ram_output:
+            raise ConfigError(
+                f"the stream was saved with x-ignore-shared: name where the rebuilt RAM file of block "
+                f"{external[0]!r} goes with --memory-ram"
+            )
+        image, closers = map_readonly(Path(rebuilt.path))
+        try:
+            if external:
+                block = next(b for b in blocks if b.name == external[0])
+                _write_ram_file(Path(ram_output), image[block.offset : block.offset + block.length])
+            with open(output, "w+b") as out:
+                write_snapshot(envelope, blocks, image, out)
+        finally:
+            del image
+            for closer in closers:
+                try:
+                    closer.close()  # type: ignore[attr-defined]
+                except BufferError:
+                    pass
+
+
+def _write_ram_file(target: Path, data: np.ndarray) -> None:
+    """The RAM file of an x-ignore-shared snapshot, sparse, replacing ``target`` only when whole."""
+    with AtomicOutput(target) as tmp:
+        fd = os.open(tmp.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, data.shape[0])
+            punch_zero_runs(fd, 0, data, PAGE_SIZE)
+        finally:
+            os.close(fd)
+        tmp.commit()
+
+
+class QemuRamSource(Source):
+    """A raw RAM image, one block: options ``block`` (name, default ``pc.ram``) and
+    ``guest_address`` (default 0)."""
+
+    name = "qemu-ram"
+    kinds = frozenset({"memory"})
+
+    def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
+        _memory_only(self.name, kind)
+        data, closers = map_readonly(Path(path))
+        if data.shape[0] % PAGE_SIZE:
+            raise FormatError(f"raw RAM image {path} is {data.shape[0]} bytes, not a whole number of {PAGE_SIZE}-byte pages")
+        block = RamBlock(str(options.get("block", MAIN_RAM)), int(data.shape[0]), 0,
+                         int(options.get("guest_address", 0)))
+        return SourceImage(
+            kind=kind,
+            data=data,
+            holes=hole_extents(Path(path)),
+            layout=layout_of([block], "raw", ignore_shared=False),
+            closers=closers,
+        )
+
+    def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
+        os.replace(rebuilt.path, output)

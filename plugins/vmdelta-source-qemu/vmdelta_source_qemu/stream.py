@@ -1,0 +1,273 @@
+"""Walks a QEMU migration stream (QEVM v3, QEMU 7.2-10.x) into blocks, records and regions.
+
+Headers, sections and the block table are read with the construct schemas of
+:mod:`~vmdelta_source_qemu.c_migration`; the records inside RAM sections go to the fast
+:class:`~vmdelta_source_qemu.scan.RecordScanner`. Device sections cannot be walked without the
+device models QEMU has, and need not be: a stopped-VM save writes every RAM section (START,
+PART..., END) before the first device section (FULL), so everything from there to the end of the
+file is kept as it is, after a check that the file ends where a whole stream ends.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from typing import Any
+
+import attrs
+import numpy as np
+from construct import Construct, ConstructError
+
+from vmdelta_core.errors import FormatError
+
+from vmdelta_source_qemu import c_migration as c
+from vmdelta_source_qemu.blocks import MappedBlock, RamBlock, image_size, place_blocks
+from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag, SectionType
+from vmdelta_source_qemu.scan import RecordScanner, RecordTable
+
+__all__ = ["ParsedStream", "parse_stream"]
+
+_MAPPED_ALIGN = 1 << 20
+_MAX_BLOCKS = 4096
+_VMDESC_MAX = 16 << 20
+
+
+@attrs.define(eq=False)
+class ParsedStream:
+    """What the walk found; the image is filled with every page the stream holds."""
+
+    fmt: str
+    machine: str
+    capabilities: list[str]
+    blocks: list[RamBlock]
+    image: np.ndarray
+    table: RecordTable
+    last_write: np.ndarray
+    size: int
+    flushes: int
+    rewritten: bool
+    vmdesc: dict[str, Any] | None
+
+    @property
+    def ignore_shared(self) -> bool:
+        return "x-ignore-shared" in self.capabilities
+
+
+def parse_stream(buf: np.ndarray) -> ParsedStream:
+    """Read a whole stream held in ``buf`` (a ``uint8`` array, usually an mmap)."""
+    return _Walker(buf).run()
+
+
+class _Walker:
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        self.view = memoryview(buf)  # type: ignore[arg-type]
+        self.size = int(buf.shape[0])
+        self.capabilities: list[str] = []
+        self.blocks: list[RamBlock] = []
+        self.scanner: RecordScanner | None = None
+        self.ram_id: int | None = None
+        self.ram_done = False
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def parse(self, schema: Construct, pos: int, what: str, limit: int = 1 << 16) -> tuple[Any, int]:
+        """Parse ``schema`` at ``pos``; returns the value and the offset after it."""
+        chunk = io.BytesIO(bytes(self.view[pos : pos + limit]))
+        try:
+            value = schema.parse_stream(chunk)
+        except ConstructError as exc:
+            if pos + chunk.tell() >= self.size or "stream read less than specified" in str(exc):
+                raise FormatError(f"stream truncated in the {what} at offset {pos}") from None
+            raise FormatError(f"bad {what} at offset {pos}: {exc}") from None
+        return value, pos + chunk.tell()
+
+    def byte(self, pos: int, what: str) -> int:
+        if pos >= self.size:
+            raise FormatError(f"stream truncated at offset {pos}: expected {what}")
+        return int(self.view[pos])
+
+    # -- the walk ------------------------------------------------------------------------------
+
+    def run(self) -> ParsedStream:
+        if self.size < 8 or bytes(self.view[:4]) != b"QEVM":
+            raise FormatError("not a QEMU migration stream: no QEVM magic at offset 0")
+        header, pos = self.parse(c.FILE_HEADER, 0, "file header")
+        if header.version != c.STREAM_VERSION:
+            raise FormatError(
+                f"QEMU migration stream version {header.version} at offset 4; only version {c.STREAM_VERSION} is supported"
+            )
+        machine = ""
+        if self.byte(pos, "a section") == SectionType.CONFIGURATION:
+            config, pos = self.parse(c.CONFIGURATION, pos, "configuration section")
+            machine = config.machine
+            pos = self.subsections(pos)
+        while not self.ram_done:
+            pos = self.section(pos)
+        if self.scanner is None:
+            raise FormatError("stream has no RAM section")
+        vmdesc = self.check_tail(pos)
+        scanner = self.scanner
+        scanner.table.freeze()
+        mapped = "mapped-ram" in self.capabilities
+        if scanner.flushes and not mapped:
+            raise FormatError(
+                "stream has MULTIFD_FLUSH records: its pages travelled on multifd channels this file does not "
+                "hold; save with the multifd capability off (or use mapped-ram with a file: URI)"
+            )
+        return ParsedStream(
+            fmt="mapped-ram" if mapped else "stream",
+            machine=machine,
+            capabilities=self.capabilities,
+            blocks=self.blocks,
+            image=scanner.image,
+            table=scanner.table,
+            last_write=scanner.last_write,
+            size=self.size,
+            flushes=scanner.flushes,
+            rewritten=scanner.rewritten,
+            vmdesc=vmdesc,
+        )
+
+    def subsections(self, pos: int) -> int:
+        while pos < self.size and self.view[pos] == SectionType.SUBSECTION:
+            sub, pos = self.parse(c.SUBSECTION_HEADER, pos, "configuration subsection")
+            if sub.name == "configuration/capabilities":
+                caps, pos = self.parse(c.CAPABILITIES, pos, "capability list")
+                unknown = sorted(set(caps) - c.KNOWN_CAPABILITIES)
+                if unknown:
+                    raise FormatError(
+                        f"stream announces capability {unknown[0]!r} (offset {pos}), which changes its format in a "
+                        "way this reader does not know: save with it off"
+                    )
+                self.capabilities = list(caps)
+            elif sub.name == "configuration/target-page-bits":
+                bits, pos = self.parse(c.Int32ub, pos, "target page bits")
+                if 1 << bits != PAGE_SIZE:
+                    raise FormatError(f"target page size {1 << bits} at offset {pos - 4}; only {PAGE_SIZE} is supported")
+            elif sub.name == "configuration/uuid":
+                pos += 16
+            else:
+                raise FormatError(f"unknown configuration subsection {sub.name!r} at offset {pos}")
+        return pos
+
+    def section(self, pos: int) -> int:
+        kind = self.byte(pos, "a section")
+        if kind == SectionType.COMMAND:
+            _, after = self.parse(c.COMMAND, pos, "command section")
+            return after
+        if kind == SectionType.START:
+            head, after = self.parse(c.SECTION_FULL, pos, "section header")
+            if head.idstr != "ram":
+                raise FormatError(
+                    f"iterative section {head.idstr!r} at offset {pos}: only RAM may be saved iteratively here; "
+                    "turn off the capability that adds it (block, dirty-bitmaps, a VFIO device's state)"
+                )
+            if self.ram_id is not None:
+                raise FormatError(f"a second RAM START section at offset {pos}")
+            if head.version_id != 4:
+                raise FormatError(f"RAM section version {head.version_id} at offset {pos}; only version 4 is known")
+            self.ram_id = head.section_id
+            after = self.block_table(after)
+        elif kind in (SectionType.PART, SectionType.END):
+            head, after = self.parse(c.SECTION_PART, pos, "section header")
+            if self.ram_id is None or head.section_id != self.ram_id:
+                raise FormatError(f"section {kind} at offset {pos} continues section {head.section_id}, not RAM")
+            self.ram_done = kind == SectionType.END
+        elif kind in (SectionType.FULL, SectionType.EOF):
+            raise FormatError(
+                f"device section at offset {pos} before the RAM section ended: not a complete precopy stream "
+                "(postcopy and incomplete saves are not supported)"
+            )
+        else:
+            raise FormatError(f"unknown section type {kind:#04x} at offset {pos}")
+        assert self.scanner is not None
+        after = self.scanner.scan(after)
+        footer, after = self.parse(c.FOOTER, after, "section footer")
+        if footer.section_id != self.ram_id:
+            raise FormatError(f"section footer at offset {after - 5} names section {footer.section_id}, not {self.ram_id}")
+        return after
+
+    def block_table(self, pos: int) -> int:
+        """Read the MEM_SIZE record of the RAM START section and its table of blocks."""
+        if pos + 8 > self.size:
+            raise FormatError(f"stream truncated in the RAM block table at offset {pos}")
+        (header,) = struct.unpack_from(">Q", self.view, pos)
+        if header & 0xFFF != RamFlag.MEM_SIZE:
+            raise FormatError(f"RAM section at offset {pos} does not start with its block table (flags {header & 0xFFF:#x})")
+        total, table_at = header & ~0xFFF, pos
+        pos += 8
+        ignore_shared = "x-ignore-shared" in self.capabilities
+        mapped = "mapped-ram" in self.capabilities
+        schema = c.block_entry(guest_address=ignore_shared, mapped_ram=mapped)
+        entries: list[tuple[str, int, int | None, MappedBlock | None]] = []
+        seen = 0
+        while seen < total:
+            if len(entries) >= _MAX_BLOCKS:
+                raise FormatError(f"RAM block table at offset {table_at} lists more than {_MAX_BLOCKS} blocks")
+            entry_at = pos
+            entry, pos = self.parse(schema, pos, "RAM block table")
+            info = None
+            if mapped:
+                info = self.mapped_block(entry, entry_at, pos)
+                pos = info.pages_offset + entry.used_length
+            entries.append((entry.name, entry.used_length, entry.guest_address, info))
+            seen += entry.used_length
+        if seen != total:
+            raise FormatError(
+                f"RAM block table at offset {table_at} does not add up: blocks hold {seen} bytes, the header says "
+                f"{total}" + (" (was it saved with x-ignore-shared or mapped-ram?)" if not (ignore_shared or mapped) else "")
+            )
+        self.blocks = place_blocks(entries, table_at)
+        image = np.zeros(image_size(self.blocks), dtype=np.uint8)
+        self.scanner = RecordScanner(self.buf, self.blocks, image)
+        return pos
+
+    def mapped_block(self, entry: Any, entry_at: int, header_end: int) -> MappedBlock:
+        m = entry.mapped
+        npages = entry.used_length // PAGE_SIZE
+        bitmap_end = m.bitmap_offset + (npages + 63) // 64 * 8
+        if m.version != 1 or m.page_size != PAGE_SIZE:
+            raise FormatError(
+                f"mapped-ram header of block {entry.name!r} at offset {entry_at}: version {m.version}, page size "
+                f"{m.page_size}; only version 1 with {PAGE_SIZE}-byte pages is known"
+            )
+        if m.bitmap_offset != header_end or m.pages_offset % _MAPPED_ALIGN or m.pages_offset < bitmap_end:
+            raise FormatError(
+                f"mapped-ram header of block {entry.name!r} at offset {entry_at}: bitmap at {m.bitmap_offset}, pages "
+                f"at {m.pages_offset} do not follow the header as QEMU places them"
+            )
+        if m.pages_offset + entry.used_length > self.size:
+            raise FormatError(
+                f"mapped-ram file truncated: block {entry.name!r} needs pages up to {m.pages_offset + entry.used_length}, "
+                f"the file has {self.size} bytes"
+            )
+        return MappedBlock(m.bitmap_offset, m.pages_offset)
+
+    def check_tail(self, pos: int) -> dict[str, Any] | None:
+        """Device sections run from ``pos`` to an EOF byte, then the optional VM description."""
+        if pos >= self.size:
+            raise FormatError(f"stream truncated at offset {pos}: no device state and no EOF after the RAM")
+        if self.view[pos] not in (SectionType.FULL, SectionType.EOF):
+            raise FormatError(f"unknown section type {self.view[pos]:#04x} at offset {pos} after the RAM section")
+        raw = self.view
+        start = max(pos, self.size - _VMDESC_MAX)
+        tail = bytes(raw[start:])
+        end = len(tail)
+        # JSON holds no NUL byte: the EOF marker before it is one of the last "00 06" pairs
+        for _ in range(4):
+            at = tail.rfind(b"\x00\x06", 0, end)
+            if at < 0:
+                break
+            if at + 6 <= len(tail):
+                (length,) = struct.unpack_from(">I", tail, at + 2)
+                if start + at + 6 + length == self.size:
+                    try:
+                        return dict(json.loads(tail[at + 6 :]))
+                    except (ValueError, TypeError):
+                        raise FormatError(f"VM description at offset {start + at + 6} is not valid JSON") from None
+            end = at + 1
+        if raw[self.size - 1] == SectionType.EOF:
+            return None
+        raise FormatError("stream truncated: it does not end with an EOF marker and a VM description")

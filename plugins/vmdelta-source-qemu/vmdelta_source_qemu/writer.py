@@ -1,0 +1,128 @@
+"""Writes a snapshot file back from a memory image and an envelope.
+
+Runs of records are assembled in a buffer a chunk at a time: each stretch of same-kind records is
+a ``(count, record size)`` view of that buffer, so headers and pages go in with two vectorized
+assignments per stretch. Mapped-ram blocks are written with ``pwrite`` at their fixed offsets,
+leaving holes where pages are zero, as QEMU's own files have them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import BinaryIO
+
+import numpy as np
+
+from vmdelta_core.errors import FormatError
+
+from vmdelta_source_qemu.blocks import RamBlock
+from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
+from vmdelta_source_qemu.envelope import Envelope, Mapped, Run
+
+__all__ = ["write_snapshot"]
+
+_CHUNK_PAGES = 1 << 13
+_MAPPED_HEADER = 28
+
+
+def write_snapshot(envelope: Envelope, blocks: Sequence[RamBlock], image: np.ndarray, out: BinaryIO) -> None:
+    """Run the envelope's operations against ``image`` into the file ``out`` (opened ``w+b``: mapped-ram reads its headers back)."""
+    fd = out.fileno()
+    pos = 0
+    for op in envelope.ops:
+        if isinstance(op, Run):
+            block = _block(blocks, op.block)
+            if op.first_page + op.count > block.pages:
+                raise FormatError(f"QEMU envelope: a run past the end of block {block.name!r}")
+            pos += _write_run(out, op, block, image)
+        elif isinstance(op, Mapped):
+            block = _block(blocks, op.block)
+            out.flush()
+            pos = _write_mapped(fd, pos, op, block, image)
+            out.seek(pos)
+        else:
+            out.write(op)
+            pos += len(op)
+    out.flush()
+    os.ftruncate(fd, pos)
+
+
+def _block(blocks: Sequence[RamBlock], index: int) -> RamBlock:
+    if not 0 <= index < len(blocks):
+        raise FormatError(f"QEMU envelope names RAM block {index}, the layout has {len(blocks)}")
+    return blocks[index]
+
+
+def _nonzero(pages: np.ndarray) -> np.ndarray:
+    return pages.view(np.uint64).reshape(pages.shape[0], -1).any(axis=1)
+
+
+def _write_run(out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray) -> int:
+    forced = run.forced_mask()
+    name = block.name.encode("latin-1")
+    written = 0
+    for first in range(0, run.count, _CHUNK_PAGES):
+        count = min(_CHUNK_PAGES, run.count - first)
+        page0 = run.first_page + first
+        at = block.offset + page0 * PAGE_SIZE
+        pages = image[at : at + count * PAGE_SIZE].reshape(count, PAGE_SIZE)
+        is_page = _nonzero(pages) | forced[first : first + count]
+        flags = np.where(is_page, int(RamFlag.PAGE), int(RamFlag.ZERO)).astype(np.uint64)
+        headers = (np.arange(page0, page0 + count, dtype=np.uint64) * np.uint64(PAGE_SIZE)) | flags
+        lead = b""
+        if run.named and first == 0:
+            # the run's first record names its block instead of continuing the previous one
+            lead = int(headers[0]).to_bytes(8, "big") + bytes([len(name)]) + name
+            lead += pages[0].tobytes() if is_page[0] else b"\0"
+            pages, is_page, headers = pages[1:], is_page[1:], headers[1:]
+        headers |= np.uint64(RamFlag.CONTINUE)
+        sizes = np.where(is_page, 8 + PAGE_SIZE, 8 + 1)
+        buf = np.empty(len(lead) + int(sizes.sum()), np.uint8)
+        buf[: len(lead)] = np.frombuffer(lead, np.uint8)
+        head_bytes = headers.astype(">u8").view(np.uint8).reshape(-1, 8)
+        cut = np.flatnonzero(np.diff(is_page.astype(np.int8))) + 1
+        starts = np.concatenate(([0], cut)).tolist()
+        stops = np.concatenate((cut, [is_page.shape[0]])).tolist()
+        offsets = len(lead) + np.concatenate(([0], np.cumsum(sizes)))
+        for a, b in zip(starts, stops, strict=True):
+            if a == b:
+                continue
+            size = int(sizes[a])
+            region = buf[int(offsets[a]) : int(offsets[b])].reshape(b - a, size)
+            region[:, :8] = head_bytes[a:b]
+            if size == 8 + 1:
+                region[:, 8] = 0
+            else:
+                region[:, 8:] = pages[a:b]
+        out.write(buf)  # type: ignore[arg-type]
+        written += buf.shape[0]
+    return written
+
+
+def _write_mapped(fd: int, pos: int, op: Mapped, block: RamBlock, image: np.ndarray) -> int:
+    """Bitmap at ``pos`` (right after the block's header), pages at the offset the header names."""
+    header = os.pread(fd, _MAPPED_HEADER, pos - _MAPPED_HEADER)
+    if len(header) != _MAPPED_HEADER:
+        raise FormatError(f"QEMU envelope: no mapped-ram header before offset {pos} for block {block.name!r}")
+    bitmap_offset = int.from_bytes(header[12:20], "big")
+    pages_offset = int.from_bytes(header[20:28], "big")
+    if bitmap_offset != pos or pages_offset < pos:
+        raise FormatError(f"QEMU envelope: mapped-ram header of block {block.name!r} does not match its position")
+    pages = image[block.offset : block.offset + block.length].reshape(block.pages, PAGE_SIZE)
+    bits = np.zeros(block.pages, bool)
+    for first in range(0, block.pages, _CHUNK_PAGES):
+        bits[first : first + _CHUNK_PAGES] = _nonzero(pages[first : first + _CHUNK_PAGES])
+    bits |= op.forced_mask(block.pages)
+    words = (block.pages + 63) // 64 * 8
+    bitmap = np.zeros(words, np.uint8)
+    packed = np.packbits(bits, bitorder="little")
+    bitmap[: packed.shape[0]] = packed
+    os.pwrite(fd, bitmap.tobytes(), bitmap_offset)
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], bits, [False])).astype(np.int8))).reshape(-1, 2)
+    for start, stop in edges.tolist():
+        data = image[block.offset + start * PAGE_SIZE : block.offset + stop * PAGE_SIZE]
+        done = 0
+        while done < data.shape[0]:
+            done += os.pwrite(fd, data[done:], pages_offset + start * PAGE_SIZE + done)  # type: ignore[arg-type]
+    return pages_offset + block.length
