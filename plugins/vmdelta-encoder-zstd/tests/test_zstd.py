@@ -79,6 +79,13 @@ def test_a_frame_asking_for_a_large_window_is_refused() -> None:
     assert window_log(4096) == 13 and window_log(1) == 10
 
 
+def test_a_frame_declaring_a_content_size_is_refused() -> None:
+    # descriptor 0xC0: an 8-byte content size follows; python-zstandard would allocate it
+    hostile = b"\xc0" + (1 << 40).to_bytes(8, "little") + b"\x00" + b"\x19\x00\x00" + b"abc"
+    with pytest.raises(FormatError, match="declares a size"):
+        _decode(hostile)
+
+
 @pytest.mark.parametrize("cut", [0, 1, 3, -1])
 def test_truncated_payloads_are_refused(cut: int) -> None:
     (payload,) = ZstdEncoder().encode([memoryview(BASE)], [memoryview(TARGET)])

@@ -18,6 +18,13 @@ DEFAULT_LEVEL = 3
 _MIN_LEVEL, _MAX_LEVEL = -7, zstandard.MAX_COMPRESSION_LEVEL
 
 
+# frame header descriptor bits this encoder never sets: a content size (bits 7-6 and the
+# single-segment bit 5, which implies one) and a dictionary id (bits 1-0). python-zstandard sizes
+# its output buffer from a declared content size, whatever max_output_size says, so a damaged
+# header could otherwise make it allocate gigabytes.
+_FORBIDDEN_DESCRIPTOR_BITS = 0xE3
+
+
 def window_log(length: int) -> int:
     """The zstd window (log2) for a unit: it covers the base and the unit, and nothing more.
 
@@ -79,6 +86,8 @@ class ZstdEncoder(Encoder):
     def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
         out: list[bytes] = []
         for base, payload, length in zip(bases, payloads, lengths, strict=True):
+            if not payload or payload[0] & _FORBIDDEN_DESCRIPTOR_BITS:
+                raise FormatError("zstd payload: its frame header declares a size or dictionary id, or is missing")
             dictionary = zstandard.ZstdCompressionDict(bytes(base), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             decompressor = zstandard.ZstdDecompressor(
                 dict_data=dictionary,
