@@ -73,7 +73,9 @@ class RecordScanner:
 
     :param buf: the whole stream as a ``uint8`` array.
     :param image: the writable memory image the pages go to.
-    :param last_write: per image page, the index of the record that wrote it last (``-1``: none).
+
+    ``last_write`` holds, per image page, the index of the record that wrote it last (``-1``:
+    none), so that re-sent pages are told apart from the final ones.
     """
 
     def __init__(self, buf: np.ndarray, blocks: Sequence[RamBlock], image: np.ndarray) -> None:
@@ -115,7 +117,7 @@ class RecordScanner:
             pos += 8
             named = not flags & _CONTINUE
             if named:
-                if pos >= size:
+                if pos >= size or pos + 1 + view[pos] > size:
                     raise FormatError(f"stream truncated inside a RAM record at offset {start}")
                 length = view[pos]
                 name = bytes(view[pos + 1 : pos + 1 + length]).decode("latin-1")
