@@ -1,0 +1,103 @@
+"""The ``xray`` filter: drop changed disk units that are free blocks of the modified filesystem."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from vmdelta_core.components import Filter, FilterContext, FilterResult
+from vmdelta_core.errors import ConfigError
+from vmdelta_filter_xray.ext4 import Ext4, Unsupported, is_ext
+from vmdelta_filter_xray.journal import replay_journal
+from vmdelta_filter_xray.partitions import find_volumes
+
+__all__ = ["XrayFilter", "free_ranges", "units_covered"]
+
+
+class XrayFilter(Filter):
+    """Drops a changed unit whose bytes all lie in free blocks of an ext2/3/4 filesystem.
+
+    Filesystems are found on the whole disk or behind MBR (with logical partitions) or GPT. Only
+    the *modified* disk is read. A filesystem that needs recovery is read through its journal's
+    committed blocks (see :mod:`vmdelta_filter_xray.journal`); option ``journal = "ignore"``
+    reads the bitmaps in place instead. Volumes xray does not understand are left alone and
+    listed once in the details.
+    """
+
+    name = "xray"
+    kinds: ClassVar[frozenset[str]] = frozenset({"disk"})
+    needs_input = False
+
+    def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
+        if context.kind != "disk":
+            raise ConfigError(f"xray: {context.image_name} is a {context.kind} image; xray reads disk filesystems")
+        if context.input is not None:
+            raise ConfigError("xray reads the disk itself and takes no input: use --filter xray")
+        journal = context.options.get("journal", "replay")
+        if journal not in ("replay", "ignore"):
+            raise ConfigError(f"xray: option journal={journal!r} must be replay or ignore")
+        starts, ends, details = free_ranges(context.modified.data, replay=journal == "replay")
+        candidates = np.asarray(candidates, dtype=np.int64)
+        drop = units_covered(starts, ends, candidates, context.unit_size, context.modified.size)
+        details["candidates"] = int(candidates.size)
+        details["dropped"] = int(np.count_nonzero(drop))
+        return FilterResult(drop=drop, reason="free-block", details=details)
+
+
+def free_ranges(data: np.ndarray, *, replay: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Free filesystem blocks of a disk image as sorted byte ranges, and what was found."""
+    volumes, scheme = find_volumes(data)
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    found: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for volume in volumes:
+        row: dict[str, Any] = {"volume": volume.name, "offset": volume.offset, "length": volume.length}
+        if volume.type:
+            row["type"] = volume.type
+        if not is_ext(data, volume):
+            skipped.append(f"{volume.name}: not ext2/3/4, left alone")
+            continue
+        try:
+            fs = Ext4(data, volume)
+            if replay:
+                overlay, counts = replay_journal(fs)
+                fs.overlay = overlay
+                fs.reset()
+                row["journal"] = counts
+            lo, hi = fs.free_ranges()
+        except Unsupported as why:
+            skipped.append(f"{volume.name}: {why}, left alone")
+            continue
+        row.update(
+            filesystem="ext4" if fs.sb.s_feature_incompat & 0x40 else ("ext3" if fs.has_journal else "ext2"),
+            block_size=fs.block_size,
+            groups=fs.group_count,
+            needs_recovery=fs.needs_recovery,
+            free_blocks=int((hi - lo).sum() // fs.block_size),
+        )
+        found.append(row)
+        starts.append(lo)
+        ends.append(hi)
+    lo = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+    hi = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
+    order = np.argsort(lo, kind="stable")
+    details: dict[str, Any] = {"partitioning": scheme, "filesystems": found}
+    if skipped:
+        details["left_alone"] = skipped
+    return lo[order], hi[order], details
+
+
+def units_covered(starts: np.ndarray, ends: np.ndarray, units: np.ndarray, unit_size: int, size: int) -> np.ndarray:
+    """Mask of ``units`` whose bytes (clipped to ``size``) lie entirely inside one range.
+
+    The ranges of one filesystem are merged; ranges of different volumes never touch a unit
+    together in a way that matters, as partitions are separated by their tables and gaps.
+    """
+    lo = units * unit_size
+    hi = np.minimum(lo + unit_size, size)
+    if starts.size == 0 or units.size == 0:
+        return np.zeros(units.shape, dtype=bool)
+    i = np.searchsorted(starts, lo, side="right") - 1
+    return (i >= 0) & (ends[np.clip(i, 0, None)] >= hi) & (hi > lo)
