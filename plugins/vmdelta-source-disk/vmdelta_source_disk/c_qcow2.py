@@ -25,7 +25,6 @@ from construct import (
     Int8ub,
     Int32ub,
     Int64ub,
-    PaddedString,
     Padding,
     RepeatUntil,
     Struct,
@@ -127,7 +126,7 @@ HeaderExtensions = RepeatUntil(lambda obj, lst, ctx: obj["type"] == EXT_END, Hea
 FeatureNameEntry = Struct(
     "type" / Int8ub,  # 0 incompatible, 1 compatible, 2 autoclear
     "bit" / Int8ub,
-    "name" / PaddedString(46, "ascii"),
+    "name" / Bytes(46),  # ASCII, zero padded; decoded leniently by the reader
 )
 
 FeatureNameTable = Struct("entries" / GreedyBytes)
@@ -203,6 +202,6 @@ class _TableAdapter(Adapter):  # type: ignore[misc]
         return np.asarray(obj).astype(self.dtype).tobytes()
 
 
-def Table(count: int, dtype: str = ">u8") -> Construct:  # noqa: N802 - reads like a construct class
+def Table(count: int, dtype: str = ">u8") -> Construct:
     """``count`` big-endian entries (L1/L2: ``>u8``; refcount blocks of order 4: ``>u2``)."""
     return _TableAdapter(Bytes(count * np.dtype(dtype).itemsize), dtype)

@@ -27,7 +27,6 @@ import numpy as np
 
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.fileio import data_extents
-
 from vmdelta_source_disk import c_qcow2 as c
 from vmdelta_source_disk.extents import copy_range, intersect, normalize, subtract, to_extents, to_spans, union
 from vmdelta_source_disk.qcow2 import ClusterMap, Qcow2Info, decompress_cluster, read_cluster_map, read_info
@@ -116,7 +115,9 @@ def open_chain(path: Path) -> Chain:
                 chain.raw, chain.raw_fd = backing, _open(backing)
                 return chain
             if fmt != "qcow2":
-                raise ConfigError(f"{current}: backing file {backing} is in format {fmt!r}; only raw and qcow2 are read")
+                raise ConfigError(
+                    f"{current}: backing file {backing} is in format {fmt!r}; only raw and qcow2 are read"
+                )
             current = backing
     except BaseException:
         chain.close()

@@ -18,7 +18,6 @@ import zstandard
 from construct import ConstructError
 
 from vmdelta_core.errors import FormatError
-
 from vmdelta_source_disk import c_qcow2 as c
 
 __all__ = ["ClusterMap", "Qcow2Info", "decompress_cluster", "read_cluster_map", "read_info"]
@@ -120,7 +119,7 @@ def read_info(path: Path, fd: int) -> Qcow2Info:
         elif ext.type == c.EXT_FEATURE_NAMES:
             for i in range(len(ext.data) // 48):
                 entry = c.FeatureNameEntry.parse(ext.data[i * 48 : i * 48 + 48])
-                names[entry.type, entry.bit] = entry.name
+                names[entry.type, entry.bit] = entry.name.rstrip(b"\0").decode("ascii", "replace")
     _check_features(path, incompatible, names)
     backing_file = None
     if h.backing_file_offset:  # type: ignore[attr-defined]
@@ -192,7 +191,9 @@ def read_cluster_map(info: Qcow2Info, fd: int) -> ClusterMap:
     entry = np.concatenate(entries) if entries else np.zeros(0, dtype=np.uint64)
     compressed = (entry & np.uint64(c.L2_COMPRESSED)) != 0
     zero = ~compressed & ((entry & np.uint64(c.L2_ZERO)) != 0)
-    kind = np.where(compressed, ClusterMap.COMPRESSED, np.where(zero, ClusterMap.ZERO, ClusterMap.DATA)).astype(np.uint8)
+    kind = np.where(compressed, ClusterMap.COMPRESSED, np.where(zero, ClusterMap.ZERO, ClusterMap.DATA)).astype(
+        np.uint8
+    )
     x, mask = c.compressed_fields(info.cluster_bits)
     chost = (entry & np.uint64((1 << x) - 1)).astype(np.int64)
     sectors = ((entry >> np.uint64(x)) & np.uint64(mask)).astype(np.int64) + 1

@@ -18,7 +18,6 @@ import numpy as np
 
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.fileio import hole_extents, map_readonly
-
 from vmdelta_source_disk import c_qcow2 as c
 from vmdelta_source_disk.extents import copy_range, to_spans
 
@@ -78,8 +77,18 @@ def _metadata_clusters(fixed: int, cs: int) -> tuple[int, int]:
         rbc, rtc = max(rbc, need_rbc), max(rtc, need_rtc)
 
 
-def _header_cluster(cs: int, *, version: int, cluster_bits: int, size: int, l1_size: int, l1_offset: int,
-                    rt_offset: int, rtc: int, backing: tuple[str, str] | None) -> bytes:
+def _header_cluster(
+    cs: int,
+    *,
+    version: int,
+    cluster_bits: int,
+    size: int,
+    l1_size: int,
+    l1_offset: int,
+    rt_offset: int,
+    rtc: int,
+    backing: tuple[str, str] | None,
+) -> bytes:
     header_length = _HEADER_LENGTH_V3 if version >= 3 else 72
     extensions = []
     if backing is not None:
@@ -174,15 +183,26 @@ def write_qcow2(
     refcounts = np.zeros(rbc * cs // 2, dtype=np.uint16)
     refcounts[:total] = 1
 
-    header = _header_cluster(cs, version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
-                             l1_offset=l1_at, rt_offset=rt_at, rtc=rtc, backing=backing)
-    metadata = b"".join([
-        header,
-        c.Table(l1.shape[0]).build(l1),
-        c.Table(rt.shape[0]).build(rt),
-        c.Table(refcounts.shape[0], ">u2").build(refcounts),
-        c.Table(l2.size).build(l2.ravel()),
-    ])
+    header = _header_cluster(
+        cs,
+        version=version,
+        cluster_bits=cluster_bits,
+        size=size,
+        l1_size=l1_size,
+        l1_offset=l1_at,
+        rt_offset=rt_at,
+        rtc=rtc,
+        backing=backing,
+    )
+    metadata = b"".join(
+        [
+            header,
+            c.Table(l1.shape[0]).build(l1),
+            c.Table(rt.shape[0]).build(rt),
+            c.Table(refcounts.shape[0], ">u2").build(refcounts),
+            c.Table(l2.size).build(l2.ravel()),
+        ]
+    )
     assert len(metadata) == data_at
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -20,7 +20,6 @@ import numpy as np
 from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.fileio import data_extents, hole_extents, map_readonly
-
 from vmdelta_source_disk.chain import compose, open_chain
 from vmdelta_source_disk.extents import punch_hole, to_spans, unit_spans
 from vmdelta_source_disk.qcow2_writer import WriteResult, write_qcow2
@@ -102,8 +101,15 @@ def write_thin_qcow2(rebuilt: RebuiltImage, output: Path, *, cluster_bits: int, 
     if rebuilt.size > rebuilt.base.size:
         grown = to_spans(data_extents(rebuilt.path, rebuilt.base.size, rebuilt.size))
         clusters = np.union1d(clusters, _clusters_of(grown, cs))
-    return write_qcow2(output, rebuilt.path, clusters, size=rebuilt.size, cluster_bits=cluster_bits,
-                       version=version, backing=(str(base_path), base_format))
+    return write_qcow2(
+        output,
+        rebuilt.path,
+        clusters,
+        size=rebuilt.size,
+        cluster_bits=cluster_bits,
+        version=version,
+        backing=(str(base_path), base_format),
+    )
 
 
 class RawSource(Source):
@@ -117,8 +123,7 @@ class RawSource(Source):
         if kind != "disk":
             raise ConfigError(f"the raw source reads disks, not {kind} images")
         data, closers = map_readonly(path)
-        return SourceImage(kind=kind, data=data, holes=hole_extents(path), layout={"format": "raw"},
-                           closers=closers)
+        return SourceImage(kind=kind, data=data, holes=hole_extents(path), layout={"format": "raw"}, closers=closers)
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
         if _output_format(rebuilt, "raw") == "qcow2":
@@ -141,7 +146,10 @@ class Qcow2Source(Source):
         chain = open_chain(Path(path))
         try:
             top = chain.layers[0]
-            image = compose(chain, tmpdir=options.get("tmpdir"))
+            try:
+                image = compose(chain, tmpdir=options.get("tmpdir"))
+            except OSError as exc:  # a virtual size the temporary folder or the address space cannot hold
+                raise ConfigError(f"cannot present {path} as an image: {exc.strerror or exc}") from None
             backing = None
             if len(chain.layers) > 1:
                 backing = chain.layers[1].info.path
@@ -164,8 +172,15 @@ class Qcow2Source(Source):
             }
         finally:
             chain.close()
-        return SourceImage(kind=kind, data=image.data, holes=image.holes, hints=hints, layout=layout,
-                           exact_artifact=False, closers=image.closers)
+        return SourceImage(
+            kind=kind,
+            data=image.data,
+            holes=image.holes,
+            hints=hints,
+            layout=layout,
+            exact_artifact=False,
+            closers=image.closers,
+        )
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
         if _output_format(rebuilt, "qcow2") == "raw":
