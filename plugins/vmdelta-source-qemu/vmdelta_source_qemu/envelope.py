@@ -78,7 +78,7 @@ def pack_forced(mask: np.ndarray) -> bytes:
 
 @attrs.frozen
 class Envelope:
-    """Metadata (format, external RAM blocks, the artifact's size) and the operations."""
+    """Metadata (format, block table, blocks from an external RAM file) and the operations."""
 
     meta: dict[str, Any]
     ops: Sequence[Op]

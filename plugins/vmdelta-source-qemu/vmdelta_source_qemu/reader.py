@@ -76,7 +76,6 @@ def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
     ops = _mapped_ops(parsed, buf, mapped_bits, nonzero) if parsed.fmt == "mapped-ram" else _stream_ops(parsed, buf, nonzero)
     meta = {
         "format": parsed.fmt,
-        "size": parsed.size,
         "blocks": [[b.name, b.offset, b.length] for b in parsed.blocks],
         "external": external,
     }
