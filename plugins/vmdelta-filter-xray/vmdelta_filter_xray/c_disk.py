@@ -151,7 +151,7 @@ EXT4_SUPERBLOCK = Struct(
     "s_checksum_type" / Int8ul,
     "s_reserved_pad" / Int16ul,
     "s_kbytes_written" / Int64ul,  # 376
-    Padding(1024 - 384),
+    "s_tail" / Bytes(1024 - 384),  # later fields (orphan file, encryption, checksum) xray does not use
 )
 
 #: 32-byte group descriptor (no 64bit feature)
