@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from freepfn_helpers import huge_zero_image, memory_context
+from vmdelta_filter_freepfn import FOUR_GIB, FreePfnFilter
 
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.testing import check_filter
-from vmdelta_filter_freepfn import FOUR_GIB, FreePfnFilter
 
 MIB = 1 << 20
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vmdelta_filter_freepfn import KPF_BUDDY, read_free_frames
 
 from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_filter_freepfn import KPF_BUDDY, read_free_frames
 
 
 def test_ranges_with_comments_and_hex(tmp_path: Path) -> None:

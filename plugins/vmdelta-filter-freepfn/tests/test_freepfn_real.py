@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from freepfn_helpers import changed_units, memory_context, pfn_set
+from vmdelta_filter_freepfn import FreePfnFilter
 
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.fileio import map_readonly
 from vmdelta_core.testing import check_filter
-from vmdelta_filter_freepfn import FreePfnFilter
 
 pytestmark = pytest.mark.fixtures
 

@@ -18,7 +18,10 @@ UNIT = 4096
 def test_trim_overlay_rebuilds_the_dropped_units_from_the_base(fixtures: Path, tmp_path: Path, capsys) -> None:
     base, modified, trace = fixtures / "base.img", fixtures / "modified.img", fixtures / "trim-trace.log"
     overlay = tmp_path / "vm.overlay"
-    assert cli.main(["create", "-q", "-o", str(overlay), "--disk", str(base), str(modified), "--filter", f"trim:{trace}"]) == 0
+    assert (
+        cli.main(["create", "-q", "-o", str(overlay), "--disk", str(base), str(modified), "--filter", f"trim:{trace}"])
+        == 0
+    )
     capsys.readouterr()
     assert cli.main(["inspect", "--json", str(overlay)]) == 0
     metadata = json.loads(capsys.readouterr().out)["metadata"]

@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from trim_helpers import array_context
+from vmdelta_filter_trim import DISCARD, TraceEvent, TrimFilter
 
 from vmdelta_core.errors import ConfigError, FormatError, PluginError
 from vmdelta_core.hookspecs import hookimpl
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.testing import check_filter
-from vmdelta_filter_trim import DISCARD, TraceEvent, TrimFilter
 
 MIB = 1 << 20
 

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
 import pytest
+from vmdelta_filter_trim import (
+    DISCARD,
+    OTHER,
+    WRITE,
+    LegacyDiscardParser,
+    NbdRequestParser,
+    TraceEvent,
+    parse_timestamp,
+)
 
 from vmdelta_core.errors import FormatError
-from vmdelta_filter_trim import DISCARD, OTHER, WRITE, LegacyDiscardParser, NbdRequestParser, TraceEvent, parse_timestamp
 
 QEMU72 = (
     "3794@1795876309.823659:nbd_send_request Sending request to server: { .from = 33177600, .len = 12288, "

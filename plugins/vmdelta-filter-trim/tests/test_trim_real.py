@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from trim_helpers import changed_units, disk_context
+from vmdelta_filter_trim import TrimFilter
 
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.testing import check_filter
-from vmdelta_filter_trim import TrimFilter
 
 pytestmark = pytest.mark.fixtures
 UNIT = 4096

@@ -26,7 +26,9 @@ def disk_context(base: Path, modified: Path, trace: Path | None, **options: obje
 
 def array_context(size: int, trace: Path | None, unit: int = 4096, **options: object) -> FilterContext:
     data = np.zeros(size, dtype=np.uint8)
-    return FilterContext("disk0", "disk", unit, SourceImage("disk", data), SourceImage("disk", data), trace, dict(options))
+    return FilterContext(
+        "disk0", "disk", unit, SourceImage("disk", data), SourceImage("disk", data), trace, dict(options)
+    )
 
 
 def changed_units(ctx: FilterContext) -> np.ndarray:

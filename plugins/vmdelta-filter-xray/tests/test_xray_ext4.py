@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vmdelta_filter_xray import Ext4, Unsupported, Volume, free_ranges
 from xray_helpers import MIB, blocks_of, dumpe2fs_free, mapped, mkfs, need, tool
 
 from vmdelta_core.errors import FormatError
-from vmdelta_filter_xray import Ext4, Unsupported, Volume, free_ranges
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_journal_copy_wins_over_a_stale_bitmap(fixtures: Path, tmp_path: Path) -
 def test_other_filesystems_are_left_alone_and_said_so(tmp_path: Path) -> None:
     data = np.zeros(4 * MIB, dtype=np.uint8)
     data[3:11] = np.frombuffer(b"MSDOS5.0", dtype=np.uint8)
-    lo, hi, details = free_ranges(data)
+    lo, _, details = free_ranges(data)
     assert lo.size == 0 and details["left_alone"] == ["whole disk: not ext2/3/4, left alone"]
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vmdelta_filter_xray import XrayFilter
+from vmdelta_filter_xray.c_disk import EXT4_GROUP_DESC_32, EXT4_GROUP_DESC_64, EXT4_SUPERBLOCK
 from xray_helpers import MIB, disk_context, dumpe2fs_free, mapped, mkfs
 
 from vmdelta_core.components import FilterContext
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.testing import check_filter
-from vmdelta_filter_xray import XrayFilter
-from vmdelta_filter_xray.c_disk import EXT4_GROUP_DESC_32, EXT4_GROUP_DESC_64, EXT4_SUPERBLOCK
 
 UNIT = 4096
 
@@ -103,7 +103,9 @@ def test_input_and_kind_are_checked() -> None:
     data = np.zeros(MIB, dtype=np.uint8)
     ctx = disk_context(data, data)
     with pytest.raises(ConfigError, match="takes no input"):
-        XrayFilter().select(FilterContext("d", "disk", UNIT, ctx.base, ctx.modified, Path("x"), {}), np.zeros(0, np.int64))
+        XrayFilter().select(
+            FilterContext("d", "disk", UNIT, ctx.base, ctx.modified, Path("x"), {}), np.zeros(0, np.int64)
+        )
     with pytest.raises(ConfigError, match="memory image"):
         XrayFilter().select(FilterContext("m", "memory", UNIT, ctx.base, ctx.modified, None, {}), np.zeros(0, np.int64))
     with pytest.raises(ConfigError, match="journal"):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vmdelta_filter_xray import find_volumes, free_ranges
+from vmdelta_filter_xray.c_disk import GPT_ENTRY, GPT_HEADER, MBR
 from xray_helpers import MIB, blocks_of, dumpe2fs_free, mapped, mkfs, partition
 
 from vmdelta_core.errors import FormatError
-from vmdelta_filter_xray import find_volumes, free_ranges
-from vmdelta_filter_xray.c_disk import GPT_ENTRY, GPT_HEADER, MBR
 
 SECTOR = 512
 
@@ -25,7 +25,17 @@ def mbr_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "label: dos\nstart=2048, size=32M, type=83\nsize=8M, type=0c\nsize=50M, type=5\n"
         f"{path}5 : size=16M, type=83\n{path}6 : size=20M, type=83\n",
     )
-    for number, args in ((1, ("-t", "ext4", "-b", "1024")), (5, ("-t", "ext2",)), (6, ("-t", "ext4", "-O", "^64bit"))):
+    for number, args in (
+        (1, ("-t", "ext4", "-b", "1024")),
+        (
+            5,
+            (
+                "-t",
+                "ext2",
+            ),
+        ),
+        (6, ("-t", "ext4", "-O", "^64bit")),
+    ):
         volume = next(v for v in find_volumes(mapped(path))[0] if v.name == f"mbr {number}")
         mkfs(path, volume.length, *args, offset=volume.offset)
     return path
@@ -87,7 +97,7 @@ def test_damaged_primary_gpt_falls_back_to_the_backup(gpt_disk: Path) -> None:
     data[512 + 40] ^= 0xFF  # first usable LBA: the header CRC no longer matches
     assert find_volumes(data)[0] == good
     data[-512 + 40] ^= 0xFF  # the backup too
-    with pytest.raises(FormatError, match="no usable GPT.*CRC32"):
+    with pytest.raises(FormatError, match=r"no usable GPT.*CRC32"):
         find_volumes(data)
 
 

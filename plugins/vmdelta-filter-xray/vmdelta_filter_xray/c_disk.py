@@ -20,11 +20,11 @@ from construct import (
 )
 
 __all__ = [
-    "EXT4_GROUP_DESC_32",
-    "EXT4_GROUP_DESC_64",
     "EXT4_EXTENT",
     "EXT4_EXTENT_HEADER",
     "EXT4_EXTENT_IDX",
+    "EXT4_GROUP_DESC_32",
+    "EXT4_GROUP_DESC_64",
     "EXT4_INODE_HEAD",
     "EXT4_SUPERBLOCK",
     "GPT_ENTRY",

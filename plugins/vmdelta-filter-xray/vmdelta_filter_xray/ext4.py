@@ -37,7 +37,7 @@ BG_BLOCK_UNINIT = 0x2
 EXTENTS_FL = 0x80000
 
 
-class Unsupported(Exception):  # noqa: N818 - a verdict, not a failure: the volume is left alone
+class Unsupported(Exception):
     """This volume holds something xray leaves alone (another filesystem, a feature it lacks)."""
 
 
@@ -103,7 +103,8 @@ class Ext4:
             raise FormatError(f"xray: {volume.name}: inconsistent ext superblock geometry at byte {at}")
         if self.blocks_count * bs > volume.length:
             raise FormatError(
-                f"xray: {volume.name}: ext filesystem of {self.blocks_count * bs} bytes in a {volume.length}-byte volume"
+                f"xray: {volume.name}: ext filesystem of {self.blocks_count * bs} bytes "
+                f"in a {volume.length}-byte volume"
             )
         self.group_count = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
         self.sparse = bool(sb.s_feature_ro_compat & RO_COMPAT_SPARSE_SUPER)
@@ -218,7 +219,8 @@ class Ext4:
             return bits
         if not self.first_data_block <= block_bitmap < self.blocks_count:
             raise FormatError(
-                f"xray: {self.volume.name}: group {group} block bitmap at block {block_bitmap} is outside the filesystem"
+                f"xray: {self.volume.name}: group {group} block bitmap at block {block_bitmap} "
+                "is outside the filesystem"
             )
         raw = np.frombuffer(self.block(block_bitmap), dtype=np.uint8)
         return np.unpackbits(raw, bitorder="little")[:count].astype(bool)

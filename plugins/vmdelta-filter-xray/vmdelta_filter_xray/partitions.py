@@ -60,7 +60,9 @@ def find_volumes(data: np.ndarray) -> tuple[list[Volume], str]:
         if entry.type in _EXTENDED:
             volumes.extend(_logical(data, entry.lba_start))
         else:
-            volumes.append(Volume(f"mbr {number}", entry.lba_start * SECTOR, entry.sectors * SECTOR, f"0x{entry.type:02x}"))
+            volumes.append(
+                Volume(f"mbr {number}", entry.lba_start * SECTOR, entry.sectors * SECTOR, f"0x{entry.type:02x}")
+            )
     return volumes, "mbr"
 
 
@@ -127,7 +129,9 @@ def _gpt_entries(table: bytes, entry_size: int, size: int) -> list[Volume]:
             continue
         start, end = entry.first_lba * SECTOR, (entry.last_lba + 1) * SECTOR
         if end <= start or end > size:
-            raise FormatError(f"xray: GPT partition {index + 1} ({entry.first_lba}-{entry.last_lba}) does not fit the disk")
+            raise FormatError(
+                f"xray: GPT partition {index + 1} ({entry.first_lba}-{entry.last_lba}) does not fit the disk"
+            )
         name = entry.name.decode("utf-16-le", errors="replace").rstrip("\0")
         label = f"gpt {index + 1}" + (f" {name!r}" if name else "")
         out.append(Volume(label, start, end - start, _guid(entry.type_guid)))
