@@ -48,7 +48,8 @@ def changed_units(base: SourceImage, modified: SourceImage, unit: int, progress:
     common = min(msize, bsize) // unit  # units wholly inside both images
     both_holes = hole_units(modified, unit, count)
     base_holes = hole_units(base, unit, -(-bsize // unit))
-    both_holes[: base_holes.shape[0]] &= base_holes
+    shared = min(count, base_holes.shape[0])  # past the base's end it reads as zeros: a hole
+    both_holes[:shared] &= base_holes[:shared]
     found: list[np.ndarray] = []
     mdata, bdata = modified.data, base.data
     for first, end, is_hole in iter_chunks(modified, unit, both_holes[:common]):

@@ -103,6 +103,12 @@ def punch_zero_runs(fd: int, start: int, data: np.ndarray, unit: int) -> None:
         os.pwrite(fd, tail, start + n * unit)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class AtomicOutput:
     """A temporary file beside ``target`` that replaces it only on :meth:`commit`.
 
@@ -115,7 +121,10 @@ class AtomicOutput:
         if not folder.is_dir():
             raise ConfigError(f"cannot write {self.target}: folder {folder} does not exist")
         fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=suffix, dir=folder)
-        os.close(fd)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # as an ordinary new file would be
+        finally:
+            os.close(fd)
         self.path = Path(name)
         self._done = False
 

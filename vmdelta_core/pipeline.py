@@ -146,7 +146,7 @@ def create_overlay(
             bases.append(DedupBase(int(ref), ordinals[item.spec.kind], item.base, index))
             ordinals[item.spec.kind] += 1
             base_meta.append({"name": item.spec.base.name, "source": item.base_source, "size": item.base.size,
-                              "fingerprint": index.fingerprint, "index_cached": cached})
+                              "fingerprint": index.fingerprint})
 
         dedup = Deduplicator(unit, bases, [item.modified for item in opened])
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))

@@ -1,0 +1,70 @@
+"""Writes the golden files in ``schemas/golden/`` (run it after a deliberate format change).
+
+    python tests/make_golden.py
+
+Everything is derived from fixed seeds, so the files are reproducible.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from conftest import sample_pair  # noqa: E402
+
+from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay  # noqa: E402
+from vmdelta_core.items import pack_items  # noqa: E402
+from vmdelta_core.schema import ItemType, Ref  # noqa: E402
+
+GOLDEN = HERE.parent / "schemas" / "golden"
+
+
+def golden_items() -> bytes:
+    """One record of every ref with every image type."""
+    offsets, lengths, refs, types, values, payloads, seqs = [], [], [], [], [], [], []
+    for ref in Ref:
+        for typ in ItemType:
+            offsets.append(len(offsets) * 4096)
+            lengths.append(4096)
+            refs.append(int(ref))
+            types.append(int(typ))
+            values.append(0x1000 * (1 + len(values)) if ref in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM) else 0)
+            if ref == Ref.SELF_HASH:
+                payloads.append(bytes(range(32)))
+            elif ref in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM, Ref.ZEROS):
+                payloads.append(None)
+            else:
+                payloads.append(f"payload of {ref.name}".encode())
+            seqs.append(7 if typ in (ItemType.MEMORY_LIVE, ItemType.DISK_LIVE) else -1)
+    return pack_items(offsets, lengths, refs, types, values, payloads, seqs)
+
+
+def golden_inputs(folder: Path) -> list[ImageSpec]:
+    """A memory pair and a disk pair of 24 units each (the disk grows by 1000 bytes)."""
+    specs = []
+    for kind, seed, grow in (("memory", 1, 0), ("disk", 2, 1000)):  # units 0-20 are edited
+        base, modified = sample_pair(seed=seed, units=24, grow=grow)
+        b, m = folder / f"{kind}.base", folder / f"{kind}.modified"
+        b.write_bytes(base.tobytes())
+        m.write_bytes(modified.tobytes())
+        specs.append(ImageSpec(kind, b, m))
+    return specs
+
+
+def golden_overlay(folder: Path, output: Path, codec: str) -> None:
+    create_overlay(CreateConfig(output=output, images=golden_inputs(folder), codec=codec, level=3,
+                                threads=1, cache_dir=folder / "cache"))
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    (GOLDEN / "items.bin").write_bytes(golden_items())
+    for codec in ("none", "zstd"):
+        with tempfile.TemporaryDirectory() as tmp:
+            golden_overlay(Path(tmp), GOLDEN / f"overlay-{codec}.vmdo", codec)
+    print("wrote", *sorted(p.name for p in GOLDEN.iterdir()))

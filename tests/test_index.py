@@ -1,0 +1,53 @@
+"""Base indexes are built once, reused, and rebuilt when the base changes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vmdelta_core.builtin.file import FileSource
+from vmdelta_core.index import BaseIndex, load_or_build_index
+
+
+def open_file(path: Path):
+    return FileSource().open(path, kind="disk", options={})
+
+
+def test_cached_then_rebuilt_when_the_base_changes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    base = tmp_path / "base.img"
+    base.write_bytes(rng.integers(0, 256, 10 * 4096 + 5, dtype=np.uint8).tobytes())
+    with open_file(base) as image:
+        first, cached = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
+    assert not cached and first.hashes.shape == (10,)
+    with open_file(base) as image:
+        again, cached = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
+    assert cached and again.fingerprint == first.fingerprint and np.array_equal(again.hashes, first.hashes)
+    data = bytearray(base.read_bytes())
+    data[5000] ^= 1
+    base.write_bytes(bytes(data))
+    os.utime(base, ns=(1, 1))
+    with open_file(base) as image:
+        fresh, cached = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
+    assert not cached and fresh.fingerprint != first.fingerprint
+    assert (fresh.hashes != first.hashes).sum() == 1
+
+
+def test_a_damaged_cache_file_is_ignored(tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(range(256)) * 64)
+    with open_file(base) as image:
+        index, _ = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
+    for cached in (tmp_path / "c").iterdir():
+        cached.write_bytes(cached.read_bytes()[:-3])
+    with open_file(base) as image:
+        again, cached = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
+    assert not cached and again.fingerprint == index.fingerprint
+
+
+def test_lookup_finds_units_by_hash() -> None:
+    index = BaseIndex(size=4 * 4096, unit_size=4096, fingerprint="x", hashes=np.array([5, 3, 9, 3], dtype=np.uint64))
+    found = index.lookup(np.array([3, 9, 4, 10], dtype=np.uint64))
+    assert found[1] == 2 and found[0] in (1, 3) and found[2] == -1 and found[3] == -1

@@ -1,0 +1,130 @@
+"""The registry: builtins through the hooks, in-test plugins, blocking, duplicates, missing plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmdelta_core import Encoder, hookimpl
+from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
+from vmdelta_core.errors import FormatError, PluginError
+from vmdelta_core.plugins import blocked_plugins, new_plugin_manager
+from vmdelta_core.registry import Registry
+from vmdelta_core.testing import check_encoder
+
+
+class ReverseEncoder(Encoder):
+    """A third-party encoder for tests: the unit reversed (always accepted)."""
+
+    name = "reverse"
+
+    def encode(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> list[bytes | None]:
+        return [bytes(t)[::-1] for t in targets]
+
+    def decode(self, bases, payloads, lengths) -> list[bytes]:
+        if any(len(p) != n for p, n in zip(payloads, lengths, strict=True)):
+            raise FormatError("reverse: payload of the wrong length")
+        return [bytes(p)[::-1] for p in payloads]
+
+
+class ReversePlugin:
+    @hookimpl
+    def vmdelta_register_encoders(self, register) -> None:
+        register(ReverseEncoder())
+
+
+def registry_with(*plugins: object, blocked: frozenset[str] = frozenset()) -> Registry:
+    pm = new_plugin_manager(load_entry_points=False, blocked=blocked)
+    for plugin in plugins:
+        pm.register(plugin, name=type(plugin).__name__)
+    return Registry(pm)
+
+
+def test_builtins_register_through_the_same_hooks() -> None:
+    registry = registry_with()
+    assert {(i.kind, i.name) for i in registry} == {
+        ("codec", "zstd"), ("codec", "lzma"), ("codec", "none"), ("encoder", "raw"), ("source", "file"),
+    }
+    assert all(i.distribution == "vmdelta-core" for i in registry)
+
+
+def test_an_in_test_plugin_registers_and_unregisters() -> None:
+    pm = new_plugin_manager(load_entry_points=False, blocked=frozenset())
+    plugin = ReversePlugin()
+    pm.register(plugin, name="reverse-plugin")
+    assert "reverse" in Registry(pm).names("encoder")
+    pm.unregister(plugin)
+    assert "reverse" not in Registry(pm).names("encoder")
+
+
+def test_conformance_check_catches_an_encoder_that_does_not_check_its_payloads() -> None:
+    class Careless(ReverseEncoder):
+        def decode(self, bases, payloads, lengths) -> list[bytes]:
+            return [bytes(p)[::-1] for p in payloads]
+
+    with pytest.raises(AssertionError, match="damaged payload"):
+        check_encoder(Careless())
+
+
+def test_third_party_encoder_gets_a_free_ref_and_round_trips(tmp_path: Path) -> None:
+    check_encoder(ReverseEncoder())
+    registry = registry_with(ReversePlugin())
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, 16 * 4096, dtype=np.uint8)
+    modified = base.copy()
+    modified[4096:8192] = rng.integers(0, 256, 4096, dtype=np.uint8)
+    (tmp_path / "b").write_bytes(base.tobytes())
+    (tmp_path / "m").write_bytes(modified.tobytes())
+    overlay = tmp_path / "o"
+    report = create_overlay(CreateConfig(output=overlay, images=[ImageSpec("disk", tmp_path / "b", tmp_path / "m", encoders=("reverse",))],
+                                         cache_dir=tmp_path / "c"), registry=registry)
+    ref = next(c["ref"] for c in report.metadata["components"] if c["name"] == "reverse")
+    assert ref == 0xA
+    assert report.images[0].statistics["encoders"] == {"reverse": {"units": 1, "bytes": 4096}}
+    apply_overlay(ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out")], cache_dir=tmp_path / "c"),
+                  registry=registry)
+    assert (tmp_path / "out").read_bytes() == modified.tobytes()
+    # without the plugin, apply names what to install and writes nothing
+    with pytest.raises(PluginError, match="encoder 'reverse' from"):
+        apply_overlay(ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out2")]),
+                      registry=registry_with())
+    assert not (tmp_path / "out2").exists()
+
+
+def test_duplicate_names_are_refused() -> None:
+    class Again:
+        @hookimpl
+        def vmdelta_register_encoders(self, register) -> None:
+            register(ReverseEncoder())
+
+    with pytest.raises(PluginError, match="registered twice"):
+        registry_with(ReversePlugin(), Again())
+
+
+def test_a_component_missing_methods_is_refused() -> None:
+    class Broken:
+        @hookimpl
+        def vmdelta_register_encoders(self, register) -> None:
+            register(object())
+
+    with pytest.raises(PluginError, match="without name, encode, decode"):
+        registry_with(Broken())
+
+
+def test_blocked_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMDELTA_DISABLE_PLUGINS", "core-codecs, reverse-plugin")
+    assert blocked_plugins() == {"core-codecs", "reverse-plugin"}
+    registry = Registry(new_plugin_manager(load_entry_points=False))
+    assert registry.names("codec") == []
+    assert registry.names("encoder") == ["raw"]
+    with pytest.raises(PluginError, match="no codec named 'zstd' is installed"):
+        registry.codec("zstd")
+
+
+def test_detection_falls_back_to_the_plain_file_source(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\0" * 100)
+    assert registry_with().detect_source(path, "disk") == "file"
