@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vmdelta_source_qemu import QemuSource
 
 from vmdelta_core.components import RebuiltImage
 from vmdelta_core.testing import real_fixtures
-
-from vmdelta_source_qemu import QemuSource
 
 CAPTURES = {
     "7.2 stream": "",
@@ -76,8 +75,17 @@ def source_speed(folder: Path, scratch: Path, repeat: int) -> tuple[float, float
     raw = scratch / "image.raw"
     raw.write_bytes(image.data.tobytes())
     out_options = {"ram_output": str(scratch / "out-ram.raw")} if ram.exists() else {}
-    rebuilt = RebuiltImage(path=raw, size=image.size, unit_size=4096, envelope=image.envelope, layout=image.layout,
-                           changed=np.zeros(0, np.int64), base=image, base_path=mem, options=out_options)
+    rebuilt = RebuiltImage(
+        path=raw,
+        size=image.size,
+        unit_size=4096,
+        envelope=image.envelope,
+        layout=image.layout,
+        changed=np.zeros(0, np.int64),
+        base=image,
+        base_path=mem,
+        options=out_options,
+    )
 
     def materialize() -> None:
         out = scratch / "out.mem"
@@ -98,15 +106,41 @@ def overlay(folder: Path, scratch: Path) -> tuple[int, float, float]:
     mod_opts = {"ram": str(folder / "modified-ram.raw")} if shared else {}
     out = scratch / "memory.vmdo"
     started = time.perf_counter()
-    create_overlay(CreateConfig(out, [ImageSpec("memory", folder / "base.mem", folder / "modified.mem",
-                                                base_options=base_opts, modified_options=mod_opts)],
-                                threads=2, cache_dir=scratch / "cache"))
+    create_overlay(
+        CreateConfig(
+            out,
+            [
+                ImageSpec(
+                    "memory",
+                    folder / "base.mem",
+                    folder / "modified.mem",
+                    base_options=base_opts,
+                    modified_options=mod_opts,
+                )
+            ],
+            threads=2,
+            cache_dir=scratch / "cache",
+        )
+    )
     created = time.perf_counter() - started
     rebuilt, rebuilt_ram = scratch / "rebuilt.mem", scratch / "rebuilt-ram.raw"
     started = time.perf_counter()
-    apply_overlay(ApplyConfig(out, [ApplyImageSpec("memory", folder / "base.mem", rebuilt, base_options=base_opts,
-                                                   output_options={"ram_output": str(rebuilt_ram)} if shared else {})],
-                              threads=2, cache_dir=scratch / "cache"))
+    apply_overlay(
+        ApplyConfig(
+            out,
+            [
+                ApplyImageSpec(
+                    "memory",
+                    folder / "base.mem",
+                    rebuilt,
+                    base_options=base_opts,
+                    output_options={"ram_output": str(rebuilt_ram)} if shared else {},
+                )
+            ],
+            threads=2,
+            cache_dir=scratch / "cache",
+        )
+    )
     applied = time.perf_counter() - started
     assert rebuilt.read_bytes() == (folder / "modified.mem").read_bytes(), "rebuilt stream differs"
     if shared:
@@ -147,8 +181,10 @@ def main() -> int:
         print("no fixtures: pass --fixtures DIR", file=sys.stderr)
         return 2
     tools = not args.no_tools and shutil.which("zstd") and shutil.which("xdelta3")
-    print("| capture | artifact MB | parse MB/s | materialize MB/s | overlay MB | create s | apply s |"
-          + (" zstd --patch-from MB | s | xdelta3 MB | s |" if tools else ""))
+    print(
+        "| capture | artifact MB | parse MB/s | materialize MB/s | overlay MB | create s | apply s |"
+        + (" zstd --patch-from MB | s | xdelta3 MB | s |" if tools else "")
+    )
     print("|---|---|---|---|---|---|---|" + ("---|---|---|---|" if tools else ""))
     for name, sub in CAPTURES.items():
         if args.only and name not in args.only:
@@ -159,8 +195,10 @@ def main() -> int:
             artifact = sum(m.stat().st_size for _, m in pair_files(folder))
             parse, write = source_speed(folder, scratch, args.repeat)
             size, created, applied = overlay(folder, scratch)
-            row = (f"| {name} | {artifact / MB:.1f} | {parse:.0f} | {write:.0f} | {size / MB:.2f} | "
-                   f"{created:.2f} | {applied:.2f} |")
+            row = (
+                f"| {name} | {artifact / MB:.1f} | {parse:.0f} | {write:.0f} | {size / MB:.2f} | "
+                f"{created:.2f} | {applied:.2f} |"
+            )
             if tools:
                 zsize, zsec = tool(folder, scratch, zstd_cmd)
                 xsize, xsec = tool(folder, scratch, xdelta_cmd)

@@ -27,8 +27,15 @@ def name(s: str) -> bytes:
 class StreamBuilder:
     """Appends stream elements; :meth:`bytes` gives the stream so far."""
 
-    def __init__(self, blocks: list[tuple[str, int]], *, version: int = 3, machine: str = "pc-i440fx-7.2",
-                 capabilities: list[str] | None = None, addresses: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        blocks: list[tuple[str, int]],
+        *,
+        version: int = 3,
+        machine: str = "pc-i440fx-7.2",
+        capabilities: list[str] | None = None,
+        addresses: list[int] | None = None,
+    ) -> None:
         self.blocks = blocks
         self.out = bytearray(struct.pack(">II", 0x5145564D, version))
         self.out += b"\x07" + struct.pack(">I", len(machine)) + machine.encode()

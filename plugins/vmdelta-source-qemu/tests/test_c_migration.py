@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 from qemu_stream_builder import PAGE, StreamBuilder, pattern, simple_stream
-
 from vmdelta_source_qemu import c_migration as c
 from vmdelta_source_qemu.scan import KIND_PAGE, KIND_ZERO
 from vmdelta_source_qemu.stream import parse_stream
@@ -61,8 +60,11 @@ def test_scanner_agrees_with_the_schema_on_every_record() -> None:
 
 
 def test_schemas_round_trip_real_headers(fixture_set: Path) -> None:
-    for path in (fixture_set / "base.mem", fixture_set / "variants/qemu-10.0-mapped-ram/base.mem",
-                 fixture_set / "variants/qemu-7.2-ignore-shared/base.mem"):
+    for path in (
+        fixture_set / "base.mem",
+        fixture_set / "variants/qemu-10.0-mapped-ram/base.mem",
+        fixture_set / "variants/qemu-7.2-ignore-shared/base.mem",
+    ):
         with open(path, "rb") as fh:
             head = fh.read(4096)
         f = io.BytesIO(head)

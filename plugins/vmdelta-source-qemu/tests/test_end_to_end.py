@@ -24,8 +24,13 @@ from vmdelta_core.cli import main
 
 pytestmark = pytest.mark.fixtures
 
-VARIANTS = ["", "variants/qemu-10.0-stream", "variants/qemu-10.0-mapped-ram",
-            "variants/qemu-7.2-ignore-shared", "variants/qemu-10.0-ignore-shared"]
+VARIANTS = [
+    "",
+    "variants/qemu-10.0-stream",
+    "variants/qemu-10.0-mapped-ram",
+    "variants/qemu-7.2-ignore-shared",
+    "variants/qemu-10.0-ignore-shared",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +43,17 @@ def rebuilt(fixture_set: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         overlay = work / "memory.vmdo"
         shared = "ignore-shared" in variant
         ram_args = ["--memory-ram", str(folder / "base-ram.raw"), str(folder / "modified-ram.raw")] if shared else []
-        code = main(["create", "-o", str(overlay), "--memory", str(folder / "base.mem"), str(folder / "modified.mem"),
-                     *ram_args])
+        code = main(
+            [
+                "create",
+                "-o",
+                str(overlay),
+                "--memory",
+                str(folder / "base.mem"),
+                str(folder / "modified.mem"),
+                *ram_args,
+            ]
+        )
         assert code == 0, f"create failed for {variant or 'primary'}"
         mem, ram = work / "modified.mem", (work / "modified-ram.raw" if shared else None)
         ram_args = ["--memory-ram", str(folder / "base-ram.raw"), str(ram)] if shared else []
@@ -58,11 +72,13 @@ def test_cli_round_trip_is_byte_identical(fixture_set: Path, rebuilt: dict, vari
         assert ram.read_bytes() == (folder / "modified-ram.raw").read_bytes()
 
 
-def test_ignore_shared_without_ram_files_is_one_clear_error(fixture_set: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_ignore_shared_without_ram_files_is_one_clear_error(
+    fixture_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = fixture_set / "variants/qemu-10.0-ignore-shared"
-    code = main(["create", "-o", str(tmp_path / "x.vmdo"), "--memory", str(folder / "base.mem"),
-                 str(folder / "modified.mem")])
+    code = main(
+        ["create", "-o", str(tmp_path / "x.vmdo"), "--memory", str(folder / "base.mem"), str(folder / "modified.mem")]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "--memory-ram" in err and "Traceback" not in err
     assert not (tmp_path / "x.vmdo").exists()
@@ -75,8 +91,10 @@ def _driver(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     here = Path(__file__).resolve()
     roots = [Path(os.environ["VMDELTA_SHARED"])] if os.environ.get("VMDELTA_SHARED") else []
     roots += [parent / "shared" for parent in here.parents]
-    script = next((r / "tools" / "make-qemu-fixtures.sh" for r in roots
-                   if (r / "tools" / "make-qemu-fixtures.sh").is_file()), None)
+    script = next(
+        (r / "tools" / "make-qemu-fixtures.sh" for r in roots if (r / "tools" / "make-qemu-fixtures.sh").is_file()),
+        None,
+    )
     if script is None:
         return None
     text = script.read_text()
@@ -95,8 +113,9 @@ def _qemu10() -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_rebuilt_snapshot_resumes_in_qemu(fixture_set: Path, rebuilt: dict, variant: str,
-                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_rebuilt_snapshot_resumes_in_qemu(
+    fixture_set: Path, rebuilt: dict, variant: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     manifest = json.loads((fixture_set / variant / "manifest.json").read_text())
     major = manifest["qemu_version"]["qemu"]["major"]
     extra: list[str] = []
@@ -114,9 +133,23 @@ def test_rebuilt_snapshot_resumes_in_qemu(fixture_set: Path, rebuilt: dict, vari
     if ram is not None:
         extra += ["--ram-file", str(ram)]
     proc = subprocess.run(
-        [sys.executable, str(driver), "loadback", str(fixture_set / variant), "--tag", "modified",
-         "--mem", str(mem), "--timeout", "300", *extra],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(driver),
+            "loadback",
+            str(fixture_set / variant),
+            "--tag",
+            "modified",
+            "--mem",
+            str(mem),
+            "--timeout",
+            "300",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"driver printed no result: {proc.stderr[-2000:]}"

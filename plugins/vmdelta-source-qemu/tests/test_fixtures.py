@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import zstandard
 from conftest import rebuild
+from vmdelta_source_qemu import QemuRamSource, QemuSource
 
 from vmdelta_core.testing import check_source
-
-from vmdelta_source_qemu import QemuRamSource, QemuSource
 
 pytestmark = pytest.mark.fixtures
 
@@ -81,8 +80,10 @@ def test_rebuild_from_a_changed_image(fixture_set: Path, tmp_path: Path) -> None
 
 def test_envelopes_of_two_snapshots_differ_little(fixture_set: Path) -> None:
     for variant in STREAMS:
-        with (QemuSource().open(fixture_set / variant / "base.mem", kind="memory", options={}) as base,
-              QemuSource().open(fixture_set / variant / "modified.mem", kind="memory", options={}) as mod):
+        with (
+            QemuSource().open(fixture_set / variant / "base.mem", kind="memory", options={}) as base,
+            QemuSource().open(fixture_set / variant / "modified.mem", kind="memory", options={}) as mod,
+        ):
             dictionary = zstandard.ZstdCompressionDict(base.envelope, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             stored = zstandard.ZstdCompressor(level=19, dict_data=dictionary).compress(mod.envelope)
             alone = zstandard.ZstdCompressor(level=19).compress(mod.envelope)

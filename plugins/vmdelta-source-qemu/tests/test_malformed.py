@@ -17,11 +17,10 @@ from qemu_stream_builder import (
     pattern,
     simple_stream,
 )
-
-from vmdelta_core.errors import ConfigError, FormatError
-
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.envelope import Envelope
+
+from vmdelta_core.errors import ConfigError, FormatError
 
 
 def open_bytes(tmp_path: Path, data: bytes, **options: str):
@@ -65,7 +64,7 @@ def test_unknown_record_flags(tmp_path: Path) -> None:
 
 
 def test_version_other_than_3(tmp_path: Path) -> None:
-    with pytest.raises(FormatError, match="version 2 .*only version 3"):
+    with pytest.raises(FormatError, match=r"version 2 .*only version 3"):
         open_bytes(tmp_path, simple_stream(version=2))
 
 
@@ -101,10 +100,13 @@ def test_other_iterative_section_is_refused(tmp_path: Path) -> None:
         open_bytes(tmp_path, b.finish())
 
 
-@pytest.mark.parametrize(("total", "message"), [
-    (3 * PAGE, "does not add up: blocks hold 16384 bytes, the header says 12288"),
-    (5 * PAGE, "does not add up: blocks hold 20606 bytes, the header says 20480"),
-])
+@pytest.mark.parametrize(
+    ("total", "message"),
+    [
+        (3 * PAGE, "does not add up: blocks hold 16384 bytes, the header says 12288"),
+        (5 * PAGE, "does not add up: blocks hold 20606 bytes, the header says 20480"),
+    ],
+)
 def test_block_table_that_does_not_add_up(tmp_path: Path, total: int, message: str) -> None:
     b = StreamBuilder([("pc.ram", 2 * PAGE), ("pc.bios", 2 * PAGE)])
     b.start(total=total)
@@ -127,14 +129,14 @@ def test_record_for_unknown_block_or_beyond_its_end(tmp_path: Path) -> None:
     b.eos_footer()
     b.part()
     b.page("vga.vram", 0, pattern(0))
-    with pytest.raises(FormatError, match="'vga.vram', which is not in the block table"):
+    with pytest.raises(FormatError, match=r"'vga\.vram', which is not in the block table"):
         open_bytes(tmp_path, b.finish())
     b = StreamBuilder([("pc.ram", PAGE)])
     b.start()
     b.eos_footer()
     b.part()
     b.page("pc.ram", 1, pattern(0))
-    with pytest.raises(FormatError, match="beyond block 'pc.ram'"):
+    with pytest.raises(FormatError, match=r"beyond block 'pc\.ram'"):
         open_bytes(tmp_path, b.finish())
 
 
@@ -151,7 +153,7 @@ def test_continue_without_a_block(tmp_path: Path) -> None:
 def test_unknown_capability(tmp_path: Path) -> None:
     b = StreamBuilder([("pc.ram", PAGE)], capabilities=["x-magic"])
     b.start()
-    with pytest.raises(FormatError, match="'x-magic'.*save with it off"):
+    with pytest.raises(FormatError, match=r"'x-magic'.*save with it off"):
         open_bytes(tmp_path, b.finish())
 
 
@@ -159,7 +161,7 @@ def test_wrong_footer(tmp_path: Path) -> None:
     b = StreamBuilder([("pc.ram", PAGE)])
     b.start()
     b.raw(be64(0x10) + b"\x7e" + struct.pack(">I", 9))
-    with pytest.raises(FormatError, match="footer .* names section 9"):
+    with pytest.raises(FormatError, match=r"footer .* names section 9"):
         open_bytes(tmp_path, b.finish())
 
 
@@ -177,13 +179,14 @@ def test_every_truncation_is_a_format_error(tmp_path: Path) -> None:
     original = simple_stream()
     cuts = sorted(set(range(0, 400, 3)) | set(range(400, len(original), 97)) | {len(original) - 1})
     for cut in cuts:
-        with pytest.raises(FormatError, match="truncated|QEVM magic|does not end"):
+        with pytest.raises(FormatError, match=r"truncated|QEVM magic|does not end"):
             open_bytes(tmp_path, original[:cut])
 
 
 def test_ignore_shared_without_ram_file_names_the_option(tmp_path: Path) -> None:
-    b = StreamBuilder([("pc.ram", 2 * PAGE), ("pc.bios", PAGE)], capabilities=["x-ignore-shared"],
-                      addresses=[0, 0xFFFC0000])
+    b = StreamBuilder(
+        [("pc.ram", 2 * PAGE), ("pc.bios", PAGE)], capabilities=["x-ignore-shared"], addresses=[0, 0xFFFC0000]
+    )
     b.start()
     b.eos_footer()
     b.part(end=True)
@@ -195,7 +198,7 @@ def test_ignore_shared_without_ram_file_names_the_option(tmp_path: Path) -> None
         open_bytes(tmp_path, data)
     ram = tmp_path / "ram.raw"
     ram.write_bytes(bytes(3 * PAGE))
-    with pytest.raises(ConfigError, match="is 12288 bytes, but block 'pc.ram' is 8192"):
+    with pytest.raises(ConfigError, match=r"is 12288 bytes, but block 'pc\.ram' is 8192"):
         open_bytes(tmp_path, data, ram=str(ram))
 
 
@@ -208,7 +211,12 @@ def test_ram_file_for_a_stream_without_ignore_shared(tmp_path: Path) -> None:
 
 def test_damaged_envelope(tmp_path: Path) -> None:
     image = open_bytes(tmp_path, simple_stream())
-    for broken in (b"", image.envelope[:5], b"QEMUENV1" + bytes(3), image.envelope[:-40],
-                   image.envelope[:30] + b"\x09" + image.envelope[31:]):
+    for broken in (
+        b"",
+        image.envelope[:5],
+        b"QEMUENV1" + bytes(3),
+        image.envelope[:-40],
+        image.envelope[:30] + b"\x09" + image.envelope[31:],
+    ):
         with pytest.raises(FormatError):
             Envelope.from_bytes(broken)

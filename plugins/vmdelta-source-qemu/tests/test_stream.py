@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from conftest import rebuild
 from qemu_stream_builder import PAGE, StreamBuilder, pattern, simple_stream
-
-from vmdelta_core.testing import check_source
-
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.envelope import Envelope, Run
+
+from vmdelta_core.testing import check_source
 
 
 def open_stream(tmp_path: Path, data: bytes, **options: str):

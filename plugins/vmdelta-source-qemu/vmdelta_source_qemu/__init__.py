@@ -12,7 +12,6 @@ from pathlib import Path
 
 from vmdelta_core.components import Source
 from vmdelta_core.hookspecs import hookimpl
-
 from vmdelta_source_qemu.envelope import Envelope
 from vmdelta_source_qemu.source import QemuRamSource, QemuSource
 

@@ -166,7 +166,8 @@ RAM_RECORD = Struct(
     "header" / Int64ub,
     "flags" / Computed(lambda ctx: ctx.header & 0xFFF),
     "offset" / Computed(lambda ctx: ctx.header & ~0xFFF),
-    "name" / If(
+    "name"
+    / If(
         lambda ctx: not ctx.header & RamFlag.CONTINUE and ctx.header & (RamFlag.PAGE | RamFlag.ZERO),
         PascalString(Int8ub, "latin-1"),
     ),

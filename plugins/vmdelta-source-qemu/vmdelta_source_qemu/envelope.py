@@ -88,8 +88,12 @@ class Envelope:
         out = [MAGIC, _U32.pack(len(meta)), meta]
         for op in self.ops:
             if isinstance(op, Run):
-                out += [bytes([_OP_RUN]), _RUN.pack(op.block, op.first_page, op.count, op.named),
-                        _U32.pack(len(op.forced)), op.forced]
+                out += [
+                    bytes([_OP_RUN]),
+                    _RUN.pack(op.block, op.first_page, op.count, op.named),
+                    _U32.pack(len(op.forced)),
+                    op.forced,
+                ]
             elif isinstance(op, Mapped):
                 out += [bytes([_OP_MAPPED]), _U16.pack(op.block), _U32.pack(len(op.forced)), op.forced]
             else:

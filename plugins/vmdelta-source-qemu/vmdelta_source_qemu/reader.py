@@ -6,6 +6,7 @@ mapped-ram holes, unsent pages) cost no memory; pages are copied in with slice o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,6 @@ import numpy as np
 
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.fileio import data_extents, hole_extents, map_readonly
-
 from vmdelta_source_qemu.blocks import RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Op, Run, pack_forced
@@ -73,15 +73,23 @@ def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
         known_zero = ~data_pages
     external = _fill_external(parsed, options, known_zero)
     nonzero = page_nonzero(image)
-    ops = _mapped_ops(parsed, buf, mapped_bits, nonzero) if parsed.fmt == "mapped-ram" else _stream_ops(parsed, buf, nonzero)
+    ops = (
+        _mapped_ops(parsed, buf, mapped_bits, nonzero)
+        if parsed.fmt == "mapped-ram"
+        else _stream_ops(parsed, buf, nonzero)
+    )
     meta = {
         "format": parsed.fmt,
         "blocks": [[b.name, b.offset, b.length] for b in parsed.blocks],
         "external": external,
     }
     layout = layout_of(
-        parsed.blocks, parsed.fmt, ignore_shared=parsed.ignore_shared, machine=parsed.machine,
-        capabilities=parsed.capabilities, ram_file_blocks=external,
+        parsed.blocks,
+        parsed.fmt,
+        ignore_shared=parsed.ignore_shared,
+        machine=parsed.machine,
+        capabilities=parsed.capabilities,
+        ram_file_blocks=external,
     )
     image.flags.writeable = False
     runs = page_runs(known_zero) * PAGE_SIZE
@@ -90,8 +98,9 @@ def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
     return Snapshot(image, holes, Envelope(meta, ops), layout, exact, closers)
 
 
-def _fill_mapped(path: Path, buf: np.ndarray, parsed: ParsedStream, bits_out: dict[int, np.ndarray],
-                 known_zero: np.ndarray) -> bool:
+def _fill_mapped(
+    path: Path, buf: np.ndarray, parsed: ParsedStream, bits_out: dict[int, np.ndarray], known_zero: np.ndarray
+) -> bool:
     """Copy the pages a mapped-ram file marks as written; tell whether the file is canonical
     (nothing outside the bitmap, the bitmap padding and the gaps all zero)."""
     exact = True
@@ -99,7 +108,9 @@ def _fill_mapped(path: Path, buf: np.ndarray, parsed: ParsedStream, bits_out: di
         assert block.mapped is not None
         npages = block.pages
         nbytes = (npages + 63) // 64 * 8
-        raw_bits = np.unpackbits(buf[block.mapped.bitmap_offset : block.mapped.bitmap_offset + nbytes], bitorder="little")
+        raw_bits = np.unpackbits(
+            buf[block.mapped.bitmap_offset : block.mapped.bitmap_offset + nbytes], bitorder="little"
+        )
         bits = raw_bits[:npages].astype(bool)
         exact &= not raw_bits[npages:].any()
         exact &= not buf[block.mapped.bitmap_offset + nbytes : block.mapped.pages_offset].any()
@@ -126,10 +137,7 @@ def _fill_external(parsed: ParsedStream, options: Mapping[str, Any], known_zero:
         if options.get("ram"):
             raise ConfigError("a RAM file was given (--memory-ram), but the stream was not saved with x-ignore-shared")
         return []
-    empty = [
-        b for b in parsed.blocks
-        if not (parsed.last_write[b.first_page : b.first_page + b.pages] >= 0).any()
-    ]
+    empty = [b for b in parsed.blocks if not (parsed.last_write[b.first_page : b.first_page + b.pages] >= 0).any()]
     if not empty:
         return []
     names = [b.name for b in empty]
@@ -140,7 +148,9 @@ def _fill_external(parsed: ParsedStream, options: Mapping[str, Any], known_zero:
             "with --memory-ram"
         )
     if len(empty) > 1:
-        raise ConfigError(f"the stream leaves several shared RAM blocks out ({', '.join(names)}); one RAM file is supported")
+        raise ConfigError(
+            f"the stream leaves several shared RAM blocks out ({', '.join(names)}); one RAM file is supported"
+        )
     _copy_raw(Path(ram), empty[0], parsed.image, known_zero)
     return names
 
@@ -163,10 +173,8 @@ def _copy_raw(path: Path, block: RamBlock, image: np.ndarray, known_zero: np.nda
     finally:
         del raw
         for closer in closers:
-            try:
+            with contextlib.suppress(BufferError):
                 closer.close()  # type: ignore[attr-defined]
-            except BufferError:
-                pass
 
 
 def _stream_ops(parsed: ParsedStream, buf: np.ndarray, nonzero: np.ndarray) -> list[Op]:
@@ -181,8 +189,12 @@ def _stream_ops(parsed: ParsedStream, buf: np.ndarray, nonzero: np.ndarray) -> l
         fits = final & ((t.kind == KIND_PAGE) | (t.fill == 0))
         cont = np.zeros(n, bool)
         cont[1:] = (
-            fits[1:] & fits[:-1] & ~t.named[1:] & (t.block[1:] == t.block[:-1])
-            & (t.page[1:] == t.page[:-1] + 1) & (t.pos[1:] == t.end[:-1])
+            fits[1:]
+            & fits[:-1]
+            & ~t.named[1:]
+            & (t.block[1:] == t.block[:-1])
+            & (t.page[1:] == t.page[:-1] + 1)
+            & (t.pos[1:] == t.end[:-1])
         )
         forced = (t.kind == KIND_PAGE) & ~nonzero[gpage]
         fit_idx = np.flatnonzero(fits)
@@ -190,8 +202,13 @@ def _stream_ops(parsed: ParsedStream, buf: np.ndarray, nonzero: np.ndarray) -> l
         bounds = np.append(heads, fit_idx.shape[0])
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             first, last = int(fit_idx[a]), int(fit_idx[b - 1])
-            run = Run(int(t.block[first]), int(t.page[first]), b - a, bool(t.named[first]),
-                      pack_forced(forced[first : last + 1]))
+            run = Run(
+                int(t.block[first]),
+                int(t.page[first]),
+                b - a,
+                bool(t.named[first]),
+                pack_forced(forced[first : last + 1]),
+            )
             specials.append((int(t.pos[first]), int(t.end[last]), run))
     return _fill_gaps(specials, buf)
 
@@ -201,8 +218,9 @@ def _mapped_ops(parsed: ParsedStream, buf: np.ndarray, bits: dict[int, np.ndarra
     for index, block in enumerate(parsed.blocks):
         assert block.mapped is not None
         forced = bits[index] & ~nonzero[block.first_page : block.first_page + block.pages]
-        specials.append((block.mapped.bitmap_offset, block.mapped.pages_offset + block.length,
-                         Mapped(index, pack_forced(forced))))
+        specials.append(
+            (block.mapped.bitmap_offset, block.mapped.pages_offset + block.length, Mapped(index, pack_forced(forced)))
+        )
     return _fill_gaps(specials, buf)
 
 

@@ -16,7 +16,6 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from vmdelta_core.errors import FormatError
-
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
 
@@ -50,8 +49,9 @@ class RecordTable:
         self.kind = self.fill = np.zeros(0, np.uint8)
         self.named = np.zeros(0, bool)
 
-    def add(self, pos: np.ndarray, end: np.ndarray, block: int, page: np.ndarray, kind: int, fill: np.ndarray,
-            named: bool) -> None:
+    def add(
+        self, pos: np.ndarray, end: np.ndarray, block: int, page: np.ndarray, kind: int, fill: np.ndarray, named: bool
+    ) -> None:
         n = pos.shape[0]
         flag = np.zeros(n, bool)
         flag[0] = named
@@ -130,7 +130,8 @@ class RecordScanner:
             block = self.blocks[self.current]
             if offset >= block.length:
                 raise FormatError(
-                    f"offset {start}: RAM record at {offset:#x} lies beyond block {block.name!r} ({block.length:#x} bytes)"
+                    f"offset {start}: RAM record at {offset:#x} lies beyond block {block.name!r} "
+                    f"({block.length:#x} bytes)"
                 )
             stride = _STRIDE[kind]
             count = 1
@@ -165,8 +166,9 @@ class RecordScanner:
             batch = min(batch * 4, 1 << 16)
         return done
 
-    def _take(self, start: int, data: int, count: int, stride: int, kind: int, block_index: int, page: int,
-              named: bool) -> None:
+    def _take(
+        self, start: int, data: int, count: int, stride: int, kind: int, block_index: int, page: int, named: bool
+    ) -> None:
         """Record ``count`` records of one kind and apply them to the image, in stream order."""
         block = self.blocks[block_index]
         index = np.arange(count, dtype=np.int64)

@@ -8,6 +8,7 @@ kind of artifact back. ``qemu-ram`` reads a raw RAM image (the x-ignore-shared b
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,6 @@ import numpy as np
 from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.fileio import AtomicOutput, hole_extents, map_readonly, punch_zero_runs
-
 from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope
@@ -79,10 +79,8 @@ class QemuSource(Source):
         finally:
             del image
             for closer in closers:
-                try:
+                with contextlib.suppress(BufferError):
                     closer.close()  # type: ignore[attr-defined]
-                except BufferError:
-                    pass
 
 
 def _write_ram_file(target: Path, data: np.ndarray) -> None:
@@ -108,9 +106,12 @@ class QemuRamSource(Source):
         _memory_only(self.name, kind)
         data, closers = map_readonly(Path(path))
         if data.shape[0] % PAGE_SIZE:
-            raise FormatError(f"raw RAM image {path} is {data.shape[0]} bytes, not a whole number of {PAGE_SIZE}-byte pages")
-        block = RamBlock(str(options.get("block", MAIN_RAM)), int(data.shape[0]), 0,
-                         int(options.get("guest_address", 0)))
+            raise FormatError(
+                f"raw RAM image {path} is {data.shape[0]} bytes, not a whole number of {PAGE_SIZE}-byte pages"
+            )
+        block = RamBlock(
+            str(options.get("block", MAIN_RAM)), int(data.shape[0]), 0, int(options.get("guest_address", 0))
+        )
         return SourceImage(
             kind=kind,
             data=data,

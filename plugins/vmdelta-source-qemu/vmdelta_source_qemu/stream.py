@@ -20,7 +20,6 @@ import numpy as np
 from construct import Construct, ConstructError
 
 from vmdelta_core.errors import FormatError
-
 from vmdelta_source_qemu import c_migration as c
 from vmdelta_source_qemu.blocks import MappedBlock, RamBlock, image_size, place_blocks
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag, SectionType
@@ -96,7 +95,8 @@ class _Walker:
         header, pos = self.parse(c.FILE_HEADER, 0, "file header")
         if header.version != c.STREAM_VERSION:
             raise FormatError(
-                f"QEMU migration stream version {header.version} at offset 4; only version {c.STREAM_VERSION} is supported"
+                f"QEMU migration stream version {header.version} at offset 4; "
+                f"only version {c.STREAM_VERSION} is supported"
             )
         machine = ""
         if self.byte(pos, "a section") == SectionType.CONFIGURATION:
@@ -145,7 +145,9 @@ class _Walker:
             elif sub.name == "configuration/target-page-bits":
                 bits, pos = self.parse(c.Int32ub, pos, "target page bits")
                 if 1 << bits != PAGE_SIZE:
-                    raise FormatError(f"target page size {1 << bits} at offset {pos - 4}; only {PAGE_SIZE} is supported")
+                    raise FormatError(
+                        f"target page size {1 << bits} at offset {pos - 4}; only {PAGE_SIZE} is supported"
+                    )
             elif sub.name == "configuration/uuid":
                 pos += 16
             else:
@@ -186,7 +188,9 @@ class _Walker:
         after = self.scanner.scan(after)
         footer, after = self.parse(c.FOOTER, after, "section footer")
         if footer.section_id != self.ram_id:
-            raise FormatError(f"section footer at offset {after - 5} names section {footer.section_id}, not {self.ram_id}")
+            raise FormatError(
+                f"section footer at offset {after - 5} names section {footer.section_id}, not {self.ram_id}"
+            )
         return after
 
     def block_table(self, pos: int) -> int:
@@ -195,7 +199,9 @@ class _Walker:
             raise FormatError(f"stream truncated in the RAM block table at offset {pos}")
         (header,) = struct.unpack_from(">Q", self.view, pos)
         if header & 0xFFF != RamFlag.MEM_SIZE:
-            raise FormatError(f"RAM section at offset {pos} does not start with its block table (flags {header & 0xFFF:#x})")
+            raise FormatError(
+                f"RAM section at offset {pos} does not start with its block table (flags {header & 0xFFF:#x})"
+            )
         total, table_at = header & ~0xFFF, pos
         pos += 8
         ignore_shared = "x-ignore-shared" in self.capabilities
@@ -217,7 +223,8 @@ class _Walker:
         if seen != total:
             raise FormatError(
                 f"RAM block table at offset {table_at} does not add up: blocks hold {seen} bytes, the header says "
-                f"{total}" + (" (was it saved with x-ignore-shared or mapped-ram?)" if not (ignore_shared or mapped) else "")
+                f"{total}"
+                + (" (was it saved with x-ignore-shared or mapped-ram?)" if not (ignore_shared or mapped) else "")
             )
         self.blocks = place_blocks(entries, table_at)
         image = np.zeros(image_size(self.blocks), dtype=np.uint8)
@@ -240,7 +247,8 @@ class _Walker:
             )
         if m.pages_offset + entry.used_length > self.size:
             raise FormatError(
-                f"mapped-ram file truncated: block {entry.name!r} needs pages up to {m.pages_offset + entry.used_length}, "
+                f"mapped-ram file truncated: block {entry.name!r} needs pages up to "
+                f"{m.pages_offset + entry.used_length}, "
                 f"the file has {self.size} bytes"
             )
         return MappedBlock(m.bitmap_offset, m.pages_offset)

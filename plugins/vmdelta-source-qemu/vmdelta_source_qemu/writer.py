@@ -15,7 +15,6 @@ from typing import BinaryIO
 import numpy as np
 
 from vmdelta_core.errors import FormatError
-
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Run
@@ -27,7 +26,10 @@ _MAPPED_HEADER = 28
 
 
 def write_snapshot(envelope: Envelope, blocks: Sequence[RamBlock], image: np.ndarray, out: BinaryIO) -> None:
-    """Run the envelope's operations against ``image`` into the file ``out`` (opened ``w+b``: mapped-ram reads its headers back)."""
+    """Run the envelope's operations against ``image`` into ``out``.
+
+    ``out`` is opened ``w+b``: mapped-ram blocks read their header back from it.
+    """
     fd = out.fileno()
     pos = 0
     for op in envelope.ops:
