@@ -42,8 +42,8 @@ class XorEncoder(Encoder):
     def __init__(self, mode: str = "runs", merge_gap: int = DEFAULT_MERGE_GAP) -> None:
         if mode not in MODES:
             raise ConfigError(f"xor: mode must be one of {', '.join(MODES)}, not {mode!r}")
-        if not isinstance(merge_gap, int) or isinstance(merge_gap, bool) or not 0 <= merge_gap <= 4096:
-            raise ConfigError(f"xor: merge_gap must be an integer from 0 to 4096, not {merge_gap!r}")
+        if not isinstance(merge_gap, int) or isinstance(merge_gap, bool) or not 0 <= merge_gap <= 15:
+            raise ConfigError(f"xor: merge_gap must be an integer from 0 to 15, not {merge_gap!r}")
         self.mode = mode
         self.merge_gap = merge_gap
 
@@ -62,7 +62,18 @@ class XorEncoder(Encoder):
             raise ConfigError("xor: units are at most 65535 bytes")
         xor = _concat(targets, lengths.tolist()) ^ _concat(bases, lengths.tolist())
         if self.mode == "runs":
-            return encode_runs(xor, lengths, self.merge_gap)
+            # units of one length at a time (all but an image's short last unit), as 2-D arrays
+            out: list[bytes | None] = [None] * len(targets)
+            starts = np.cumsum(lengths) - lengths
+            for length in np.unique(lengths).tolist():
+                rows = np.flatnonzero(lengths == length)
+                if rows.size == len(targets):
+                    block = xor.reshape(rows.size, length)
+                else:
+                    block = xor[(starts[rows, None] + np.arange(length)).reshape(-1)].reshape(rows.size, length)
+                for i, payload in zip(rows.tolist(), encode_runs(block, self.merge_gap), strict=True):
+                    out[i] = payload
+            return out
         blob = xor.tobytes()
         ends = np.cumsum(lengths).tolist()
         return [blob[end - n : end] for end, n in zip(ends, lengths.tolist(), strict=True)]

@@ -10,7 +10,7 @@ runs that are not::
 
 Headers and literals are kept apart so that the frame codec sees similar bytes together. Zero
 gaps of up to ``merge_gap`` bytes are folded into a run rather than opening a new one (a run costs
-four header bytes). Everything past the last run is zero. Units are at most 65535 bytes (the
+four header bytes). A unit whose XOR is too dense for runs to save at least 1/32 of it is declined. Everything past the last run is zero. Units are at most 65535 bytes (the
 DeltaItem length is a u16), so every field fits.
 
 Both directions work on the concatenation of the batch with numpy index arithmetic: a few dozen
@@ -42,63 +42,71 @@ def _starts(sizes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _put_u16(out: np.ndarray, positions: np.ndarray, values: np.ndarray) -> None:
-    out[positions] = values >> 8
-    out[positions + 1] = values & 0xFF
-
-
 def _get_u16(buf: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return (buf[positions].astype(np.int64) << 8) | buf[positions + 1]
 
 
-def encode_runs(xor: np.ndarray, lengths: np.ndarray, merge_gap: int) -> list[bytes | None]:
-    """Run payloads of the units laid end to end in ``xor``; ``None`` where not smaller.
+def encode_runs(xor: np.ndarray, merge_gap: int) -> list[bytes | None]:
+    """Run payloads of equally long units; ``None`` where the payload would not be smaller.
 
-    :param xor: ``uint8``, the XOR of every unit of the batch, concatenated.
-    :param lengths: the length of each unit, in order.
+    :param xor: ``(units, length)`` ``uint8`` array, the XOR of each unit with its base.
     """
-    lengths = lengths.astype(np.int64)
-    unit_start = _starts(lengths)
-    units = lengths.shape[0]
-    nonzero = np.flatnonzero(xor)
-    unit = np.searchsorted(unit_start, nonzero, side="right") - 1
-    col = nonzero - unit_start[unit]
+    units, length = xor.shape
+    nonzero = xor != 0
+    # a payload holds every non-zero byte, 4 header bytes per run and 2 for the count. Units for
+    # which that alone does not save 1/32 of the unit are declined before the index arithmetic
+    # below (which would spend most of its time on random-looking units, only to find at the end
+    # that merged zero gaps push them past the unit). A non-zero byte opens a run when none of the
+    # merge_gap + 1 bytes before it is non-zero: a few shifted ORs of the mask count them.
+    recent = np.zeros_like(nonzero)
+    for shift in range(1, min(merge_gap + 1, length - 1) + 1):
+        recent[:, shift:] |= nonzero[:, :-shift]
+    runs_per_unit = np.count_nonzero(nonzero & ~recent, axis=1)
+    dense = 2 + 4 * runs_per_unit + np.count_nonzero(nonzero, axis=1) >= length - length // 32
+    if dense.any():
+        result: list[bytes | None] = [None] * units
+        keep = np.flatnonzero(~dense)
+        for i, payload in zip(keep.tolist(), encode_runs(xor[keep], merge_gap), strict=True):
+            result[i] = payload
+        return result
+    row, col = np.nonzero(nonzero)
     # a run opens at the first non-zero byte of a unit and after every gap longer than merge_gap
-    opens = np.ones(nonzero.shape[0], dtype=bool)
-    opens[1:] = (unit[1:] != unit[:-1]) | (col[1:] - col[:-1] > merge_gap + 1)
+    opens = np.ones(row.shape[0], dtype=bool)
+    opens[1:] = (row[1:] != row[:-1]) | (col[1:] - col[:-1] > merge_gap + 1)
     first = np.flatnonzero(opens)
-    last = np.append(first[1:] - 1, nonzero.shape[0] - 1) if first.size else first
-    run_unit = unit[first]
-    run_start, run_end = col[first], col[last] + 1
+    last = np.append(first[1:] - 1, row.shape[0] - 1) if first.size else first
+    run_unit, run_start, run_end = row[first], col[first], col[last] + 1
     run_size = run_end - run_start
-    runs_per_unit = np.bincount(run_unit, minlength=units)
     unit_first_run = _starts(runs_per_unit)
-    # gap: from the end of the previous run of the same unit (or the unit's start)
+    # gap: zeros since the end of the previous run of the same unit (or since the unit's start)
     previous_end = np.zeros_like(run_end)
     previous_end[1:] = run_end[:-1]
     previous_end[unit_first_run[:-1][runs_per_unit > 0]] = 0
-    run_gap = run_start - previous_end
-    literal_bytes = np.bincount(run_unit, weights=run_size, minlength=units).astype(np.int64)
-    sizes = 2 + 4 * runs_per_unit + literal_bytes
-    out_start = _starts(sizes)
-    out = np.empty(int(out_start[-1]), dtype=np.uint8)
-    _put_u16(out, out_start[:-1], runs_per_unit)
+    # headers of all units as one u16 array: [n, gap..., size...] per unit, unit after unit
+    header_start = _starts(1 + 2 * runs_per_unit)
+    header = np.empty(int(header_start[-1]), dtype=">u2")
+    header[header_start[:-1]] = runs_per_unit
     index_in_unit = np.arange(run_unit.shape[0]) - unit_first_run[run_unit]
-    gap_pos = out_start[run_unit] + 2 + 2 * index_in_unit
-    _put_u16(out, gap_pos, run_gap)
-    _put_u16(out, gap_pos + 2 * runs_per_unit[run_unit], run_size)
-    # literals: byte j of run r goes from xor[unit_start + run_start + j] to after the headers
-    literal_start = out_start[:-1] + 2 + 4 * runs_per_unit
-    run_literal = _starts(run_size)
-    run_literal_in_unit = run_literal[:-1] - run_literal[unit_first_run[run_unit]]
-    byte_run = np.repeat(np.arange(run_unit.shape[0]), run_size)
-    within = np.arange(byte_run.shape[0]) - run_literal[byte_run]
-    out[literal_start[run_unit[byte_run]] + run_literal_in_unit[byte_run] + within] = xor[
-        unit_start[run_unit[byte_run]] + run_start[byte_run] + within
-    ]
-    blob = out.tobytes()
+    gap_at = header_start[run_unit] + 1 + index_in_unit
+    header[gap_at] = run_start - previous_end
+    header[gap_at + runs_per_unit[run_unit]] = run_size
+    # literals: the bytes inside runs, in order, found with a +1/-1 marker prefix sum
+    # (starts are distinct, and so are ends; an end may meet the next unit's start, hence two)
+    opened = np.zeros(units * length, dtype=np.int8)
+    closed = np.zeros(units * length + 1, dtype=np.int8)
+    flat_start = run_unit * length + run_start
+    opened[flat_start] = 1
+    closed[flat_start + run_size] = 1
+    inside = np.cumsum(opened - closed[:-1], dtype=np.int8).view(bool)
+    literals = xor.reshape(-1)[inside].tobytes()
+    literal_bytes = np.bincount(run_unit, weights=run_size, minlength=units).astype(np.int64)
+    literal_start = _starts(literal_bytes).tolist()
+    headers = header.tobytes()
+    header_bytes = (2 * header_start).tolist()
+    sizes = (2 + 4 * runs_per_unit + literal_bytes).tolist()
     return [
-        blob[out_start[i] : out_start[i + 1]] if sizes[i] < lengths[i] else None
+        headers[header_bytes[i] : header_bytes[i + 1]] + literals[literal_start[i] : literal_start[i + 1]]
+        if sizes[i] < length else None
         for i in range(units)
     ]
 
