@@ -77,3 +77,21 @@ def test_a_list_of_a_bigger_guest_is_refused(ram, tmp_path: Path) -> None:
     bigger.write_text(text)
     with pytest.raises(ConfigError, match="not guest RAM"):
         FreePfnFilter().select(memory_context(base, modified, bigger), changed_units(base, modified))
+
+
+def test_through_the_qemu_stream_block_table_matches_the_fixture_count(fixtures: Path) -> None:
+    """With the QEMU source installed: the primary 7.2 stream, its RAM block table, and the
+    fixture script's own count of changed pages lying in free PFNs at B (4466)."""
+    from vmdelta_core.errors import PluginError
+    from vmdelta_core.registry import default_registry
+
+    try:
+        source = default_registry().source("qemu")
+    except PluginError:
+        pytest.skip("vmdelta-source-qemu is not installed")
+    base = source.open(fixtures / "base.mem", kind="memory", options={})
+    modified = source.open(fixtures / "modified.mem", kind="memory", options={})
+    changed = changed_units(base.data, modified.data)
+    ctx = memory_context(base.data, modified.data, fixtures / "free-pfns-B.txt", layout=dict(modified.layout))
+    result = check_filter(FreePfnFilter(), ctx, changed)
+    assert changed.size == 12502 and int(result.drop.sum()) == 4466
