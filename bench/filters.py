@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from vmdelta_core.components import FilterContext, SourceImage
-from vmdelta_core.registry import default_registry
+from vmdelta_core.registry import Registry, default_registry
 
 UNIT = 4096
 
@@ -75,7 +75,13 @@ def drop_rows(fx: Path, qemu: bool) -> list[list[str]]:
     changed = changed_units(base.data, modified.data)
     rows.append(
         _chain(
-            registry, "memory (7.2 raw pc.ram)", "freepfn", [("freepfn", ram / "free-pfns-B.txt")], base, modified, changed
+            registry,
+            "memory (7.2 raw pc.ram)",
+            "freepfn",
+            [("freepfn", ram / "free-pfns-B.txt")],
+            base,
+            modified,
+            changed,
         )
     )
     if qemu:
@@ -83,12 +89,29 @@ def drop_rows(fx: Path, qemu: bool) -> list[list[str]]:
         modified = open_image("qemu", fx / "modified.mem", "memory")
         changed = changed_units(base.data, modified.data)
         rows.append(
-            _chain(registry, "memory (7.2 stream)", "freepfn", [("freepfn", fx / "free-pfns-B.txt")], base, modified, changed)
+            _chain(
+                registry,
+                "memory (7.2 stream)",
+                "freepfn",
+                [("freepfn", fx / "free-pfns-B.txt")],
+                base,
+                modified,
+                changed,
+            )
         )
     return rows
 
 
-def _chain(registry, label, name, chain, base, modified, changed) -> list[str]:  # type: ignore[no-untyped-def]
+def _chain(
+    registry: Registry,
+    label: str,
+    name: str,
+    chain: Sequence[tuple[str, Path | None]],
+    base: SourceImage,
+    modified: SourceImage,
+    changed: np.ndarray,
+) -> list[str]:
+    """Run ``chain`` the way the core does: each filter sees what the previous one kept."""
     kept = changed
     started = time.perf_counter()
     for filter_name, path in chain:
@@ -134,13 +157,12 @@ def overlay_rows(fx: Path, qemu: bool) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         for label, images in cases:
             specs = [
-                ImageSpec(kind, base, modified, format=fmt, filters=filters) for (kind, base, modified, fmt), filters in images
+                ImageSpec(kind, base, modified, format=fmt, filters=filters)
+                for (kind, base, modified, fmt), filters in images
             ]
             output = Path(tmp) / "bench.overlay"
             report = create_overlay(CreateConfig(output=output, images=tuple(specs), cache_dir=Path(tmp) / "cache"))
-            dropped = sum(
-                f["dropped"] for image in report.metadata["images"] for f in image.get("filters", [])
-            )
+            dropped = sum(f["dropped"] for image in report.metadata["images"] for f in image.get("filters", []))
             group = label.split(":")[0]
             reference.setdefault(group, report.size)
             ratio = report.size / reference[group]
