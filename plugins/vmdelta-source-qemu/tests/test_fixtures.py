@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import zstandard
 from conftest import rebuild
 from vmdelta_source_qemu import QemuRamSource, QemuSource
 
+from vmdelta_core.errors import FormatError
 from vmdelta_core.testing import check_source
 
 pytestmark = pytest.mark.fixtures
@@ -99,3 +102,34 @@ def test_raw_ram_source(fixture_set: Path) -> None:
         assert image.holes.shape[0] > 0
     finally:
         image.close()
+
+
+def _sparse_copy(src: Path, dest: Path) -> Path:
+    subprocess.run(["cp", "--sparse=always", str(src), str(dest)], check=True)
+    dest.chmod(0o644)
+    return dest
+
+
+def test_truncated_mapped_ram_file(fixture_set: Path, tmp_path: Path) -> None:
+    path = _sparse_copy(fixture_set / "variants/qemu-10.0-mapped-ram/base.mem", tmp_path / "cut.mem")
+    os.truncate(path, 0x100000 + (64 << 20))  # inside pc.ram's page area
+    with pytest.raises(FormatError, match=r"mapped-ram file truncated: block 'pc\.ram'"):
+        QemuSource().open(path, kind="memory", options={})
+
+
+def test_mapped_ram_with_stale_data_is_not_exact(fixture_set: Path, tmp_path: Path) -> None:
+    """Data in a page the bitmap does not mark is not RAM: QEMU ignores it, and so does the image."""
+    original = fixture_set / "variants/qemu-10.0-mapped-ram/modified.mem"
+    path = _sparse_copy(original, tmp_path / "stale.mem")
+    with QemuSource().open(original, kind="memory", options={}) as clean:
+        hole = int(clean.holes[5, 0])
+        assert hole < 128 << 20  # a page of pc.ram, whose pages start at 1 MiB in the file
+        with open(path, "r+b") as f:
+            f.seek(0x100000 + hole)
+            f.write(b"stale")
+        with QemuSource().open(path, kind="memory", options={}) as stale:
+            assert not stale.exact_artifact
+            assert np.array_equal(stale.data, clean.data)
+            assert stale.envelope == clean.envelope
+            out = rebuild(stale, tmp_path)
+            assert out.read_bytes() == original.read_bytes()
