@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import vmdelta_source_qemu
 from qemu_stream_builder import simple_stream
 
 from vmdelta_core.registry import default_registry
-
-import vmdelta_source_qemu
 
 
 def test_sources_registered_through_the_entry_point() -> None:

@@ -11,7 +11,6 @@ from conftest import rebuild
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from qemu_stream_builder import PAGE, StreamBuilder, pattern
-
 from vmdelta_source_qemu import QemuSource
 
 BLOCKS = [("pc.ram", 6 * PAGE), ("vga.vram", 3 * PAGE), ("pc.bios", PAGE)]
