@@ -22,6 +22,12 @@ def test_conformance_on_sample_pairs() -> None:
     assert counts["declined"] >= 1 and counts["accepted"] >= 5
 
 
+def test_declines_units_with_an_all_zero_base() -> None:
+    base, target = sample_unit_pairs()[1]
+    assert BsdiffEncoder().encode([memoryview(bytes(len(base)))], [memoryview(target)]) == [None]
+    assert BsdiffEncoder().encode([memoryview(base)], [memoryview(target)]) != [None]
+
+
 def test_declines_what_would_not_shrink() -> None:
     pairs = sample_unit_pairs()
     payloads = BsdiffEncoder().encode(*_views(pairs))
@@ -54,7 +60,8 @@ def test_round_trips_real_units(real_pairs, kind: str) -> None:
 
 def test_payloads_are_standard_bsdiff40() -> None:
     """bsdiff4's own patch() applies our payloads, and we apply bsdiff4's own diff()."""
-    for base, target in sample_unit_pairs()[:5]:
+    pairs = sample_unit_pairs()
+    for base, target in [pairs[i] for i in (0, 1, 2, 4)]:
         (payload,) = BsdiffEncoder().encode([memoryview(base)], [memoryview(target)])
         assert payload is not None and payload.startswith(b"BSDIFF40")
         assert bsdiff4.patch(base, payload) == target

@@ -42,8 +42,13 @@ class BsdiffEncoder(Encoder):
     def encode(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> list[bytes | None]:
         out: list[bytes | None] = []
         for base, target in zip(bases, targets, strict=True):
-            length = len(target)
-            control, diff, extra = bsdiff4.core.diff(bytes(base), bytes(target))
+            length, source = len(target), bytes(base)
+            if source.count(0) == len(source):
+                # nothing to diff against: the patch would be the unit bzip2-compressed on its
+                # own, which loses to the frame codec compressing raw units together
+                out.append(None)
+                continue
+            control, diff, extra = bsdiff4.core.diff(source, bytes(target))
             if len(control) // 24 > max_control_entries(length):
                 out.append(None)
                 continue

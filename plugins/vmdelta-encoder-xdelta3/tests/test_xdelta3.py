@@ -28,6 +28,12 @@ def test_conformance_on_sample_pairs(level: int) -> None:
     assert counts["declined"] >= 1 and counts["accepted"] >= 5
 
 
+def test_declines_units_with_an_all_zero_base() -> None:
+    base, target = sample_unit_pairs()[1]
+    assert Xdelta3Encoder().encode([memoryview(bytes(len(base)))], [memoryview(target)]) == [None]
+    assert Xdelta3Encoder().encode([memoryview(base)], [memoryview(target)]) != [None]
+
+
 def test_declines_what_would_not_shrink() -> None:
     pairs = sample_unit_pairs()
     payloads = Xdelta3Encoder().encode(*_views(pairs))

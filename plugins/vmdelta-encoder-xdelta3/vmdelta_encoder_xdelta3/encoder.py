@@ -14,8 +14,9 @@ from vmdelta_encoder_xdelta3.c_vcdiff import VcdiffError, check_payload
 
 __all__ = ["DEFAULT_LEVEL", "Xdelta3Encoder"]
 
-#: 1 measures within 0.5% of 9 on the real captures after frame compression, at half the time
-DEFAULT_LEVEL = 1
+#: 0 (copy from the base only, literals left to the frame codec) gives the smallest overlays on the
+#: real captures; 1-9 compress the literals per unit, which the frame codec then cannot (README)
+DEFAULT_LEVEL = 0
 
 
 class Xdelta3Encoder(Encoder):
@@ -24,7 +25,9 @@ class Xdelta3Encoder(Encoder):
     ``level`` is xdelta3's ``-0``..``-9``: 0 only copies from the base and leaves literals
     uncompressed (for the frame codec to compress), 1-9 also compress the literals against
     themselves. A unit is declined when its delta would not be smaller than the unit: the
-    library is given an output buffer one byte short of the unit and gives up when it fills.
+    library is given an output buffer one byte short of the unit and gives up when it fills. A
+    unit whose base is all zeros is declined too: there is nothing to copy from, and compressing
+    the unit on its own loses to the frame codec compressing raw units together.
     """
 
     name = "xdelta3"
@@ -48,9 +51,11 @@ class Xdelta3Encoder(Encoder):
         encode, flags = self._library.encode, self._flags
         out: list[bytes | None] = []
         for base, target in zip(bases, targets, strict=True):
-            length = len(target)
-            # bytes() of a 4 KiB view costs less than pinning it for ctypes through numpy
-            out.append(encode(bytes(base), bytes(target), length - 1, flags) if length > 1 else None)
+            length, source = len(target), bytes(base)  # a 4 KiB copy costs less than pinning a view
+            if length < 2 or source.count(0) == len(source):
+                out.append(None)
+                continue
+            out.append(encode(source, bytes(target), length - 1, flags))
         return out
 
     def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:

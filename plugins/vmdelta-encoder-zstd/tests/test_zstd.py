@@ -36,9 +36,14 @@ def test_declines_what_would_not_shrink() -> None:
     assert payloads[5] is None  # noise against other noise
 
 
+def test_declines_units_with_an_all_zero_base() -> None:
+    assert ZstdEncoder().encode([memoryview(bytes(len(TARGET)))], [memoryview(TARGET)]) == [None]
+
+
 def test_the_base_is_used_as_dictionary() -> None:
     (with_base,) = ZstdEncoder().encode([memoryview(BASE)], [memoryview(TARGET)])
-    (without,) = ZstdEncoder().encode([memoryview(bytes(len(BASE)))], [memoryview(TARGET)])
+    unrelated = bytes(range(256)) * (len(BASE) // 256)
+    (without,) = ZstdEncoder().encode([memoryview(unrelated)], [memoryview(TARGET)])
     assert with_base is not None and without is not None and len(with_base) < len(without) // 2
 
 

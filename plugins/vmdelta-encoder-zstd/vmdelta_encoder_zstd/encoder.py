@@ -39,8 +39,9 @@ class ZstdEncoder(Encoder):
 
     Frames are written without magic number, content size, checksum or dictionary id: the item
     records the unit length, the overlay checksums frames and verifies the rebuilt images, so
-    those would be 9-13 bytes of each payload spent twice. This encoder has no classic ref id;
-    the core hands it a free one per overlay.
+    those would be 9-13 bytes of each payload spent twice. A unit is declined when its payload
+    would not be smaller, or when its base is all zeros. This encoder has no classic ref id; the
+    core hands it a free one per overlay.
     """
 
     name = "zstd"
@@ -77,7 +78,13 @@ class ZstdEncoder(Encoder):
             length = len(target)
             if length not in parameters:
                 parameters[length] = self._parameters(length)
-            dictionary = zstandard.ZstdCompressionDict(bytes(base), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            source = bytes(base)
+            if source.count(0) == len(source):
+                # no dictionary to speak of: the unit compressed on its own loses to the frame
+                # codec compressing raw units together
+                out.append(None)
+                continue
+            dictionary = zstandard.ZstdCompressionDict(source, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             compressor = zstandard.ZstdCompressor(dict_data=dictionary, compression_params=parameters[length])
             payload = compressor.compress(target)
             out.append(payload if len(payload) < length else None)
