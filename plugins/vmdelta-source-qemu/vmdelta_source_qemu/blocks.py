@@ -79,12 +79,17 @@ def image_size(blocks: Sequence[RamBlock]) -> int:
 
 def layout_of(blocks: Sequence[RamBlock], fmt: str, *, ignore_shared: bool, **extra: Any) -> dict[str, Any]:
     """The JSON-able layout the core stores in the overlay metadata."""
-    out = []
+    out: list[dict[str, Any]] = []
     for block in blocks:
-        address = block.guest_address
-        if not ignore_shared and address is None and block.name == MAIN_RAM:
-            address = 0
-        out.append({"name": block.name, "offset": block.offset, "length": block.length, "guest_address": address})
+        # The x-ignore-shared table holds each block's memory-region address, which is a guest
+        # physical address only for main RAM: ROM blobs say 0, pc.rom sits inside RAM at 0xc0000.
+        address = None
+        if block.name == MAIN_RAM:
+            address = 0 if block.guest_address is None else block.guest_address
+        row = {"name": block.name, "offset": block.offset, "length": block.length, "guest_address": address}
+        if ignore_shared:
+            row["region_address"] = block.guest_address
+        out.append(row)
     return {"format": fmt, "page_size": PAGE_SIZE, "blocks": out, **extra}
 
 
