@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -65,7 +65,7 @@ def vmdelta_register_codecs(register: Callable[[Codec], None]) -> None:
 
 
 @hookspec(firstresult=True)
-def vmdelta_detect_source(path: Path, head: bytes, kind: str) -> Any:
+def vmdelta_detect_source(path: Path, head: bytes, kind: str) -> str | None:
     """Name the source that reads ``path``, or return ``None`` to let the next plugin look.
 
     :param path: the artifact.
