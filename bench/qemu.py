@@ -9,8 +9,9 @@ Needs vmdelta-core and vmdelta-source-qemu installed; the comparisons need the `
 1. parse: MB/s of artifact read by ``QemuSource.open`` (stream, mapped-ram file, or stream + RAM
    file for x-ignore-shared), best of ``--repeat`` runs, page cache warm;
 2. materialize: MB/s of artifact written by ``QemuSource.materialize`` from the rebuilt image;
-3. the memory-only overlay from ``vmdelta_core.api.create_overlay`` (default encoders), its size
-   and create/apply seconds (apply verified byte for byte), against ``zstd -19 --long=31
+3. the memory-only overlay from ``vmdelta_core.api.create_overlay`` (the core's default encoders,
+   or ``--encoders``; ``--freepfn`` adds the free-page filter with the capture's exact free list),
+   its size and create/apply seconds (apply verified byte for byte without the filter), against ``zstd -19 --long=31
    --patch-from`` and ``xdelta3 -9`` on the same pair of files (for x-ignore-shared the stream
    and the RAM file are two pairs; their sizes and times are added).
 """
@@ -98,30 +99,36 @@ def source_speed(folder: Path, scratch: Path, repeat: int) -> tuple[float, float
     return size / parse_s / MB, size / write_s / MB
 
 
-def overlay(folder: Path, scratch: Path) -> tuple[int, float, float]:
-    from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
+def overlay(folder: Path, scratch: Path, encoders: tuple[str, ...] | None, freepfn: bool) -> tuple[int, float, float]:
+    from vmdelta_core.api import (
+        ApplyConfig,
+        ApplyImageSpec,
+        CreateConfig,
+        FilterSpec,
+        ImageSpec,
+        apply_overlay,
+        create_overlay,
+    )
 
     shared = (folder / "base-ram.raw").exists()
     base_opts = {"ram": str(folder / "base-ram.raw")} if shared else {}
     mod_opts = {"ram": str(folder / "modified-ram.raw")} if shared else {}
     out = scratch / "memory.vmdo"
-    started = time.perf_counter()
-    create_overlay(
-        CreateConfig(
-            out,
-            [
-                ImageSpec(
-                    "memory",
-                    folder / "base.mem",
-                    folder / "modified.mem",
-                    base_options=base_opts,
-                    modified_options=mod_opts,
-                )
-            ],
-            threads=2,
-            cache_dir=scratch / "cache",
-        )
+    extra: dict[str, Any] = {}
+    if encoders:
+        extra["encoders"] = encoders
+    if freepfn:
+        extra["filters"] = (FilterSpec("freepfn", folder / "free-pfns-B.txt"),)
+    spec = ImageSpec(
+        "memory",
+        folder / "base.mem",
+        folder / "modified.mem",
+        base_options=base_opts,
+        modified_options=mod_opts,
+        **extra,
     )
+    started = time.perf_counter()
+    create_overlay(CreateConfig(out, [spec], threads=2, cache_dir=scratch / "cache"))
     created = time.perf_counter() - started
     rebuilt, rebuilt_ram = scratch / "rebuilt.mem", scratch / "rebuilt-ram.raw"
     started = time.perf_counter()
@@ -142,6 +149,8 @@ def overlay(folder: Path, scratch: Path) -> tuple[int, float, float]:
         )
     )
     applied = time.perf_counter() - started
+    if freepfn:  # dropped free pages come back from the base: compare the pages in use only
+        return out.stat().st_size, created, applied
     assert rebuilt.read_bytes() == (folder / "modified.mem").read_bytes(), "rebuilt stream differs"
     if shared:
         assert rebuilt_ram.read_bytes() == (folder / "modified-ram.raw").read_bytes(), "rebuilt RAM differs"
@@ -175,6 +184,8 @@ def main() -> int:
     parser.add_argument("--only", action="append", help="capture name to run (repeatable), e.g. '7.2 stream'")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-tools", action="store_true", help="skip zstd and xdelta3")
+    parser.add_argument("--encoders", help="comma-separated encoders for the overlay (default: the core's)")
+    parser.add_argument("--freepfn", action="store_true", help="drop free guest pages (vmdelta-filter-freepfn)")
     args = parser.parse_args()
     root = args.fixtures or real_fixtures()
     if root is None:
@@ -194,7 +205,8 @@ def main() -> int:
             scratch = Path(tmp)
             artifact = sum(m.stat().st_size for _, m in pair_files(folder))
             parse, write = source_speed(folder, scratch, args.repeat)
-            size, created, applied = overlay(folder, scratch)
+            encoders = tuple(args.encoders.split(",")) if args.encoders else None
+            size, created, applied = overlay(folder, scratch, encoders, args.freepfn)
             row = (
                 f"| {name} | {artifact / MB:.1f} | {parse:.0f} | {write:.0f} | {size / MB:.2f} | "
                 f"{created:.2f} | {applied:.2f} |"

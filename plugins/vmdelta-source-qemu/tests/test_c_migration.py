@@ -107,3 +107,32 @@ def test_simple_stream_parses_with_every_section_kind() -> None:
     assert parsed.fmt == "stream" and parsed.machine == "pc-i440fx-7.2"
     assert parsed.rewritten
     assert parsed.vmdesc is not None and parsed.vmdesc["page_size"] == PAGE
+
+
+def test_scanner_agrees_with_the_schema_on_a_real_stream(fixture_set: Path) -> None:
+    from vmdelta_core.fileio import map_readonly
+
+    buf, closers = map_readonly(fixture_set / "variants/qemu-10.0-stream/modified.mem")
+    try:
+        parsed = parse_stream(buf)
+        t = parsed.table
+        # the first 3000 records after the first block name, each read on its own with construct
+        first = int(np.flatnonzero(t.named)[0])
+        count = 3000
+        data = bytes(buf[int(t.pos[first]) : int(t.end[first + count - 1])])
+        expected = records_by_construct(data, 0, len(data))
+        assert len(expected) == count
+        names = [blk.name for blk in parsed.blocks]
+        for k, (pos, offset, flags, name, fill) in enumerate(expected):
+            i = first + k
+            assert t.pos[i] - t.pos[first] == pos
+            assert t.page[i] * PAGE == offset
+            assert t.kind[i] == (KIND_PAGE if flags & c.RamFlag.PAGE else KIND_ZERO)
+            assert name is None or names[t.block[i]] == name
+            assert t.fill[i] == (fill or 0)
+        assert set(t.kind[first : first + count].tolist()) == {KIND_PAGE, KIND_ZERO}
+        del parsed, t
+    finally:
+        del buf
+        for closer in closers:
+            closer.close()  # type: ignore[attr-defined]
