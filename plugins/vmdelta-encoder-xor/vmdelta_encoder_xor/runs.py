@@ -42,6 +42,19 @@ def _starts(sizes: np.ndarray) -> np.ndarray:
     return out
 
 
+def _inside(size: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """A mask of the bytes inside the runs [starts, ends), with a +1/-1 marker prefix sum.
+
+    Starts are distinct and so are ends, but an end may meet the next unit's first start,
+    hence two marker arrays.
+    """
+    opened = np.zeros(size, dtype=np.int8)
+    closed = np.zeros(size + 1, dtype=np.int8)
+    opened[starts] = 1
+    closed[ends] = 1
+    return np.cumsum(opened - closed[:-1], dtype=np.int8).view(bool)
+
+
 def _get_u16(buf: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return (buf[positions].astype(np.int64) << 8) | buf[positions + 1]
 
@@ -58,10 +71,13 @@ def encode_runs(xor: np.ndarray, merge_gap: int) -> list[bytes | None]:
     # below (which would spend most of its time on random-looking units, only to find at the end
     # that merged zero gaps push them past the unit). A non-zero byte opens a run when none of the
     # merge_gap + 1 bytes before it is non-zero: a few shifted ORs of the mask count them.
-    recent = np.zeros_like(nonzero)
+    recent = np.zeros_like(nonzero)  # a non-zero byte among the merge_gap + 1 before
+    ahead = np.zeros_like(nonzero)  # ... among the merge_gap + 1 after
     for shift in range(1, min(merge_gap + 1, length - 1) + 1):
         recent[:, shift:] |= nonzero[:, :-shift]
-    runs_per_unit = np.count_nonzero(nonzero & ~recent, axis=1)
+        ahead[:, :-shift] |= nonzero[:, shift:]
+    opens = nonzero & ~recent
+    runs_per_unit = np.count_nonzero(opens, axis=1)
     dense = 2 + 4 * runs_per_unit + np.count_nonzero(nonzero, axis=1) >= length - length // 32
     if dense.any():
         result: list[bytes | None] = [None] * units
@@ -69,13 +85,13 @@ def encode_runs(xor: np.ndarray, merge_gap: int) -> list[bytes | None]:
         for i, payload in zip(keep.tolist(), encode_runs(xor[keep], merge_gap), strict=True):
             result[i] = payload
         return result
-    row, col = np.nonzero(nonzero)
-    # a run opens at the first non-zero byte of a unit and after every gap longer than merge_gap
-    opens = np.ones(row.shape[0], dtype=bool)
-    opens[1:] = (row[1:] != row[:-1]) | (col[1:] - col[:-1] > merge_gap + 1)
-    first = np.flatnonzero(opens)
-    last = np.append(first[1:] - 1, row.shape[0] - 1) if first.size else first
-    run_unit, run_start, run_end = row[first], col[first], col[last] + 1
+    # runs open and close within a row (the shifts never cross one), so the n-th opening byte
+    # and the n-th closing byte of the flattened masks belong to the same run
+    flat_start = np.flatnonzero(opens)
+    flat_end = np.flatnonzero(nonzero & ~ahead) + 1
+    run_unit = flat_start // length
+    run_start = flat_start - run_unit * length
+    run_end = flat_end - run_unit * length
     run_size = run_end - run_start
     unit_first_run = _starts(runs_per_unit)
     # gap: zeros since the end of the previous run of the same unit (or since the unit's start)
@@ -90,15 +106,7 @@ def encode_runs(xor: np.ndarray, merge_gap: int) -> list[bytes | None]:
     gap_at = header_start[run_unit] + 1 + index_in_unit
     header[gap_at] = run_start - previous_end
     header[gap_at + runs_per_unit[run_unit]] = run_size
-    # literals: the bytes inside runs, in order, found with a +1/-1 marker prefix sum
-    # (starts are distinct, and so are ends; an end may meet the next unit's start, hence two)
-    opened = np.zeros(units * length, dtype=np.int8)
-    closed = np.zeros(units * length + 1, dtype=np.int8)
-    flat_start = run_unit * length + run_start
-    opened[flat_start] = 1
-    closed[flat_start + run_size] = 1
-    inside = np.cumsum(opened - closed[:-1], dtype=np.int8).view(bool)
-    literals = xor.reshape(-1)[inside].tobytes()
+    literals = xor.reshape(-1)[_inside(units * length, flat_start, flat_end)].tobytes()
     literal_bytes = np.bincount(run_unit, weights=run_size, minlength=units).astype(np.int64)
     literal_start = _starts(literal_bytes).tolist()
     headers = header.tobytes()
@@ -151,14 +159,10 @@ def decode_runs(payloads: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
         raise RunsError(i, f"runs cover {int(unit_end[i])} of {int(lengths[i])} bytes with "
                            f"{int(covered[i])} literal bytes, the payload holds {int(literal_bytes[i])}")
     unit_start = _starts(lengths)
+    run_flat_start = unit_start[run_unit] + run_end - run_size
     xor = np.zeros(int(unit_start[-1]), dtype=np.uint8)
-    run_literal = _starts(run_size)
-    byte_run = np.repeat(np.arange(run_unit.shape[0]), run_size)
-    within = np.arange(byte_run.shape[0]) - run_literal[byte_run]
-    literal_start = pay_start[:-1] + 2 + 4 * runs
-    run_literal_in_unit = run_literal[:-1] - run_literal[unit_first_run[run_unit]]
-    run_start = run_end - run_size
-    xor[unit_start[run_unit[byte_run]] + run_start[byte_run] + within] = buf[
-        literal_start[run_unit[byte_run]] + run_literal_in_unit[byte_run] + within
-    ]
+    # literals in payload order are the bytes inside the runs in address order
+    header_bytes = (2 + 4 * runs).tolist()
+    literals = b"".join([payload[skip:] for payload, skip in zip(payloads, header_bytes, strict=True)])
+    xor[_inside(xor.shape[0], run_flat_start, run_flat_start + run_size)] = np.frombuffer(literals, dtype=np.uint8)
     return xor
