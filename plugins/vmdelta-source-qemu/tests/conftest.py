@@ -1,14 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-from vmdelta_source_qemu import QemuSource
 
-from vmdelta_core.components import RebuiltImage, SourceImage
 from vmdelta_core.testing import real_fixtures
 
 
@@ -18,25 +13,3 @@ def fixture_set() -> Path:
     if found is None:
         pytest.skip("real QEMU fixtures not available (../shared/fixtures and zstd)")
     return found
-
-
-def rebuild(
-    image: SourceImage, folder: Path, options: Mapping[str, Any] | None = None, data: np.ndarray | None = None
-) -> Path:
-    """Materialize ``image`` (or ``data`` laid out like it) as the core's apply would."""
-    raw = folder / "rebuilt.raw"
-    raw.write_bytes((image.data if data is None else data).tobytes())
-    out = folder / "rebuilt.mem"
-    rebuilt = RebuiltImage(
-        path=raw,
-        size=image.size,
-        unit_size=4096,
-        envelope=image.envelope,
-        layout=image.layout,
-        changed=np.zeros(0, np.int64),
-        base=image,
-        base_path=raw,
-        options=dict(options or {}),
-    )
-    QemuSource().materialize(rebuilt, out)
-    return out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import rebuild
+from qemu_helpers import rebuild
 from qemu_stream_builder import PAGE, StreamBuilder, pattern, simple_stream
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.envelope import Envelope, Run

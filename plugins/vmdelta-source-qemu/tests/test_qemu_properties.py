@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from conftest import rebuild
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qemu_helpers import rebuild
 from qemu_stream_builder import PAGE, StreamBuilder, pattern
 from vmdelta_source_qemu import QemuSource
 

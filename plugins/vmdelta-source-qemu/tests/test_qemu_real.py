@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from conftest import rebuild
+from qemu_helpers import rebuild
 from vmdelta_source_qemu import QemuRamSource, QemuSource
 
 from vmdelta_core.errors import FormatError
