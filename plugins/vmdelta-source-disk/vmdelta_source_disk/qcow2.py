@@ -81,7 +81,8 @@ def _parse(schema: object, data: bytes, path: Path, offset: int, what: str) -> o
     try:
         return schema.parse(data)  # type: ignore[attr-defined]
     except ConstructError as exc:
-        raise _fail(path, offset, f"cannot parse the {what}: {exc}") from None
+        detail = " ".join(str(exc).split())  # construct spreads its messages over several lines
+        raise _fail(path, offset, f"cannot parse the {what}: {detail}") from None
 
 
 def read_info(path: Path, fd: int) -> Qcow2Info:

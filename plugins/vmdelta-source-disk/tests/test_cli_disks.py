@@ -1,0 +1,113 @@
+"""End to end through ``vmdelta create`` / ``vmdelta apply`` with the disk sources installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from disk_helpers import changed_units
+
+pytestmark = pytest.mark.fixtures
+
+cli = pytest.importorskip("vmdelta_core.cli")
+api = pytest.importorskip("vmdelta_core.api")
+
+
+def vmdelta(*args: str | Path) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def _changed_in(overlay: Path) -> list[int]:
+    meta = api.inspect_overlay(overlay)["metadata"]
+    return [int(image["statistics"]["changed"]) for image in meta["images"]]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMDELTA_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("pair", [".", "variants/discard-ignore", "variants/qemu-10.0-stream"])
+def test_raw_pairs_round_trip_sparse(fixture_dir: Path, tmp_path: Path, pair: str) -> None:
+    base, modified = fixture_dir / pair / "base.img", fixture_dir / pair / "modified.img"
+    overlay, out = tmp_path / "vm.overlay", tmp_path / "out.img"
+    assert vmdelta("create", "-q", "-o", overlay, "--disk", base, modified) == 0
+    assert vmdelta("apply", "-q", overlay, "--disk", base, out) == 0
+    assert out.read_bytes() == modified.read_bytes()
+    assert _allocated(out) <= _allocated(modified) + (1 << 20), "the rebuilt disk lost its holes"
+    assert overlay.stat().st_size < modified.stat().st_size // 10
+
+
+def test_thin_qcow2_output(fixture_dir: Path, tmp_path: Path, need_qemu_img: None) -> None:
+    base, modified = fixture_dir / "base.img", fixture_dir / "modified.img"
+    overlay, out = tmp_path / "vm.overlay", tmp_path / "out.qcow2"
+    assert vmdelta("create", "-q", "-o", overlay, "--disk", base, modified) == 0
+    assert vmdelta("apply", "-q", overlay, "--disk", base, out, "--disk-format", "qcow2") == 0
+    assert subprocess.run(["qemu-img", "check", str(out)], capture_output=True).returncode == 0
+    compare = subprocess.run(["qemu-img", "compare", "-F", "raw", str(out), str(modified)], capture_output=True)
+    assert compare.returncode == 0, compare.stdout
+    assert out.stat().st_size < modified.stat().st_size // 3
+
+
+def test_qcow2_input_is_scanned_only_where_allocated(
+    disks: Path, fixture_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    changes = pytest.importorskip("vmdelta_core.changes")
+    if not hasattr(changes, "iter_chunks"):
+        pytest.skip("the core's change detection changed shape")
+    scanned: list[int] = []
+    real = changes.iter_chunks
+
+    def spy(image, *args, **kwargs):  # type: ignore[no-untyped-def]
+        scanned.append(image.size)
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(changes, "iter_chunks", spy)
+    base, thin = disks / "base.img", disks / "thin.qcow2"
+    overlay, out = tmp_path / "vm.overlay", tmp_path / "out.qcow2"
+    assert vmdelta("create", "-q", "-o", overlay, "--disk", base, thin) == 0
+    assert scanned == [], "the whole disk was scanned although the qcow2 gives hints"
+    truth = changed_units(
+        np.fromfile(fixture_dir / "base.img", np.uint8), np.fromfile(fixture_dir / "modified.img", np.uint8)
+    )
+    assert _changed_in(overlay) == [truth.size]
+    assert vmdelta("apply", "-q", overlay, "--disk", base, out) == 0
+    compare = subprocess.run(["qemu-img", "compare", str(out), str(thin)], capture_output=True)
+    assert compare.returncode == 0, compare.stdout
+
+
+def test_several_disks_in_one_overlay(disks: Path, fixture_dir: Path, tmp_path: Path) -> None:
+    base = disks / "base.img"
+    other_base = fixture_dir / "variants/discard-ignore/base.img"
+    other_modified = fixture_dir / "variants/discard-ignore/modified.img"
+    overlay = tmp_path / "vm.overlay"
+    assert (
+        vmdelta(
+            "create", "-q", "-o", overlay, "--disk", base, disks / "thin.qcow2", "--disk", other_base, other_modified
+        )
+        == 0
+    )
+    assert len(_changed_in(overlay)) == 2
+    out0, out1 = tmp_path / "disk0.img", tmp_path / "disk1.img"
+    assert (
+        vmdelta("apply", "-q", overlay, "--disk", base, out0, "--disk-format", "raw", "--disk", other_base, out1) == 0
+    )
+    assert out0.read_bytes() == (fixture_dir / "modified.img").read_bytes()
+    assert out1.read_bytes() == other_modified.read_bytes()
+
+
+def test_damaged_qcow2_is_one_line(disks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.qcow2"
+    broken.write_bytes((disks / "thin.qcow2").read_bytes()[:100])
+    code = vmdelta("create", "-q", "-o", tmp_path / "x.overlay", "--disk", disks / "base.img", broken)
+    err = capsys.readouterr().err
+    assert code == 3
+    assert err.count("\n") == 1 and "not a usable qcow2 image" in err and "Traceback" not in err
+    assert not (tmp_path / "x.overlay").exists()
