@@ -139,6 +139,15 @@ VMDESC_HEADER = Struct(
 )
 
 
+#: ``MappedRamHeader`` (QEMU 9.0+), packed
+MAPPED_RAM_HEADER = Struct(
+    "version" / Int32ub,
+    "page_size" / Int64ub,
+    "bitmap_offset" / Int64ub,
+    "pages_offset" / Int64ub,
+)
+
+
 def block_entry(*, guest_address: bool, mapped_ram: bool) -> Struct:
     """One RAM block of the MEM_SIZE table; the stream does not say which fields are present,
     the capabilities do (``x-ignore-shared`` adds the guest address, ``mapped-ram`` a header)."""
@@ -149,14 +158,6 @@ def block_entry(*, guest_address: bool, mapped_ram: bool) -> Struct:
         "mapped" / If(mapped_ram, MAPPED_RAM_HEADER),
     )
 
-
-#: ``MappedRamHeader`` (QEMU 9.0+), packed
-MAPPED_RAM_HEADER = Struct(
-    "version" / Int32ub,
-    "page_size" / Int64ub,
-    "bitmap_offset" / Int64ub,
-    "pages_offset" / Int64ub,
-)
 
 BLOCK_ENTRY = block_entry(guest_address=False, mapped_ram=False)
 

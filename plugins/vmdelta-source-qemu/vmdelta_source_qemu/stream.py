@@ -269,7 +269,7 @@ class _Walker:
             if at < 0:
                 break
             if at + 6 <= len(tail):
-                (length,) = struct.unpack_from(">I", tail, at + 2)
+                length = c.VMDESC_HEADER.parse(tail[at + 1 : at + 6]).length
                 if start + at + 6 + length == self.size:
                     try:
                         return dict(json.loads(tail[at + 6 :]))
