@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from qemu_helpers import rebuild
 from qemu_stream_builder import (
     COMPRESS,
     FLUSH,
@@ -220,3 +221,23 @@ def test_damaged_envelope(tmp_path: Path) -> None:
     ):
         with pytest.raises(FormatError):
             Envelope.from_bytes(broken)
+
+
+def test_ignore_shared_apply_without_ram_output_names_the_option(tmp_path: Path) -> None:
+    b = StreamBuilder([("pc.ram", 2 * PAGE), ("pc.bios", PAGE)], capabilities=["x-ignore-shared"], addresses=[0, 0])
+    b.start()
+    b.eos_footer()
+    b.part(end=True)
+    b.page("pc.bios", 0, pattern(3))
+    b.eos_footer()
+    b.devices()
+    ram = tmp_path / "ram.raw"
+    ram.write_bytes(pattern(1) + bytes(PAGE))
+    image = open_bytes(tmp_path, b.finish(), ram=str(ram))
+    assert bytes(image.data[:PAGE]) == pattern(1)
+    with pytest.raises(ConfigError, match="--memory-ram"):
+        rebuild(image, tmp_path)
+    out_ram = tmp_path / "out-ram.raw"
+    out = rebuild(image, tmp_path, {"ram_output": str(out_ram)})
+    assert out.read_bytes() == (tmp_path / "bad.mem").read_bytes()
+    assert out_ram.read_bytes() == ram.read_bytes()

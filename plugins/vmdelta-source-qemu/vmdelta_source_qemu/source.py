@@ -71,11 +71,14 @@ class QemuSource(Source):
             )
         image, closers = map_readonly(Path(rebuilt.path))
         try:
-            if external:
-                block = next(b for b in blocks if b.name == external[0])
-                _write_ram_file(Path(ram_output), image[block.offset : block.offset + block.length])
             with open(output, "w+b") as out:
                 write_snapshot(envelope, blocks, image, out)
+            # the stream is complete before the RAM file replaces anything
+            if external:
+                block = next((b for b in blocks if b.name == external[0]), None)
+                if block is None:
+                    raise FormatError(f"QEMU envelope names shared block {external[0]!r}, which it does not list")
+                _write_ram_file(Path(ram_output), image[block.offset : block.offset + block.length])
         finally:
             del image
             for closer in closers:
