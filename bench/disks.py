@@ -255,18 +255,21 @@ def table(rows: list[Row]) -> str:
 
 
 def versions() -> str:
+    """One line naming the tools measured, with their versions."""
     out = []
     for cmd in (["qemu-img", "--version"], ["zstd", "--version"], ["xdelta3", "-V"]):
         try:
-            text = subprocess.run(cmd, capture_output=True, text=True).stdout or ""
-            text = text or subprocess.run(cmd, capture_output=True, text=True).stderr
-            out.append(text.strip().splitlines()[0])
-        except (OSError, IndexError):
-            out.append(f"{cmd[0]}: not installed")
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError:
+            out.append(f"{cmd[0]} not installed")
+            continue
+        words = (done.stdout or done.stderr).split()
+        version = next((w.strip("v,") for w in words if w[:1].isdigit() or w[:2] in ("v1", "v2")), "?")
+        out.append(f"{cmd[0]} {version}")
     cli = vmdelta_command()
     if cli:
         out.append(subprocess.run([cli, "--version"], capture_output=True, text=True).stdout.strip())
-    return "; ".join(out)
+    return ", ".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -111,3 +111,23 @@ def test_damaged_qcow2_is_one_line(disks: Path, tmp_path: Path, capsys: pytest.C
     assert code == 3
     assert err.count("\n") == 1 and "not a usable qcow2 image" in err and "Traceback" not in err
     assert not (tmp_path / "x.overlay").exists()
+
+
+def test_grown_disk(disks: Path, tmp_path: Path, need_qemu_img: None) -> None:
+    """A modified disk larger than its base: the overlay records the new size, apply rebuilds it."""
+    base = disks / "base.img"
+    grown_raw = tmp_path / "grown.img"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disks / "grown.qcow2"), str(grown_raw)], check=True)
+    for modified in (grown_raw, disks / "grown.qcow2"):
+        overlay = tmp_path / f"{modified.name}.overlay"
+        assert vmdelta("create", "-q", "-o", overlay, "--disk", base, modified) == 0
+        assert api.inspect_overlay(overlay)["metadata"]["images"][0]["size"] == 192 << 20
+        for fmt in ("raw", "qcow2"):
+            out = tmp_path / f"out-{modified.name}.{fmt}"
+            assert vmdelta("apply", "-q", overlay, "--disk", base, out, "--disk-format", fmt) == 0
+            compare = subprocess.run(
+                ["qemu-img", "compare", "-f", fmt, "-F", "raw", str(out), str(grown_raw)], capture_output=True
+            )
+            assert compare.returncode == 0, compare.stdout
+            if fmt == "qcow2":
+                assert out.stat().st_size < 2 << 20  # the 108 KiB written, not the 64 MiB of growth
