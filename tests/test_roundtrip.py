@@ -8,11 +8,32 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmdelta_core import Encoder, hookimpl
 from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 
-REGISTRY = Registry(new_plugin_manager(load_entry_points=False))
+class Reverse(Encoder):
+    """An encoder with a ref id above the self ref's, so apply must order its work right."""
+
+    name = "reverse"
+
+    def encode(self, bases, targets):
+        return [bytes(t)[::-1] for t in targets]
+
+    def decode(self, bases, payloads, lengths):
+        return [bytes(p)[::-1] for p in payloads]
+
+
+class ReversePlugin:
+    @hookimpl
+    def vmdelta_register_encoders(self, register) -> None:
+        register(Reverse())
+
+
+_pm = new_plugin_manager(load_entry_points=False)
+_pm.register(ReversePlugin(), name="reverse")
+REGISTRY = Registry(_pm)
 UNIT = 4096
 
 
@@ -60,13 +81,15 @@ def image_pairs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     return base, modified
 
 
-def round_trip(tmp: Path, pairs: list[tuple[str, np.ndarray, np.ndarray]], **create: object) -> list[Path]:
+def round_trip(
+    tmp: Path, pairs: list[tuple[str, np.ndarray, np.ndarray]], encoders: tuple[str, ...] = (), **create: object
+) -> list[Path]:
     specs, outputs = [], []
     for n, (kind, base, modified) in enumerate(pairs):
         b, m = tmp / f"{n}.base", tmp / f"{n}.modified"
         b.write_bytes(base.tobytes())
         m.write_bytes(modified.tobytes())
-        specs.append(ImageSpec(kind, b, m))
+        specs.append(ImageSpec(kind, b, m, **({"encoders": encoders, "policy": "fixed"} if encoders else {})))
         outputs.append(tmp / f"{n}.out")
     overlay = tmp / "o.vmdo"
     create_overlay(CreateConfig(output=overlay, images=specs, cache_dir=tmp / "cache", threads=2, **create), registry=REGISTRY)
@@ -87,6 +110,12 @@ def test_one_disk_round_trips(pair: tuple[np.ndarray, np.ndarray], tmp_path_fact
 @given(memory=image_pairs(), disks=st.lists(image_pairs(), min_size=1, max_size=3))
 def test_memory_and_several_disks_round_trip(memory, disks, tmp_path_factory) -> None:
     round_trip(tmp_path_factory.mktemp("rt"), [("memory", *memory)] + [("disk", *d) for d in disks])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(memory=image_pairs(), disk=image_pairs())
+def test_self_references_to_units_of_any_encoder(memory, disk, tmp_path_factory) -> None:
+    round_trip(tmp_path_factory.mktemp("rt"), [("memory", *memory), ("disk", *disk)], encoders=("reverse",))
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -230,7 +230,8 @@ def _apply_items(
                 raise FormatError(f"{where}: items are not in address order")
             previous = int(offsets[-1])
         refs = cols.refs
-        for ref in np.unique(refs).tolist():
+        # self references last: their targets may be items of this very frame
+        for ref in sorted(np.unique(refs).tolist(), key=lambda r: r == Ref.SELF):
             rows = np.flatnonzero(refs == ref)
             if ref == Ref.ZEROS:
                 for o, n in zip(offsets[rows].tolist(), lengths[rows].tolist(), strict=True):

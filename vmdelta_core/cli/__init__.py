@@ -42,6 +42,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vmdelta: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
