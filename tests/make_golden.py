@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from conftest import sample_pair  # noqa: E402
+from samples import sample_pair  # noqa: E402
 
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay  # noqa: E402
 from vmdelta_core.items import pack_items  # noqa: E402

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import sample_pair
+from samples import sample_pair
 
 from vmdelta_core.cli import main
 

@@ -34,7 +34,9 @@ def _differ(a: np.ndarray, b: np.ndarray, unit: int) -> np.ndarray:
     return (a.reshape(-1, unit) != b.reshape(-1, unit)).any(axis=1)
 
 
-def changed_units(base: SourceImage, modified: SourceImage, unit: int, progress: ProgressFn | None = None) -> np.ndarray:
+def changed_units(
+    base: SourceImage, modified: SourceImage, unit: int, progress: ProgressFn | None = None, *, use_hints: bool = True
+) -> np.ndarray:
     """Sorted ``int64`` indices of the modified image's units whose bytes differ from the base's.
 
     The base is read as zero-padded past its end, so a grown image's new units count as changed
@@ -42,7 +44,7 @@ def changed_units(base: SourceImage, modified: SourceImage, unit: int, progress:
     """
     msize, bsize = modified.size, base.size
     count = -(-msize // unit)
-    if modified.hints is not None:
+    if use_hints and modified.hints is not None:
         return _changed_among(base, modified, unit, np.asarray(modified.hints, dtype=np.int64), progress)
 
     common = min(msize, bsize) // unit  # units wholly inside both images

@@ -55,6 +55,8 @@ class SourceImage:
     data: np.ndarray
     holes: np.ndarray = attrs.field(factory=lambda: np.zeros((0, 2), dtype=np.int64))
     hints: np.ndarray | None = None
+    #: the file the hints are relative to: they are used only when it is the base being compared
+    hints_base: Path | None = None
     envelope: bytes = b""
     layout: Mapping[str, Any] = attrs.field(factory=dict)
     #: True when materialize() reproduces the artifact byte for byte from image + envelope.

@@ -22,8 +22,8 @@ from vmdelta_core.container import FORMAT_VERSION, OverlayWriter
 from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
 from vmdelta_core.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.errors import ConfigError, PluginError
-from vmdelta_core.fileio import AtomicOutput
-from vmdelta_core.index import image_digest, load_or_build_index
+from vmdelta_core.fileio import AtomicOutput, data_extents
+from vmdelta_core.index import ImageDigest, image_digest, load_or_build_index
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
 from vmdelta_core.registry import ComponentInfo, Registry, default_registry
@@ -49,11 +49,23 @@ def image_names(kinds: list[str]) -> list[str]:
 
 
 def file_digest(path: Path) -> str:
-    h = xxhash.xxh3_128()
+    """XXH3-128 of a file's bytes; holes are hashed as zeros without being read."""
+    digest = ImageDigest()
+    pos = 0
     with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return "xxh3-128:" + h.hexdigest()
+        for start, length in data_extents(path).tolist():
+            digest.update_zeros(start - pos)
+            f.seek(start)
+            remaining = length
+            while remaining:
+                chunk = f.read(min(remaining, 8 << 20))
+                if not chunk:
+                    raise ConfigError(f"{path} changed while it was read")
+                digest.update(chunk)
+                remaining -= len(chunk)
+            pos = start + length
+        digest.update_zeros(os.fstat(f.fileno()).st_size - pos)
+    return digest.hexdigest()
 
 
 def _component(info: ComponentInfo, **extra: Any) -> dict[str, Any]:
@@ -203,8 +215,10 @@ def _encode_image(
 ) -> dict[str, Any]:
     unit = config.unit_size
     spec, base, modified = item.spec, item.base, item.modified
+    # hints hold against the file the modified was made from; against another base they lie
+    use_hints = modified.hints is not None and _same_file(modified.hints_base, spec.base)
     advance = progress.start(f"compare {item.name}", modified.size)
-    changed = changed_units(base, modified, unit, progress=advance)
+    changed = changed_units(base, modified, unit, progress=advance, use_hints=use_hints)
     stats: dict[str, Any] = {"units": -(-modified.size // unit), "changed": int(changed.size)}
 
     filters_meta = []
@@ -289,6 +303,13 @@ def _encode_image(
         "policy": spec.policy,
         "statistics": stats,
     }
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _checked_mask(name: str, result: FilterResult, candidates: np.ndarray) -> np.ndarray:

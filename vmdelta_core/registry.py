@@ -13,7 +13,9 @@ from vmdelta_core.components import Codec, Encoder, Filter, Source
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.plugins import new_plugin_manager, plugin_distribution
 
-__all__ = ["ComponentInfo", "Registry", "default_registry"]
+__all__ = ["FALLBACK_SOURCE", "ComponentInfo", "Registry", "default_registry"]
+
+FALLBACK_SOURCE = "file"
 
 ComponentKind = Literal["source", "filter", "encoder", "codec"]
 
@@ -108,7 +110,10 @@ class Registry:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
         name = self.pm.hook.vmdelta_detect_source(path=path, head=head, kind=kind)
         if name is None:
-            raise ConfigError(f"no installed source recognises {path} as a {kind} image; name one with --format")
+            # nothing claimed it: the plain-file source reads anything, byte for byte
+            name = FALLBACK_SOURCE
+            if ("source", name) not in self._components:
+                raise ConfigError(f"no installed source recognises {path} as a {kind} image; name one with --format")
         self.info("source", name)
         return str(name)
 

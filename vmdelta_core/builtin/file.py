@@ -1,6 +1,7 @@
 """The ``file`` source: an artifact that is its image, byte for byte (a raw disk or RAM dump).
 
-It is the fallback of format detection, so core works with no plugin installed.
+It is what the registry answers when no plugin's ``vmdelta_detect_source`` recognises an
+artifact, so core works with no plugin installed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,3 @@ class FileSource(Source):
 def vmdelta_register_sources(register: Callable[[Source], None]) -> None:
     register(FileSource())
 
-
-@hookimpl(trylast=True)
-def vmdelta_detect_source(path: Path, head: bytes, kind: str) -> str | None:
-    return "file"

@@ -177,6 +177,7 @@ class Qcow2Source(Source):
             data=image.data,
             holes=image.holes,
             hints=hints,
+            hints_base=backing.resolve() if backing is not None else None,
             layout=layout,
             exact_artifact=False,
             closers=image.closers,
