@@ -11,7 +11,15 @@ DEST=${1:-${VMDELTA_QEMU10:-/tmp/vmdelta-qemu10}}
 if [ -x "$DEST/usr/bin/qemu-system-x86_64" ]; then echo "$DEST"; exit 0; fi
 . /etc/os-release
 CODENAME=${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# the mirror the system's apt already uses (deb822 sources first, then the one-line format)
+if [ -z "${DEBIAN_MIRROR:-}" ]; then
+  DEBIAN_MIRROR=$( { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}';
+                     grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+                       | sed 's/\[[^]]*\]//' | awk '{print $2}'; } \
+                   | grep -v -e security -e '^$' | grep '/debian/\?$' | head -1 || true)
+fi
+MIRROR=$DEBIAN_MIRROR
+[ -n "$MIRROR" ] || { echo "no Debian mirror in the apt sources; set DEBIAN_MIRROR" >&2; exit 1; }
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 [ -f "$KEYRING" ] || { echo "$KEYRING missing (package debian-archive-keyring)" >&2; exit 1; }
 APT="$DEST.apt"
