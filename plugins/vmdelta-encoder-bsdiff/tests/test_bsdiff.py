@@ -6,11 +6,11 @@ import bsdiff4
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vmdelta_encoder_bsdiff import BsdiffEncoder
 
 from vmdelta_core.registry import default_registry
 from vmdelta_core.schema import Ref
 from vmdelta_core.testing import check_encoder, sample_unit_pairs
-from vmdelta_encoder_bsdiff import BsdiffEncoder
 
 
 def _views(pairs):

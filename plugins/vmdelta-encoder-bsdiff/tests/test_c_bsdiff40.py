@@ -8,11 +8,11 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vmdelta_encoder_bsdiff import BsdiffEncoder
+from vmdelta_encoder_bsdiff.c_bsdiff40 import HEADER, pack_header, unpack_header
 
 from vmdelta_core.errors import FormatError
 from vmdelta_core.testing import sample_unit_pairs
-from vmdelta_encoder_bsdiff import BsdiffEncoder
-from vmdelta_encoder_bsdiff.c_bsdiff40 import HEADER, pack_header, unpack_header
 
 BASE, TARGET = sample_unit_pairs()[1]
 EMPTY = bz2.compress(b"")

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from vmdelta_core.components import Encoder
 from vmdelta_core.hookspecs import hookimpl
-
 from vmdelta_encoder_bsdiff.encoder import BsdiffEncoder
 
 __all__ = ["BsdiffEncoder"]

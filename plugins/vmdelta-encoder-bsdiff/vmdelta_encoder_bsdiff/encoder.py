@@ -10,7 +10,6 @@ import bsdiff4.core
 from vmdelta_core.components import Encoder
 from vmdelta_core.errors import FormatError
 from vmdelta_core.schema import Ref
-
 from vmdelta_encoder_bsdiff.c_bsdiff40 import HEADER_SIZE, pack_header, unpack_header
 
 __all__ = ["BsdiffEncoder", "max_control_entries"]
@@ -59,7 +58,9 @@ class BsdiffEncoder(Encoder):
             out.append(b"".join([pack_header(len(blocks[0]), len(blocks[1]), length), *blocks]))
         return out
 
-    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
         out: list[bytes] = []
         for base, payload, length in zip(bases, payloads, lengths, strict=True):
             data = bytes(payload)

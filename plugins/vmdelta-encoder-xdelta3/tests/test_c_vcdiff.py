@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vmdelta_encoder_xdelta3 import Xdelta3Encoder, check_payload
+from vmdelta_encoder_xdelta3.c_vcdiff import VCDIFF_MAGIC, VcdiffError
 
 from vmdelta_core.errors import FormatError
 from vmdelta_core.testing import sample_unit_pairs
-from vmdelta_encoder_xdelta3 import Xdelta3Encoder, check_payload
-from vmdelta_encoder_xdelta3.c_vcdiff import VCDIFF_MAGIC, VcdiffError
 
 BASE, TARGET = sample_unit_pairs()[1]
 
@@ -29,7 +29,9 @@ def _varint(value: int) -> bytes:
     return bytes(reversed(out))
 
 
-def _window(target_length: int, sections: bytes = b"\x00\x00\x00", indicator: int = 0, delta_indicator: int = 0) -> bytes:
+def _window(
+    target_length: int, sections: bytes = b"\x00\x00\x00", indicator: int = 0, delta_indicator: int = 0
+) -> bytes:
     body = _varint(target_length) + bytes([delta_indicator]) + sections
     return bytes([indicator]) + _varint(len(body)) + body
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vmdelta_encoder_xdelta3 import Xdelta3Encoder
+from vmdelta_encoder_xdelta3._library import load_library
 
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.registry import default_registry
 from vmdelta_core.schema import Ref
 from vmdelta_core.testing import check_encoder, sample_unit_pairs
-from vmdelta_encoder_xdelta3 import Xdelta3Encoder
-from vmdelta_encoder_xdelta3._library import load_library
 
 
 def _views(pairs):
@@ -87,8 +87,19 @@ def test_decodes_a_payload_of_the_xdelta3_command(tmp_path: Path) -> None:
     (tmp_path / "target").write_bytes(target)
     # -S none: no secondary compression, -A: no application header; what the encoder accepts
     subprocess.run(
-        ["xdelta3", "-e", "-9", "-S", "none", "-A", "-f", "-s", str(tmp_path / "base"), str(tmp_path / "target"),
-         str(tmp_path / "payload")],
+        [
+            "xdelta3",
+            "-e",
+            "-9",
+            "-S",
+            "none",
+            "-A",
+            "-f",
+            "-s",
+            str(tmp_path / "base"),
+            str(tmp_path / "target"),
+            str(tmp_path / "payload"),
+        ],
         check=True,
         capture_output=True,
     )

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from vmdelta_core.components import Encoder
 from vmdelta_core.hookspecs import hookimpl
-
 from vmdelta_encoder_xdelta3.c_vcdiff import check_payload
 from vmdelta_encoder_xdelta3.encoder import DEFAULT_LEVEL, Xdelta3Encoder
 

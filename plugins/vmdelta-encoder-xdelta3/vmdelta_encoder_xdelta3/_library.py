@@ -38,7 +38,14 @@ class Xdelta3Library:
         #                  usize_t source_size, uint8_t *output, usize_t *output_size,
         #                  usize_t avail_output, int flags)
         argtypes = [
-            ctypes.c_char_p, usize, ctypes.c_char_p, usize, ctypes.c_char_p, ctypes.POINTER(usize), usize, ctypes.c_int,
+            ctypes.c_char_p,
+            usize,
+            ctypes.c_char_p,
+            usize,
+            ctypes.c_char_p,
+            ctypes.POINTER(usize),
+            usize,
+            ctypes.c_int,
         ]
         for fn in (encode, decode):
             fn.argtypes = argtypes
@@ -66,8 +73,16 @@ class Xdelta3Library:
         source = b"probe" * 20
         out = ctypes.create_string_buffer(256)
         written = ctypes.c_uint64(0xA5A5A5A5A5A5A5A5)
-        status = encode(source, ctypes.c_uint32(len(source)), source, ctypes.c_uint32(len(source)), out,
-                        ctypes.byref(written), ctypes.c_uint32(256), ctypes.c_int(0))
+        status = encode(
+            source,
+            ctypes.c_uint32(len(source)),
+            source,
+            ctypes.c_uint32(len(source)),
+            out,
+            ctypes.byref(written),
+            ctypes.c_uint32(256),
+            ctypes.c_int(0),
+        )
         if status != 0:
             raise PluginError(f"xdelta3: probing the library failed with status {status}")
         return 4 if written.value >> 32 == 0xA5A5A5A5 else 8

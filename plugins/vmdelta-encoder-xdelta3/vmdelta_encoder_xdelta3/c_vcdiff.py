@@ -73,7 +73,7 @@ def check_payload(data: bytes, source_length: int, target_length: int) -> None:
         start = pos
         window = data[pos]
         pos += 1
-        if window & ~(VCD_SOURCE | VCD_TARGET | VCD_ADLER32) or window & VCD_SOURCE and window & VCD_TARGET:
+        if window & ~(VCD_SOURCE | VCD_TARGET | VCD_ADLER32) or (window & VCD_SOURCE and window & VCD_TARGET):
             raise VcdiffError(f"window indicator {window:#x} at byte {start} is invalid")
         if window & VCD_SOURCE:
             seg_length, pos = _varint(data, pos)

@@ -8,7 +8,6 @@ from typing import Any
 from vmdelta_core.components import Encoder
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.schema import Ref
-
 from vmdelta_encoder_xdelta3._library import XD3_COMPLEVEL_SHIFT, XD3_NOCOMPRESS, load_library
 from vmdelta_encoder_xdelta3.c_vcdiff import VcdiffError, check_payload
 
@@ -58,7 +57,9 @@ class Xdelta3Encoder(Encoder):
             out.append(encode(source, bytes(target), length - 1, flags))
         return out
 
-    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
         library = self._library
         out: list[bytes] = []
         for base, payload, length in zip(bases, payloads, lengths, strict=True):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from vmdelta_encoder_xor.runs import RunsError, decode_runs, encode_runs
 
 
@@ -35,7 +34,8 @@ def reference_encode(xor: bytes, merge_gap: int) -> bytes | None:
 sparse_unit = st.builds(
     lambda n, edits: bytes(
         np.bincount([p % max(n, 1) for p, _ in edits], weights=[v for _, v in edits], minlength=n).astype(np.uint8)
-        if n else b""
+        if n
+        else b""
     ),
     st.integers(0, 600),
     st.lists(st.tuples(st.integers(0, 599), st.integers(1, 255)), max_size=60),
@@ -43,8 +43,11 @@ sparse_unit = st.builds(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(0, 600), st.lists(st.one_of(sparse_unit, st.binary(max_size=600)), min_size=1, max_size=12),
-       st.integers(0, 9))
+@given(
+    st.integers(0, 600),
+    st.lists(st.one_of(sparse_unit, st.binary(max_size=600)), min_size=1, max_size=12),
+    st.integers(0, 9),
+)
 def test_matches_reference_and_round_trips(length: int, units: list[bytes], merge_gap: int) -> None:
     units = [u[:length].ljust(length, b"\0") for u in units]
     lengths = np.array([len(u) for u in units], dtype=np.int64)

@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vmdelta_encoder_xor import XorEncoder
 
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.registry import default_registry
 from vmdelta_core.schema import Ref
 from vmdelta_core.testing import check_encoder, sample_unit_pairs
-from vmdelta_encoder_xor import XorEncoder
 
 
 def _views(pairs):
@@ -81,7 +81,9 @@ def test_registered_under_its_classic_ref() -> None:
     assert encoder.wire_ref == Ref.XOR == 0x9
 
 
-@pytest.mark.parametrize("options", [{"mode": "rle"}, {"merge_gap": -1}, {"merge_gap": 16}, {"merge_gap": True}, {"level": 3}])
+@pytest.mark.parametrize(
+    "options", [{"mode": "rle"}, {"merge_gap": -1}, {"merge_gap": 16}, {"merge_gap": True}, {"level": 3}]
+)
 def test_bad_options_are_config_errors(options) -> None:
     with pytest.raises(ConfigError):
         XorEncoder().configure(options)

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from vmdelta_core.components import Encoder
 from vmdelta_core.hookspecs import hookimpl
-
 from vmdelta_encoder_xor.encoder import DEFAULT_MERGE_GAP, MODES, XorEncoder
 from vmdelta_encoder_xor.runs import decode_runs, encode_runs
 

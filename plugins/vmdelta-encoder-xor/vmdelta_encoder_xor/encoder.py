@@ -10,7 +10,6 @@ import numpy as np
 from vmdelta_core.components import Encoder
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.schema import Ref
-
 from vmdelta_encoder_xor.runs import RunsError, decode_runs, encode_runs
 
 __all__ = ["DEFAULT_MERGE_GAP", "MODES", "XorEncoder"]
@@ -78,7 +77,9 @@ class XorEncoder(Encoder):
         ends = np.cumsum(lengths).tolist()
         return [blob[end - n : end] for end, n in zip(ends, lengths.tolist(), strict=True)]
 
-    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
         if not payloads:
             return []
         sizes = [len(p) for p in payloads]

@@ -10,12 +10,14 @@ runs that are not::
 
 Headers and literals are kept apart so that the frame codec sees similar bytes together. Zero
 gaps of up to ``merge_gap`` bytes are folded into a run rather than opening a new one (a run costs
-four header bytes). A unit whose XOR is too dense for runs to save at least 1/32 of it is declined. Everything past the last run is zero. Units are at most 65535 bytes (the
-DeltaItem length is a u16), so every field fits.
+four header bytes). Everything past the last run is zero. A unit whose XOR is too dense for runs
+to save at least 1/32 of it is declined. Units are at most 65535 bytes (the DeltaItem length is a
+u16), so every field fits.
 
-Both directions work on the concatenation of the batch with numpy index arithmetic: a few dozen
-array operations per batch instead of a Python loop per unit or per run, and numpy drops the GIL
-inside them.
+Both directions work on whole batches with numpy: run boundaries come from shifted copies of the
+non-zero mask, literals are gathered and scattered with one mask of the bytes inside runs, so the
+cost is a few dozen array operations per batch rather than Python work per unit or per run, and
+numpy drops the GIL inside them.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def encode_runs(xor: np.ndarray, merge_gap: int) -> list[bytes | None]:
     sizes = (2 + 4 * runs_per_unit + literal_bytes).tolist()
     return [
         headers[header_bytes[i] : header_bytes[i + 1]] + literals[literal_start[i] : literal_start[i + 1]]
-        if sizes[i] < length else None
+        if sizes[i] < length
+        else None
         for i in range(units)
     ]
 
@@ -156,8 +159,11 @@ def decode_runs(payloads: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
     bad = np.flatnonzero((covered != literal_bytes) | (unit_end > lengths))
     if bad.size:
         i = int(bad[0])
-        raise RunsError(i, f"runs cover {int(unit_end[i])} of {int(lengths[i])} bytes with "
-                           f"{int(covered[i])} literal bytes, the payload holds {int(literal_bytes[i])}")
+        raise RunsError(
+            i,
+            f"runs cover {int(unit_end[i])} of {int(lengths[i])} bytes with "
+            f"{int(covered[i])} literal bytes, the payload holds {int(literal_bytes[i])}",
+        )
     unit_start = _starts(lengths)
     run_flat_start = unit_start[run_unit] + run_end - run_size
     xor = np.zeros(int(unit_start[-1]), dtype=np.uint8)

@@ -5,11 +5,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vmdelta_encoder_zstd import ZstdEncoder, window_log
 
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.registry import default_registry
 from vmdelta_core.testing import check_encoder, sample_unit_pairs
-from vmdelta_encoder_zstd import ZstdEncoder, window_log
 
 BASE, TARGET = sample_unit_pairs()[1]
 

@@ -16,7 +16,9 @@ ENCODER = "zstd"
 def _images(tmp_path: Path) -> tuple[Path, Path]:
     """A 1 MiB raw disk pair: text units with small edits, a few rewritten, a few new."""
     rng = np.random.default_rng(7)
-    words = np.array([w.encode() for w in "alpha beta gamma delta kernel page cache inode block".split()])
+    words = np.array(
+        [w.encode() for w in ["alpha", "beta", "gamma", "delta", "kernel", "page", "cache", "inode", "block"]]
+    )
     text = b" ".join(rng.choice(words, 200_000))[: 1 << 20]
     base = bytearray(text)
     modified = bytearray(text)
@@ -34,8 +36,12 @@ def _images(tmp_path: Path) -> tuple[Path, Path]:
 def test_create_inspect_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str) -> None:
     base, modified = _images(tmp_path)
     overlay, rebuilt = tmp_path / "overlay.vmd", tmp_path / "rebuilt.img"
-    assert main(["create", "-o", str(overlay), "--disk", str(base), str(modified),
-                 "--encoder", ENCODER, "--policy", policy]) == 0
+    assert (
+        main(
+            ["create", "-o", str(overlay), "--disk", str(base), str(modified), "--encoder", ENCODER, "--policy", policy]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["inspect", "--json", str(overlay)]) == 0
     meta = json.loads(capsys.readouterr().out)["metadata"]

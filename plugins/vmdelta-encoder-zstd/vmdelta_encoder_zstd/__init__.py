@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from vmdelta_core.components import Encoder
 from vmdelta_core.hookspecs import hookimpl
-
 from vmdelta_encoder_zstd.encoder import DEFAULT_LEVEL, ZstdEncoder, window_log
 
 __all__ = ["DEFAULT_LEVEL", "ZstdEncoder", "window_log"]

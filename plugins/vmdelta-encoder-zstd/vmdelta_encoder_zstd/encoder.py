@@ -90,7 +90,9 @@ class ZstdEncoder(Encoder):
             out.append(payload if len(payload) < length else None)
         return out
 
-    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
         out: list[bytes] = []
         for base, payload, length in zip(bases, payloads, lengths, strict=True):
             if not payload or payload[0] & _FORBIDDEN_DESCRIPTOR_BITS:
