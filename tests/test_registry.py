@@ -79,7 +79,7 @@ def test_third_party_encoder_gets_a_free_ref_and_round_trips(tmp_path: Path) -> 
     (tmp_path / "b").write_bytes(base.tobytes())
     (tmp_path / "m").write_bytes(modified.tobytes())
     overlay = tmp_path / "o"
-    report = create_overlay(CreateConfig(output=overlay, images=[ImageSpec("disk", tmp_path / "b", tmp_path / "m", encoders=("reverse",))],
+    report = create_overlay(CreateConfig(output=overlay, images=[ImageSpec("disk", tmp_path / "b", tmp_path / "m", encoders=("reverse",), policy="fixed")],
                                          cache_dir=tmp_path / "c"), registry=registry)
     ref = next(c["ref"] for c in report.metadata["components"] if c["name"] == "reverse")
     assert ref == 0xA

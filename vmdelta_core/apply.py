@@ -280,7 +280,11 @@ def _decode_rows(
         payloads = [memoryview(cols.payloads[r]) for r in chunk.tolist()]
         return encoder.decode(bases, payloads, [int(lengths[r]) for r in chunk.tolist()])
 
-    for chunk, units in zip(chunks, pool.map(decode, chunks), strict=True):
+    try:
+        decoded = list(pool.map(decode, chunks))
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}") from None
+    for chunk, units in zip(chunks, decoded, strict=True):
         if len(units) != chunk.size:
             raise PluginError(f"encoder {encoder.name!r} decoded {len(units)} units of {chunk.size}")
         for r, data in zip(chunk.tolist(), units, strict=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +33,11 @@ __all__ = [
 ]
 
 POLICIES = ("fixed", "first-smaller", "best")
-DEFAULT_ENCODERS: tuple[str, ...] = ("raw",)
-DEFAULT_POLICY = "fixed"
+#: ``None`` in a config means these defaults, resolved against the installed encoders at create
+#: time: every encoder that declares a ``default_priority`` (in that order) and then ``raw``, chosen
+#: per unit with ``best`` when there is more than raw, else ``fixed``
+DEFAULT_ENCODERS = None
+DEFAULT_POLICY = None
 DEFAULT_UNIT = 4096
 DEFAULT_FRAME = 4 << 20
 MAX_FRAME = 64 << 20
@@ -69,8 +72,12 @@ class ImageSpec:
     base: Path = attrs.field(converter=_paths)
     modified: Path = attrs.field(converter=_paths)
     format: str | None = None
-    encoders: tuple[str, ...] = attrs.field(default=DEFAULT_ENCODERS, converter=tuple)
-    policy: str = attrs.field(default=DEFAULT_POLICY, validator=attrs.validators.in_(POLICIES))
+    encoders: tuple[str, ...] | None = attrs.field(
+        default=DEFAULT_ENCODERS, converter=attrs.converters.optional(tuple)
+    )
+    policy: str | None = attrs.field(
+        default=DEFAULT_POLICY, validator=attrs.validators.optional(attrs.validators.in_(POLICIES))
+    )
     filters: tuple[FilterSpec, ...] = attrs.field(default=(), converter=tuple)
     #: options passed to the source when opening the base / the modified artifact
     base_options: Mapping[str, Any] = attrs.field(factory=dict)
@@ -102,9 +109,8 @@ class CreateConfig:
         if self.threads < 1:
             raise ConfigError("threads must be at least 1")
         for image in self.images:
-            for name in image.encoders:
-                if not name:
-                    raise ConfigError("an empty encoder name")
+            if image.encoders is not None and (not image.encoders or not all(image.encoders)):
+                raise ConfigError("an empty encoder name")
 
 
 @attrs.frozen
@@ -185,7 +191,7 @@ def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = 
                 base=resolve(entry["base"]),
                 modified=resolve(entry["modified"]),
                 format=entry.get("format"),
-                encoders=tuple(entry.get("encoders", DEFAULT_ENCODERS)),
+                encoders=tuple(entry["encoders"]) if "encoders" in entry else DEFAULT_ENCODERS,
                 policy=entry.get("policy", DEFAULT_POLICY),
                 filters=tuple(filters),
                 base_options=resolve_options(entry.get("base_options", {})),
@@ -214,14 +220,11 @@ def describe_config(config: CreateConfig) -> dict[str, Any]:
                 "base": image.base.name,
                 "modified": image.modified.name,
                 "format": image.format,
-                "encoders": list(image.encoders),
-                "policy": image.policy,
+                "encoders": list(image.encoders) if image.encoders is not None else "default",
+                "policy": image.policy or "default",
                 "filters": [{"name": f.name, "input": f.input.name if f.input else None} for f in image.filters],
             }
             for image in config.images
         ],
     }
 
-
-def _names(values: Sequence[str]) -> tuple[str, ...]:
-    return tuple(v.strip() for v in values if v.strip())

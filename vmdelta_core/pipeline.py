@@ -92,6 +92,25 @@ def assign_refs(registry: Registry, names: list[str]) -> dict[str, EncoderChoice
     return choices
 
 
+def resolve_encoders(registry: Registry, names: tuple[str, ...] | None, policy: str | None) -> tuple[tuple[str, ...], str]:
+    """The encoders and policy an image uses: as configured, or the defaults of what is installed.
+
+    The default list is every installed encoder that declares a ``default_priority`` (lowest
+    first), then ``raw``; the default policy is ``best`` when that is more than ``raw``.
+    """
+    if names is None:
+        ranked = sorted(
+            (info for info in registry if info.kind == "encoder" and getattr(info.component, "default_priority", None) is not None),
+            key=lambda info: (info.component.default_priority, info.name),
+        )
+        names = (*(info.name for info in ranked if info.name != "raw"), "raw")
+    for name in names:
+        registry.info("encoder", name)
+    if policy is None:
+        policy = "best" if set(names) - {"raw"} else "fixed"
+    return tuple(names), policy
+
+
 @attrs.define(eq=False)
 class _Opened:
     spec: ImageSpec
@@ -116,7 +135,8 @@ def create_overlay(
     unit = config.unit_size
     _check_paths(config)
     codec_info = registry.info("codec", config.codec)
-    encoder_names = sorted({name for spec in config.images for name in spec.encoders})
+    choices = {id(spec): resolve_encoders(registry, spec.encoders, spec.policy) for spec in config.images}
+    encoder_names = sorted({name for names, _ in choices.values() for name in names})
     refs = assign_refs(registry, encoder_names)
     for spec in config.images:
         for f in spec.filters:
@@ -171,7 +191,8 @@ def create_overlay(
             images_meta = []
             try:
                 for number, item in enumerate(opened):
-                    meta = _encode_image(number, item, config, registry, refs, dedup, writer, pool, progress)
+                    meta = _encode_image(number, item, config, registry, refs, choices[id(item.spec)], dedup, writer,
+                                         pool, progress)
                     meta["base"] = base_meta[number]
                     images_meta.append(meta)
             except BaseException:
@@ -208,6 +229,7 @@ def _encode_image(
     config: CreateConfig,
     registry: Registry,
     refs: Mapping[str, EncoderChoice],
+    encoding: tuple[tuple[str, ...], str],
     dedup: Deduplicator,
     writer: OverlayWriter,
     pool: ThreadPoolExecutor,
@@ -239,7 +261,8 @@ def _encode_image(
     dropped = np.sort(np.concatenate(dropped_all)) if dropped_all else np.zeros(0, dtype=np.int64)
     stats["dropped"] = {m["name"]: m["dropped"] for m in filters_meta}
 
-    policy = EncodingPolicy([refs[name] for name in spec.encoders], refs["raw"], spec.policy, pool)
+    encoder_names, policy_name = encoding
+    policy = EncodingPolicy([refs[name] for name in encoder_names], refs["raw"], policy_name, pool)
     by_ref = {choice.ref: choice.name for choice in refs.values()}
     counts = {"zero": 0, "base_memory": 0, "base_disk": 0, "self": 0}
     encoder_stats: dict[str, dict[str, int]] = {}
@@ -299,8 +322,8 @@ def _encode_image(
         "layout": dict(modified.layout),
         "envelope": envelope_meta,
         "filters": filters_meta,
-        "encoders": list(spec.encoders),
-        "policy": spec.policy,
+        "encoders": list(encoder_names),
+        "policy": policy_name,
         "statistics": stats,
     }
 

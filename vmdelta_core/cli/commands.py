@@ -45,7 +45,7 @@ def _threads(args: argparse.Namespace) -> dict[str, Any]:
 def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
     """The same :class:`CreateConfig` a TOML pipeline would build."""
     encoders = tuple(e.strip() for e in args.encoder.split(",") if e.strip()) if args.encoder else DEFAULT_ENCODERS
-    policy = args.policy or (DEFAULT_POLICY if not args.encoder or len(encoders) == 1 else "first-smaller")
+    policy = args.policy or DEFAULT_POLICY
     filters = [parse_filter(text) for text in args.filter]
     images: list[ImageSpec] = []
     if args.memory:

@@ -37,6 +37,9 @@ class XorEncoder(Encoder):
 
     name = "xor"
     wire_ref = int(Ref.XOR)
+    #: part of the default encoder list: under the ``best`` policy it made the real captures'
+    #: overlays 7-9% smaller than raw units alone (README, "Recommendation")
+    default_priority = 10
 
     def __init__(self, mode: str = "runs", merge_gap: int = DEFAULT_MERGE_GAP) -> None:
         if mode not in MODES:
