@@ -17,6 +17,8 @@ from samples import sample_pair  # noqa: E402
 
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay  # noqa: E402
 from vmdelta_core.items import pack_items  # noqa: E402
+from vmdelta_core.plugins import new_plugin_manager  # noqa: E402
+from vmdelta_core.registry import Registry  # noqa: E402
 from vmdelta_core.schema import ItemType, Ref  # noqa: E402
 
 GOLDEN = HERE.parent / "schemas" / "golden"
@@ -50,13 +52,15 @@ def golden_inputs(folder: Path) -> list[ImageSpec]:
         b, m = folder / f"{kind}.base", folder / f"{kind}.modified"
         b.write_bytes(base.tobytes())
         m.write_bytes(modified.tobytes())
-        specs.append(ImageSpec(kind, b, m))
+        specs.append(ImageSpec(kind, b, m, format="file", encoders=("raw",), policy="fixed"))
     return specs
 
 
 def golden_overlay(folder: Path, output: Path, codec: str) -> None:
+    # the core alone, whatever else is installed, so the bytes do not depend on the machine
+    registry = Registry(new_plugin_manager(load_entry_points=False, blocked=frozenset()))
     create_overlay(CreateConfig(output=output, images=golden_inputs(folder), codec=codec, level=3,
-                                threads=1, cache_dir=folder / "cache"))
+                                threads=1, cache_dir=folder / "cache"), registry=registry)
 
 
 if __name__ == "__main__":

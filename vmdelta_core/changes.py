@@ -59,6 +59,8 @@ def changed_units(
             lo, hi = first * unit, end * unit
             diff = _differ(mdata[lo:hi], bdata[lo:hi], unit)
             found.append(first + np.flatnonzero(diff))
+            modified.release(lo, hi)
+            base.release(lo, hi)
         if progress is not None:
             progress((end - first) * unit)
     # the tail: units past the end of the base (compared with zeros) and partial units

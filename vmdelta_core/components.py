@@ -10,6 +10,8 @@ and methods it needs (duck typing), so a plugin may implement them on any class.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -61,11 +63,32 @@ class SourceImage:
     layout: Mapping[str, Any] = attrs.field(factory=dict)
     #: True when materialize() reproduces the artifact byte for byte from image + envelope.
     exact_artifact: bool = True
+    #: the file ``data`` is a read-only map of, byte for byte, when it is one: the core then copies
+    #: it with the kernel's help and drops the pages it has finished reading from its memory
+    file: Path | None = None
+    #: the read-only file mapping ``data`` views from byte 0, if any (see :meth:`release`)
+    mapping: Any = None
     _closers: list[Any] = attrs.field(factory=list, alias="closers")
 
     @property
     def size(self) -> int:
         return int(self.data.shape[0])
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop the pages of ``data[start:stop]`` from this process's memory.
+
+        Only for file-backed maps (``mapping``), whose pages fault back in from the page cache
+        when read again; otherwise a no-op. Keeps peak memory bounded by what is being worked on
+        rather than by the image size.
+        """
+        if self.mapping is None or stop <= start:
+            return
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        hi = min(-(-stop // page) * page, self.size)
+        if hi > lo:
+            with contextlib.suppress(ValueError, OSError):
+                self.mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
         """Release mmaps and files; the arrays must not be used afterwards."""

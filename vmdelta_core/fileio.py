@@ -9,13 +9,17 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from vmdelta_core.components import SourceImage
 from vmdelta_core.errors import ConfigError
 
 __all__ = [
     "AtomicOutput",
+    "copy_range",
+    "open_file_image",
     "data_extents",
     "hole_extents",
     "map_readonly",
@@ -43,6 +47,36 @@ def map_readonly(path: Path) -> tuple[np.ndarray, list[object]]:
     with contextlib.suppress(AttributeError, OSError):
         mapped.madvise(mmap.MADV_SEQUENTIAL)
     return np.frombuffer(mapped, dtype=np.uint8), [mapped]
+
+
+def open_file_image(path: Path, kind: str, **fields: Any) -> SourceImage:
+    """A file whose bytes are the image: mapped read-only, with its holes and its file named."""
+    data, closers = map_readonly(path)
+    mapping = closers[0] if closers else None
+    return SourceImage(kind=kind, data=data, holes=hole_extents(path), file=Path(path), mapping=mapping,  # type: ignore[arg-type]
+                       closers=closers, **fields)
+
+
+def copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` from one file to the same place in another, in the
+    kernel (``copy_file_range``: a reflink or server-side copy where the file system can)."""
+    end = offset + length
+    while offset < end:
+        try:
+            done = os.copy_file_range(src, dst, end - offset, offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            done = 0
+        if done == 0:  # not supported here, or the source ended early: plain copy
+            while offset < end:
+                chunk = os.pread(src, min(end - offset, 8 << 20), offset)
+                if not chunk:
+                    raise OSError(errno.EIO, "source file ended early")
+                os.pwrite(dst, chunk, offset)
+                offset += len(chunk)
+            return
+        offset += done
 
 
 def data_extents(path: Path, start: int = 0, end: int | None = None) -> np.ndarray:

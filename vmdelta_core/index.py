@@ -168,6 +168,7 @@ def _scan(
                 if last_full > first:
                     units = chunk[: (last_full - first) * unit].reshape(-1, unit)
                     hashes[first:last_full] = unit_hashes(units)
+        image.release(lo, hi)
         if progress is not None:
             progress(hi - lo)
     return digest.hexdigest(), hashes

@@ -309,7 +309,10 @@ def _encode_image(
 
     advance = progress.start(f"digest {item.name}", modified.size)
     digest = image_digest(modified, unit, advance, replaced=(base, dropped) if dropped.size else None)
-    artifact_digest = file_digest(spec.modified) if modified.exact_artifact and not dropped.size else None
+    artifact_digest = None
+    if modified.exact_artifact and not dropped.size:
+        # an image that is its file byte for byte has one digest for both
+        artifact_digest = digest if _same_file(modified.file, spec.modified) else file_digest(spec.modified)
     return {
         "name": item.name,
         "kind": spec.kind,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
-from vmdelta_core.fileio import hole_extents, map_readonly
+from vmdelta_core.fileio import open_file_image
 from vmdelta_core.hookspecs import hookimpl
 
 
@@ -21,8 +21,7 @@ class FileSource(Source):
     kinds = frozenset({"memory", "disk"})
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
-        data, closers = map_readonly(path)
-        return SourceImage(kind=kind, data=data, holes=hole_extents(path), closers=closers)
+        return open_file_image(path, kind)
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
         os.replace(rebuilt.path, output)

@@ -19,7 +19,7 @@ import numpy as np
 
 from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
 from vmdelta_core.errors import ConfigError
-from vmdelta_core.fileio import data_extents, hole_extents, map_readonly
+from vmdelta_core.fileio import data_extents, hole_extents, map_readonly, open_file_image
 from vmdelta_source_disk.chain import compose, open_chain
 from vmdelta_source_disk.extents import punch_hole, to_spans, unit_spans
 from vmdelta_source_disk.qcow2_writer import WriteResult, write_qcow2
@@ -122,8 +122,7 @@ class RawSource(Source):
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         if kind != "disk":
             raise ConfigError(f"the raw source reads disks, not {kind} images")
-        data, closers = map_readonly(path)
-        return SourceImage(kind=kind, data=data, holes=hole_extents(path), layout={"format": "raw"}, closers=closers)
+        return open_file_image(path, kind, layout={"format": "raw"})
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
         if _output_format(rebuilt, "raw") == "qcow2":
