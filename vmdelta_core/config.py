@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
-import jsonschema
 
 from vmdelta_core.errors import ConfigError
 
@@ -159,6 +158,8 @@ def load_pipeline(path: Path) -> CreateConfig:
 
 
 def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = "pipeline") -> CreateConfig:
+    import jsonschema  # only pipelines from files need it; keep the command line quick to start
+
     validator = jsonschema.Draft202012Validator(pipeline_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:

@@ -8,23 +8,45 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["BarProgress", "console", "progress_for", "render_overlay", "print_json"]
 
-console = Console(stderr=False, highlight=False)
-_err = Console(stderr=True, highlight=False)
+
+class _LazyConsole:
+    """rich's console, imported on first use: commands that print nothing start faster."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, highlight=False)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+console: Any = _LazyConsole(stderr=False)
+_err: Any = _LazyConsole(stderr=True)
 
 
 class BarProgress:
     """Implements :class:`vmdelta_core.records.Progress` with rich bars on stderr."""
 
     def __init__(self) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
         self._progress = Progress(
             TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-            console=_err, transient=True,
+            console=_err.get(), transient=True,
         )
         self._current: int | None = None
 
@@ -73,6 +95,8 @@ def _size(n: int) -> str:
 
 def render_overlay(metadata: Mapping[str, Any], *, size: int | None = None, frames: list[dict[str, Any]] | None = None) -> None:
     """The statistics table of an overlay, one column per image."""
+    from rich.table import Table
+
     images = metadata["images"]
     title = "overlay" + (f" — {_size(size)}" if size is not None else "")
     table = Table(title=title, title_justify="left")
