@@ -122,3 +122,29 @@ def test_index_command(pair, tmp_path, capsys) -> None:
     assert code == 0 and not first["cached"] and Path(str(b) + ".vmdidx").exists()
     code, out, _ = run(capsys, "index", "--json", str(b))
     assert json.loads(out)[0]["cached"] and json.loads(out)[0]["fingerprint"] == first["fingerprint"]
+
+
+def test_component_options_from_flags_and_pipelines(pair, tmp_path, capsys, monkeypatch) -> None:
+    """Options reach the components, are recorded, and a wrong one is one clear error."""
+    monkeypatch.setenv("VMDELTA_CACHE_DIR", str(tmp_path / "cache"))
+    b, m = pair
+    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m),
+                       "--encoder-option", "raw.level=3")
+    assert code == 2 and "encoder 'raw' takes no options" in err
+    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m),
+                       "--encoder-option", "nosuch.level=3")
+    assert code == 2 and "does not use" in err
+    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m), "--encoder-option", "broken")
+    assert code == 2 and "NAME.KEY=VALUE" in err
+    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m), "--filter-option", "trim.after=1")
+    assert code == 2 and "no --filter turns on" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_parse_option_values() -> None:
+    from vmdelta_core.config import parse_option
+
+    assert parse_option("xdelta3.level=9", "--x") == ("xdelta3", "level", 9)
+    assert parse_option("xray.journal=ignore", "--x") == ("xray", "journal", "ignore")
+    assert parse_option("a.b=true", "--x") == ("a", "b", True)
+    assert parse_option('a.b="9"', "--x") == ("a", "b", "9")

@@ -29,6 +29,7 @@ __all__ = [
     "ImageSpec",
     "load_pipeline",
     "parse_filter",
+    "parse_option",
 ]
 
 POLICIES = ("fixed", "first-smaller", "best")
@@ -53,6 +54,20 @@ class FilterSpec:
     name: str
     input: Path | None = attrs.field(default=None, converter=attrs.converters.optional(_paths))
     options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+def parse_option(text: str, flag: str) -> tuple[str, str, Any]:
+    """``xdelta3.level=9`` -> ("xdelta3", "level", 9); values are read as TOML values when they
+    parse as one (numbers, booleans, quoted strings), else kept as plain strings."""
+    target, sep, value = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not (sep and dot and name and key):
+        raise ConfigError(f"{flag} {text!r}: expected NAME.KEY=VALUE")
+    try:
+        parsed: Any = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return name, key, parsed
 
 
 def parse_filter(text: str) -> FilterSpec:
@@ -95,6 +110,8 @@ class CreateConfig:
     frame_size: int = DEFAULT_FRAME
     threads: int = attrs.field(factory=lambda: os.cpu_count() or 1)
     cache_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(_paths))
+    #: per encoder name, the options its ``configure`` takes (``{"xdelta3": {"level": 9}}``)
+    encoder_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if not self.images:
@@ -199,7 +216,9 @@ def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = 
                 modified_options=resolve_options(entry.get("modified_options", {})),
             )
         )
-    kwargs: dict[str, Any] = {k: overlay[k] for k in ("unit_size", "codec", "level", "frame_size", "threads") if k in overlay}
+    kwargs: dict[str, Any] = {
+        k: overlay[k] for k in ("unit_size", "codec", "level", "frame_size", "threads", "encoder_options") if k in overlay
+    }
     if "cache_dir" in overlay:
         kwargs["cache_dir"] = resolve(overlay["cache_dir"])
     return CreateConfig(output=resolve(overlay["output"]), images=tuple(images), **kwargs)
@@ -215,6 +234,7 @@ def describe_config(config: CreateConfig) -> dict[str, Any]:
         "codec": config.codec,
         "level": config.level,
         "frame_size": config.frame_size,
+        "encoder_options": {name: dict(options) for name, options in config.encoder_options.items()},
         "images": [
             {
                 "kind": image.kind,
@@ -223,7 +243,8 @@ def describe_config(config: CreateConfig) -> dict[str, Any]:
                 "format": image.format,
                 "encoders": list(image.encoders) if image.encoders is not None else "default",
                 "policy": image.policy or "default",
-                "filters": [{"name": f.name, "input": f.input.name if f.input else None} for f in image.filters],
+                "filters": [{"name": f.name, "input": f.input.name if f.input else None, "options": dict(f.options)}
+                            for f in image.filters],
             }
             for image in config.images
         ],

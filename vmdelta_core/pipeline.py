@@ -72,14 +72,26 @@ def _component(info: ComponentInfo, **extra: Any) -> dict[str, Any]:
     return {"kind": info.kind, "name": info.name, "distribution": info.distribution, "version": info.version, **extra}
 
 
-def assign_refs(registry: Registry, names: list[str]) -> dict[str, EncoderChoice]:
-    """Ref ids for the encoders an overlay uses: classic ids where free, else the spare nibbles."""
+def assign_refs(
+    registry: Registry, names: list[str], options: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, EncoderChoice]:
+    """Ref ids for the encoders an overlay uses: classic ids where free, else the spare nibbles;
+    encoders given options are configured copies (their ``configure(options)``)."""
+    options = options or {}
+    unused = set(options) - {"raw", *names}
+    if unused:
+        raise ConfigError(f"options for encoder {sorted(unused)[0]!r}, which this overlay does not use")
     choices: dict[str, EncoderChoice] = {}
     taken: set[int] = set()
     for name in ["raw", *names]:
         if name in choices:
             continue
         encoder = registry.encoder(name)
+        if options.get(name):
+            configure = getattr(encoder, "configure", None)
+            if configure is None:
+                raise ConfigError(f"encoder {name!r} takes no options")
+            encoder = configure(dict(options[name]))
         wanted = getattr(encoder, "wire_ref", None)
         if wanted is not None and (wanted in _RESERVED_REFS or not 0 <= wanted <= 0xF):
             raise PluginError(f"encoder {name!r} asks for ref id {wanted:#x}, which is reserved")
@@ -137,7 +149,7 @@ def create_overlay(
     codec_info = registry.info("codec", config.codec)
     choices = {id(spec): resolve_encoders(registry, spec.encoders, spec.policy) for spec in config.images}
     encoder_names = sorted({name for names, _ in choices.values() for name in names})
-    refs = assign_refs(registry, encoder_names)
+    refs = assign_refs(registry, encoder_names, config.encoder_options)
     for spec in config.images:
         for f in spec.filters:
             filt = registry.filter(f.name)

@@ -19,7 +19,7 @@ from vmdelta_core.api import (
     load_pipeline,
 )
 from vmdelta_core.cli.output import console, print_json, progress_for, render_overlay
-from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter
+from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter, parse_option
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.plugins import core_version
@@ -46,7 +46,18 @@ def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
     """The same :class:`CreateConfig` a TOML pipeline would build."""
     encoders = tuple(e.strip() for e in args.encoder.split(",") if e.strip()) if args.encoder else DEFAULT_ENCODERS
     policy = args.policy or DEFAULT_POLICY
-    filters = [parse_filter(text) for text in args.filter]
+    filter_options: dict[str, dict[str, Any]] = {}
+    for text in args.filter_option:
+        name, key, value = parse_option(text, "--filter-option")
+        filter_options.setdefault(name, {})[key] = value
+    filters = [attrs.evolve(f, options=filter_options.get(f.name, {})) for f in map(parse_filter, args.filter)]
+    stray = set(filter_options) - {f.name for f in filters}
+    if stray:
+        raise ConfigError(f"--filter-option for {sorted(stray)[0]!r}, which no --filter turns on")
+    encoder_options: dict[str, dict[str, Any]] = {}
+    for text in args.encoder_option:
+        name, key, value = parse_option(text, "--encoder-option")
+        encoder_options.setdefault(name, {})[key] = value
     images: list[ImageSpec] = []
     if args.memory:
         ram = args.memory_ram or (None, None)
@@ -68,7 +79,7 @@ def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
         raise ConfigError(f"filter {unused[0]!r} applies to none of the images given")
     return CreateConfig(
         output=Path(args.output), images=tuple(images), unit_size=args.unit_size, codec=args.codec,
-        level=args.level, frame_size=args.frame_size, **_threads(args),
+        level=args.level, frame_size=args.frame_size, encoder_options=encoder_options, **_threads(args),
     )
 
 

@@ -53,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=("fixed", "first-smaller", "best"),
                    help="how to choose among encoders: fixed = the first; first-smaller = the first whose "
                    "payload is smaller than the unit; best = the smallest after compression")
+    p.add_argument("--encoder-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="an encoder's option, e.g. xdelta3.level=9 (see each plugin's README)")
     p.add_argument("--filter", action="append", default=[], metavar="NAME[:INPUT]",
                    help="drop changed units the guest does not use, e.g. trim:trace.log, xray, freepfn:pfns.txt")
+    p.add_argument("--filter-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="a filter's option, e.g. xray.journal=ignore (see each plugin's README)")
     p.add_argument("--codec", default="zstd", help="frame codec: zstd (default), lzma, none")
     p.add_argument("--level", type=int, help="codec level (zstd default 9)")
     p.add_argument("--unit-size", type=int, default=4096, metavar="BYTES", help="unit size (default 4096)")
