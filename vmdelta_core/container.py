@@ -97,6 +97,8 @@ class OverlayWriter:
         self._offset = 0
         self._entries: list[FrameEntry] = []
         self._pending: collections.deque[tuple[Future[bytes], dict[str, Any], bytes]] = collections.deque()
+        #: (image, ref) -> stored bytes, each frame's stored size shared out by its items' sizes
+        self.stored_bytes_by_ref: dict[tuple[int, int], float] = collections.defaultdict(float)
         self._parts: list[bytes] = []
         self._part_bytes = 0
         self._frame: dict[str, Any] | None = None
@@ -136,7 +138,11 @@ class OverlayWriter:
                 continue
             stop = start + max(fits, 1)
             if self._frame is None:
-                self._frame = {"image": image, "count": 0, "first": int(offsets[start]), "end": 0}
+                self._frame = {"image": image, "count": 0, "first": int(offsets[start]), "end": 0, "by_ref": {}}
+            by_ref = self._frame["by_ref"]
+            piece_refs, piece_sizes = refs[start:stop], sizes[start:stop]
+            for ref in np.unique(piece_refs).tolist():
+                by_ref[ref] = by_ref.get(ref, 0) + int(piece_sizes[piece_refs == ref].sum())
             self._parts.append(
                 pack_items(offsets[start:stop], lengths[start:stop], refs[start:stop], types[start:stop],
                            values[start:stop], payloads[start:stop])
@@ -180,6 +186,8 @@ class OverlayWriter:
             )
             self._entries.append(entry)
             self.stored_bytes_by_image[frame["image"]] += len(stored)
+            for ref, nbytes in frame["by_ref"].items():
+                self.stored_bytes_by_ref[frame["image"], ref] += len(stored) * nbytes / max(len(data), 1)
             self._write(stored)
 
     def flush(self) -> None:

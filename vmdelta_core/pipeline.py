@@ -380,8 +380,20 @@ def _metadata(
     components += [_component(registry.info("source", name)) for name in sources]
     filters = sorted({f.name for spec in config.images for f in spec.filters})
     components += [_component(registry.info("filter", name)) for name in filters]
+    names = {choice.ref: name for name, choice in refs.items()}
     for number, image in enumerate(images):
-        image["statistics"]["stored_bytes"] = writer.stored_bytes_by_image.get(number, 0)
+        stats = image["statistics"]
+        stats["stored_bytes"] = writer.stored_bytes_by_image.get(number, 0)
+        # each encoder's share of the compressed frames, by the size of its items in them
+        references = 0.0
+        for (img, ref), share in writer.stored_bytes_by_ref.items():
+            if img != number:
+                continue
+            if ref in names and names[ref] in stats["encoders"]:
+                stats["encoders"][names[ref]]["stored_bytes"] = round(share)
+            else:
+                references += share
+        stats["references_stored_bytes"] = round(references)
     return {
         "format": "vmdelta-overlay",
         "version": FORMAT_VERSION,

@@ -120,10 +120,11 @@ def render_overlay(metadata: Mapping[str, Any], *, size: int | None = None, fram
     row("  same as earlier unit", [s.get("self", 0) for s in stats])
     encoders = sorted({name for s in stats for name in s.get("encoders", {})})
     for name in encoders:
-        row(f"  {name} (units / bytes)", [
-            f"{s['encoders'][name]['units']} / {_size(s['encoders'][name]['bytes'])}" if name in s.get("encoders", {}) else "-"
+        row(f"  {name}: units, bytes → stored", [
+            f"{e['units']}, {_size(e['bytes'])} → {_size(e.get('stored_bytes', 0))}" if (e := s.get("encoders", {}).get(name)) else "-"
             for s in stats
         ])
+    row("  references, stored", [_size(s.get("references_stored_bytes", 0)) for s in stats])
     row("stored (compressed)", [_size(s.get("stored_bytes", 0)) for s in stats])
     console.print(table)
     for image in images:
