@@ -45,6 +45,7 @@ def test_scanner_agrees_with_the_schema_on_every_record() -> None:
     b.devices()
     data = b.finish()
     parsed = parse_stream(np.frombuffer(data, np.uint8))
+    parsed.image.close()
     t = parsed.table
     expected = records_by_construct(data, start, stop)
     assert len(t) == len(expected) == 68
@@ -104,6 +105,7 @@ def test_command_and_footer_schemas() -> None:
 
 def test_simple_stream_parses_with_every_section_kind() -> None:
     parsed = parse_stream(np.frombuffer(simple_stream(), np.uint8))
+    parsed.image.close()
     assert parsed.fmt == "stream" and parsed.machine == "pc-i440fx-7.2"
     assert parsed.rewritten
     assert parsed.vmdesc is not None and parsed.vmdesc["page_size"] == PAGE
@@ -115,6 +117,7 @@ def test_scanner_agrees_with_the_schema_on_a_real_stream(fixture_set: Path) -> N
     buf, closers = map_readonly(fixture_set / "variants/qemu-10.0-stream/modified.mem")
     try:
         parsed = parse_stream(buf)
+        parsed.image.close()
         t = parsed.table
         # the first 3000 records after the first block name, each read on its own with construct
         first = int(np.flatnonzero(t.named)[0])

@@ -1,7 +1,10 @@
 """From a parsed snapshot to what the core diffs: image, zero extents, envelope, layout.
 
-The image is an anonymous zero-filled buffer, so pages a snapshot never holds (ZERO records,
-mapped-ram holes, unsent pages) cost no memory; pages are copied in with slice or strided copies.
+The image is built in an unlinked sparse temporary file (:mod:`~vmdelta_source_qemu.imagefile`),
+so pages a snapshot never holds (ZERO records, mapped-ram holes, unsent pages) cost nothing and
+pages with data do not stay in this process's memory: the snapshot is read through a map whose
+pages are released as they are parsed, and the image is handed to the core as a read-only map of
+the file (``SourceImage.mapping``) that the core releases as it reads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vmdelta_core.fileio import data_extents, hole_extents, map_readonly
 from vmdelta_source_qemu.blocks import RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Op, Run, pack_forced
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES, ImageFile, page_nonzero, release_range
 from vmdelta_source_qemu.scan import KIND_PAGE
 from vmdelta_source_qemu.stream import ParsedStream, parse_stream
 
@@ -33,6 +37,8 @@ class Snapshot:
     envelope: Envelope
     layout: dict[str, Any]
     exact: bool
+    #: the read-only map ``image`` views (``None`` for an empty image)
+    mapping: Any
     closers: list[Any]
 
 
@@ -42,27 +48,35 @@ def page_runs(mask: np.ndarray) -> np.ndarray:
     return edges.reshape(-1, 2)
 
 
-def page_nonzero(image: np.ndarray) -> np.ndarray:
-    """One bool per page: does it hold any non-zero byte."""
-    out = np.empty(image.shape[0] // PAGE_SIZE, bool)
-    step = 1 << 14
-    for first in range(0, out.shape[0], step):
-        chunk = image[first * PAGE_SIZE : (first + step) * PAGE_SIZE]
-        out[first : first + step] = chunk.view(np.uint64).reshape(-1, PAGE_SIZE // 8).any(axis=1)
-    return out
-
-
 def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
     """Open a QEMU migration stream or mapped-ram file; ``options["ram"]`` names the RAM file of an
-    x-ignore-shared stream."""
-    buf, closers = map_readonly(path)
-    parsed = parse_stream(buf)
+    x-ignore-shared stream, ``options["tmpdir"]`` where the image file goes."""
+    buf, stream_closers = map_readonly(path)
+    stream_map = stream_closers[0] if stream_closers else None
+    try:
+        parsed = parse_stream(buf, stream_map, options.get("tmpdir"))
+        try:
+            snap = _snapshot(path, buf, stream_map, parsed, options)
+        except BaseException:
+            parsed.image.close()
+            raise
+    finally:
+        del buf
+        for closer in stream_closers:
+            with contextlib.suppress(BufferError):
+                closer.close()  # type: ignore[attr-defined]
+    return snap
+
+
+def _snapshot(
+    path: Path, buf: np.ndarray, stream_map: Any, parsed: ParsedStream, options: Mapping[str, Any]
+) -> Snapshot:
     image = parsed.image
     exact = True
-    known_zero = np.ones(image.shape[0] // PAGE_SIZE, bool)
+    known_zero = np.ones(image.size // PAGE_SIZE, bool)
     mapped_bits: dict[int, np.ndarray] = {}
     if parsed.fmt == "mapped-ram":
-        exact = _fill_mapped(path, buf, parsed, mapped_bits, known_zero)
+        exact = _fill_mapped(path, buf, stream_map, parsed, mapped_bits, known_zero)
     else:
         t = parsed.table
         written = parsed.last_write >= 0
@@ -72,7 +86,7 @@ def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
             data_pages[written] = (t.kind[lw] == KIND_PAGE) | (t.fill[lw] != 0)
         known_zero = ~data_pages
     external = _fill_external(parsed, options, known_zero)
-    nonzero = page_nonzero(image)
+    nonzero = image.nonzero
     ops = (
         _mapped_ops(parsed, buf, mapped_bits, nonzero)
         if parsed.fmt == "mapped-ram"
@@ -91,15 +105,20 @@ def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
         capabilities=parsed.capabilities,
         ram_file_blocks=external,
     )
-    image.flags.writeable = False
     runs = page_runs(known_zero) * PAGE_SIZE
     holes = np.stack([runs[:, 0], runs[:, 1] - runs[:, 0]], axis=1).astype(np.int64).reshape(-1, 2)
-    del buf
-    return Snapshot(image, holes, Envelope(meta, ops), layout, exact, closers)
+    data, mapping = image.finish()
+    closers = [] if mapping is None else [mapping]
+    return Snapshot(data, holes, Envelope(meta, ops), layout, exact, mapping, closers)
 
 
 def _fill_mapped(
-    path: Path, buf: np.ndarray, parsed: ParsedStream, bits_out: dict[int, np.ndarray], known_zero: np.ndarray
+    path: Path,
+    buf: np.ndarray,
+    stream_map: Any,
+    parsed: ParsedStream,
+    bits_out: dict[int, np.ndarray],
+    known_zero: np.ndarray,
 ) -> bool:
     """Copy the pages a mapped-ram file marks as written; tell whether the file is canonical
     (nothing outside the bitmap, the bitmap padding and the gaps all zero)."""
@@ -114,12 +133,16 @@ def _fill_mapped(
         bits = raw_bits[:npages].astype(bool)
         exact &= not raw_bits[npages:].any()
         exact &= not buf[block.mapped.bitmap_offset + nbytes : block.mapped.pages_offset].any()
+        release_range(stream_map, block.mapped.bitmap_offset, block.mapped.pages_offset)
         bits_out[index] = bits
         pages_at = block.mapped.pages_offset
         for start, stop in page_runs(bits).tolist():
-            parsed.image[block.offset + start * PAGE_SIZE : block.offset + stop * PAGE_SIZE] = buf[
-                pages_at + start * PAGE_SIZE : pages_at + stop * PAGE_SIZE
-            ]
+            for first in range(start, stop, CHUNK_PAGES):
+                last = min(first + CHUNK_PAGES, stop)
+                at = pages_at + first * PAGE_SIZE
+                pages = buf[at : pages_at + last * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+                parsed.image.write_pages(block.first_page + first, pages)
+                release_range(stream_map, at, pages_at + last * PAGE_SIZE)
         known_zero[block.first_page : block.first_page + npages] = ~bits
         # data QEMU left in pages it did not mark (it never does after a single save) is lost
         for start, length in data_extents(path, pages_at, pages_at + block.length).tolist():
@@ -128,6 +151,7 @@ def _fill_mapped(
             if stale.any():
                 pages = buf[pages_at + first * PAGE_SIZE : pages_at + last * PAGE_SIZE].reshape(-1, PAGE_SIZE)
                 exact &= not pages[stale].any()
+                release_range(stream_map, pages_at + first * PAGE_SIZE, pages_at + last * PAGE_SIZE)
     return bool(exact)
 
 
@@ -151,30 +175,44 @@ def _fill_external(parsed: ParsedStream, options: Mapping[str, Any], known_zero:
         raise ConfigError(
             f"the stream leaves several shared RAM blocks out ({', '.join(names)}); one RAM file is supported"
         )
-    _copy_raw(Path(ram), empty[0], parsed.image, known_zero)
+    _copy_raw(Path(ram), empty[0], parsed.image, known_zero, parsed.fmt == "mapped-ram")
     return names
 
 
-def _copy_raw(path: Path, block: RamBlock, image: np.ndarray, known_zero: np.ndarray) -> None:
+def _copy_raw(path: Path, block: RamBlock, image: ImageFile, known_zero: np.ndarray, mapped: bool) -> None:
+    """Copy the data extents of the RAM file into the image, file to file in the kernel."""
     try:
-        size = os.stat(path).st_size
+        fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise ConfigError(f"cannot read the RAM file {path}: {exc.strerror}") from None
-    if size != block.length:
-        raise ConfigError(f"RAM file {path} is {size} bytes, but block {block.name!r} is {block.length}")
-    raw, closers = map_readonly(path)
     try:
-        for start, length in data_extents(path).tolist():
-            image[block.offset + start : block.offset + start + length] = raw[start : start + length]
-        zero = np.zeros(block.pages, bool)
-        for start, length in hole_extents(path).tolist():
-            zero[-(-start // PAGE_SIZE) : (start + length) // PAGE_SIZE] = True
-        known_zero[block.first_page : block.first_page + block.pages] = zero
+        size = os.fstat(fd).st_size
+        if size != block.length:
+            raise ConfigError(f"RAM file {path} is {size} bytes, but block {block.name!r} is {block.length}")
+        extents = data_extents(path)
+        for start, length in extents.tolist():
+            image.copy_from(fd, start, block.offset + start, length)
+        if mapped:
+            _raw_nonzero(fd, extents, block, image)
     finally:
-        del raw
-        for closer in closers:
-            with contextlib.suppress(BufferError):
-                closer.close()  # type: ignore[attr-defined]
+        os.close(fd)
+    zero = np.zeros(block.pages, bool)
+    for start, length in hole_extents(path).tolist():
+        zero[-(-start // PAGE_SIZE) : (start + length) // PAGE_SIZE] = True
+    known_zero[block.first_page : block.first_page + block.pages] = zero
+
+
+def _raw_nonzero(fd: int, extents: np.ndarray, block: RamBlock, image: ImageFile) -> None:
+    """Which pages of a block copied from a RAM file hold data (a mapped-ram envelope needs it;
+    a stream's does not, as no record names the block)."""
+    image.nonzero[block.first_page : block.first_page + block.pages] = False
+    step = CHUNK_PAGES * PAGE_SIZE
+    for start, length in extents.tolist():
+        first, stop = start - start % PAGE_SIZE, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE
+        for at in range(first, stop, step):
+            chunk = np.frombuffer(os.pread(fd, min(step, stop - at), at), np.uint8)
+            page = block.first_page + at // PAGE_SIZE
+            image.nonzero[page : page + chunk.shape[0] // PAGE_SIZE] |= page_nonzero(chunk.reshape(-1, PAGE_SIZE))
 
 
 def _stream_ops(parsed: ParsedStream, buf: np.ndarray, nonzero: np.ndarray) -> list[Op]:

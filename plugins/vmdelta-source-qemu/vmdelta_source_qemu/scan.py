@@ -4,13 +4,17 @@ A stopped VM's stream sends the pages of a block in order, so records come in lo
 the same kind at a fixed stride (8 + 4096 bytes for PAGE, 8 + 1 for ZERO). The scanner checks
 whole stretches at once with a strided numpy view of their headers and copies their pages into
 the image with one strided copy each; only records that break a stretch (a block name, a change
-of kind) go through ``struct``. Nothing is created per page except array elements.
+of kind) go through ``struct``. Nothing is created per page except array elements. A stretch is
+taken at most :data:`~vmdelta_source_qemu.imagefile.CHUNK_PAGES` records at a time, and the
+stream's pages are released once their records are in the image, so the scan holds a bounded
+part of the stream.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -18,6 +22,7 @@ from numpy.lib.stride_tricks import as_strided
 from vmdelta_core.errors import FormatError
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES, ImageFile, release_range
 
 __all__ = ["KIND_PAGE", "KIND_ZERO", "RecordScanner", "RecordTable"]
 
@@ -72,21 +77,24 @@ class RecordScanner:
     """Reads the records of RAM sections into a :class:`RecordTable` and the image.
 
     :param buf: the whole stream as a ``uint8`` array.
-    :param image: the writable memory image the pages go to.
+    :param image: the memory image the pages go to.
+    :param mapping: the read-only map ``buf`` views, if any: records are released from it once
+        their pages are in the image.
 
     ``last_write`` holds, per image page, the index of the record that wrote it last (``-1``:
     none), so that re-sent pages are told apart from the final ones.
     """
 
-    def __init__(self, buf: np.ndarray, blocks: Sequence[RamBlock], image: np.ndarray) -> None:
+    def __init__(self, buf: np.ndarray, blocks: Sequence[RamBlock], image: ImageFile, mapping: Any = None) -> None:
         self.buf = buf
+        self.mapping = mapping
         self.view = memoryview(buf)  # type: ignore[arg-type]
         self.blocks = list(blocks)
         self.by_name = {b.name: i for i, b in enumerate(self.blocks)}
         self.image = image
         self.table = RecordTable()
         self.count = 0
-        self.last_write = np.full(image.shape[0] // PAGE_SIZE, -1, np.int64)
+        self.last_write = np.full(image.size // PAGE_SIZE, -1, np.int64)
         self.rewritten = False  # some page written by more than one record
         self.flushes = 0
         self.current: int | None = None  # block of the previous record, for CONTINUE
@@ -146,7 +154,7 @@ class RecordScanner:
         """How many records from ``start`` continue the same block, kind and page sequence."""
         size = self.buf.shape[0]
         page = (header & ~0xFFF) // PAGE_SIZE
-        available = min((size - start) // stride, block.pages - page)
+        available = min((size - start) // stride, block.pages - page, CHUNK_PAGES)
         if available <= 1:
             return 1
         # cheap look at the next record before paying for numpy
@@ -178,20 +186,20 @@ class RecordScanner:
         end = data + index * stride + stride - 8
         pages = page + index
         image_pages = block.first_page + pages
-        first_byte = (block.first_page + page) * PAGE_SIZE
-        target = self.image[first_byte : first_byte + count * PAGE_SIZE].reshape(count, PAGE_SIZE)
         previous = self.last_write[image_pages]
         if (previous >= 0).any():
             self.rewritten = True
         if kind == KIND_PAGE:
-            target[:] = as_strided(self.buf[data:], shape=(count, PAGE_SIZE), strides=(stride, 1))
+            pages_in = as_strided(self.buf[data:], shape=(count, PAGE_SIZE), strides=(stride, 1))
+            self.image.write_pages(block.first_page + page, pages_in)
             fill = np.zeros(count, np.uint8)
         else:
             fill = as_strided(self.buf[data:], shape=(count,), strides=(stride,)).copy()
             # a fresh image is zero already: write only what a ZERO record really changes
             touch = (previous >= 0) | (fill != 0)
             if touch.any():
-                target[touch] = fill[touch, None]
+                self.image.fill_pages(image_pages[touch], fill[touch])
+        release_range(self.mapping, start, data + count * stride - 8)
         self.last_write[image_pages] = self.count + index
         self.count += count
         self.table.add(pos, end, block_index, pages, kind, fill, named)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from vmdelta_core.fileio import AtomicOutput, hole_extents, map_readonly, punch_
 from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES, release_range
 from vmdelta_source_qemu.reader import read_snapshot
 from vmdelta_source_qemu.writer import write_snapshot
 
@@ -50,6 +51,7 @@ class QemuSource(Source):
             envelope=snap.envelope.to_bytes(),
             layout=snap.layout,
             exact_artifact=snap.exact,
+            mapping=snap.mapping,
             closers=snap.closers,
         )
 
@@ -70,15 +72,20 @@ class QemuSource(Source):
                 f"{external[0]!r} goes with --memory-ram"
             )
         image, closers = map_readonly(Path(rebuilt.path))
+        mapping = closers[0] if closers else None
+
+        def release(start: int, stop: int) -> None:
+            release_range(mapping, start, stop)
+
         try:
             with open(output, "w+b") as out:
-                write_snapshot(envelope, blocks, image, out)
+                write_snapshot(envelope, blocks, image, out, release)
             # the stream is complete before the RAM file replaces anything
             if external:
                 block = next((b for b in blocks if b.name == external[0]), None)
                 if block is None:
                     raise FormatError(f"QEMU envelope names shared block {external[0]!r}, which it does not list")
-                _write_ram_file(Path(ram_output), image[block.offset : block.offset + block.length])
+                _write_ram_file(Path(ram_output), image, block, release)
         finally:
             del image
             for closer in closers:
@@ -86,13 +93,19 @@ class QemuSource(Source):
                     closer.close()  # type: ignore[attr-defined]
 
 
-def _write_ram_file(target: Path, data: np.ndarray) -> None:
-    """The RAM file of an x-ignore-shared snapshot, sparse, replacing ``target`` only when whole."""
+def _write_ram_file(target: Path, image: np.ndarray, block: RamBlock, release: Callable[[int, int], None]) -> None:
+    """The RAM file of an x-ignore-shared snapshot (``block`` of ``image``), sparse, replacing
+    ``target`` only when whole; written a chunk at a time, each released once written."""
+    step = CHUNK_PAGES * PAGE_SIZE
     with AtomicOutput(target) as tmp:
         fd = os.open(tmp.path, os.O_WRONLY)
         try:
-            os.ftruncate(fd, data.shape[0])
-            punch_zero_runs(fd, 0, data, PAGE_SIZE)
+            os.ftruncate(fd, block.length)
+            for first in range(0, block.length, step):
+                at = block.offset + first
+                stop = min(first + step, block.length)
+                punch_zero_runs(fd, first, image[at : block.offset + stop], PAGE_SIZE)
+                release(at, block.offset + stop)
         finally:
             os.close(fd)
         tmp.commit()

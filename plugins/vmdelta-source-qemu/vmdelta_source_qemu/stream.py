@@ -23,6 +23,7 @@ from vmdelta_core.errors import FormatError
 from vmdelta_source_qemu import c_migration as c
 from vmdelta_source_qemu.blocks import MappedBlock, RamBlock, image_size, place_blocks
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag, SectionType
+from vmdelta_source_qemu.imagefile import ImageFile
 from vmdelta_source_qemu.scan import RecordScanner, RecordTable
 
 __all__ = ["ParsedStream", "parse_stream"]
@@ -34,13 +35,14 @@ _VMDESC_MAX = 16 << 20
 
 @attrs.define(eq=False)
 class ParsedStream:
-    """What the walk found; the image is filled with every page the stream holds."""
+    """What the walk found; the image holds every page the stream holds (for mapped-ram: none yet,
+    the caller copies them in)."""
 
     fmt: str
     machine: str
     capabilities: list[str]
     blocks: list[RamBlock]
-    image: np.ndarray
+    image: ImageFile
     table: RecordTable
     last_write: np.ndarray
     size: int
@@ -53,14 +55,24 @@ class ParsedStream:
         return "x-ignore-shared" in self.capabilities
 
 
-def parse_stream(buf: np.ndarray) -> ParsedStream:
-    """Read a whole stream held in ``buf`` (a ``uint8`` array, usually an mmap)."""
-    return _Walker(buf).run()
+def parse_stream(buf: np.ndarray, mapping: Any = None, tmpdir: str | None = None) -> ParsedStream:
+    """Read a whole stream held in ``buf`` (a ``uint8`` array, usually a view of ``mapping``, a
+    read-only map of the file, whose pages are released as they are read). The image file goes
+    to ``tmpdir`` (default: the system's temporary folder); the caller closes it on error too."""
+    walker = _Walker(buf, mapping, tmpdir)
+    try:
+        return walker.run()
+    except BaseException:
+        if walker.scanner is not None:
+            walker.scanner.image.close()
+        raise
 
 
 class _Walker:
-    def __init__(self, buf: np.ndarray) -> None:
+    def __init__(self, buf: np.ndarray, mapping: Any, tmpdir: str | None) -> None:
         self.buf = buf
+        self.mapping = mapping
+        self.tmpdir = tmpdir
         self.view = memoryview(buf)  # type: ignore[arg-type]
         self.size = int(buf.shape[0])
         self.capabilities: list[str] = []
@@ -227,8 +239,8 @@ class _Walker:
                 + (" (was it saved with x-ignore-shared or mapped-ram?)" if not (ignore_shared or mapped) else "")
             )
         self.blocks = place_blocks(entries, table_at)
-        image = np.zeros(image_size(self.blocks), dtype=np.uint8)
-        self.scanner = RecordScanner(self.buf, self.blocks, image)
+        image = ImageFile(image_size(self.blocks), self.tmpdir)
+        self.scanner = RecordScanner(self.buf, self.blocks, image, self.mapping)
         return pos
 
     def mapped_block(self, entry: Any, entry_at: int, header_end: int) -> MappedBlock:

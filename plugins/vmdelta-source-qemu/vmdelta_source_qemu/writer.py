@@ -3,13 +3,15 @@
 Runs of records are assembled in a buffer a chunk at a time: each stretch of same-kind records is
 a ``(count, record size)`` view of that buffer, so headers and pages go in with two vectorized
 assignments per stretch. Mapped-ram blocks are written with ``pwrite`` at their fixed offsets,
-leaving holes where pages are zero, as QEMU's own files have them.
+leaving holes where pages are zero, as QEMU's own files have them. The image is read a chunk at
+a time, and each chunk is released from the image's map once written (``release``), so writing
+holds one chunk of the image, not all of it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -18,17 +20,29 @@ from vmdelta_core.errors import FormatError
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Run
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES as _CHUNK_PAGES
+from vmdelta_source_qemu.imagefile import page_nonzero as _nonzero
+from vmdelta_source_qemu.imagefile import pwrite_all
 
 __all__ = ["write_snapshot"]
 
-_CHUNK_PAGES = 1 << 13
+Release = Callable[[int, int], None]
+
+
+def _keep(start: int, stop: int) -> None:
+    """The default ``release``: the image is not a map whose pages can be dropped."""
+
+
 _MAPPED_HEADER = 28
 
 
-def write_snapshot(envelope: Envelope, blocks: Sequence[RamBlock], image: np.ndarray, out: BinaryIO) -> None:
+def write_snapshot(
+    envelope: Envelope, blocks: Sequence[RamBlock], image: np.ndarray, out: BinaryIO, release: Release = _keep
+) -> None:
     """Run the envelope's operations against ``image`` into ``out``.
 
-    ``out`` is opened ``w+b``: mapped-ram blocks read their header back from it.
+    ``out`` is opened ``w+b``: mapped-ram blocks read their header back from it. ``release(start,
+    stop)`` is called for each range of ``image`` once it is written.
     """
     fd = out.fileno()
     pos = 0
@@ -37,11 +51,11 @@ def write_snapshot(envelope: Envelope, blocks: Sequence[RamBlock], image: np.nda
             block = _block(blocks, op.block)
             if op.first_page + op.count > block.pages:
                 raise FormatError(f"QEMU envelope: a run past the end of block {block.name!r}")
-            pos += _write_run(out, op, block, image)
+            pos += _write_run(out, op, block, image, release)
         elif isinstance(op, Mapped):
             block = _block(blocks, op.block)
             out.flush()
-            pos = _write_mapped(fd, pos, op, block, image)
+            pos = _write_mapped(fd, pos, op, block, image, release)
             out.seek(pos)
         else:
             out.write(op)
@@ -56,11 +70,7 @@ def _block(blocks: Sequence[RamBlock], index: int) -> RamBlock:
     return blocks[index]
 
 
-def _nonzero(pages: np.ndarray) -> np.ndarray:
-    return pages.view(np.uint64).reshape(pages.shape[0], -1).any(axis=1)
-
-
-def _write_run(out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray) -> int:
+def _write_run(out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray, release: Release) -> int:
     forced = run.forced_mask()
     name = block.name.encode("latin-1")
     written = 0
@@ -99,10 +109,11 @@ def _write_run(out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray) -> i
                 region[:, 8:] = pages[a:b]
         out.write(buf)  # type: ignore[arg-type]
         written += buf.shape[0]
+        release(at, at + count * PAGE_SIZE)
     return written
 
 
-def _write_mapped(fd: int, pos: int, op: Mapped, block: RamBlock, image: np.ndarray) -> int:
+def _write_mapped(fd: int, pos: int, op: Mapped, block: RamBlock, image: np.ndarray, release: Release) -> int:
     """Bitmap at ``pos`` (right after the block's header), pages at the offset the header names."""
     header = os.pread(fd, _MAPPED_HEADER, pos - _MAPPED_HEADER)
     if len(header) != _MAPPED_HEADER:
@@ -115,6 +126,7 @@ def _write_mapped(fd: int, pos: int, op: Mapped, block: RamBlock, image: np.ndar
     bits = np.zeros(block.pages, bool)
     for first in range(0, block.pages, _CHUNK_PAGES):
         bits[first : first + _CHUNK_PAGES] = _nonzero(pages[first : first + _CHUNK_PAGES])
+        release(block.offset + first * PAGE_SIZE, block.offset + min(first + _CHUNK_PAGES, block.pages) * PAGE_SIZE)
     bits |= op.forced_mask(block.pages)
     words = (block.pages + 63) // 64 * 8
     bitmap = np.zeros(words, np.uint8)
@@ -123,8 +135,9 @@ def _write_mapped(fd: int, pos: int, op: Mapped, block: RamBlock, image: np.ndar
     os.pwrite(fd, bitmap.tobytes(), bitmap_offset)
     edges = np.flatnonzero(np.diff(np.concatenate(([False], bits, [False])).astype(np.int8))).reshape(-1, 2)
     for start, stop in edges.tolist():
-        data = image[block.offset + start * PAGE_SIZE : block.offset + stop * PAGE_SIZE]
-        done = 0
-        while done < data.shape[0]:
-            done += os.pwrite(fd, data[done:], pages_offset + start * PAGE_SIZE + done)  # type: ignore[arg-type]
+        for first in range(start, stop, _CHUNK_PAGES):
+            last = min(first + _CHUNK_PAGES, stop)
+            at = block.offset + first * PAGE_SIZE
+            pwrite_all(fd, image[at : block.offset + last * PAGE_SIZE], pages_offset + first * PAGE_SIZE)
+            release(at, block.offset + last * PAGE_SIZE)
     return pages_offset + block.length

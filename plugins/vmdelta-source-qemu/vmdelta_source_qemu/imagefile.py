@@ -1,0 +1,128 @@
+"""The memory image while it is built: an unlinked sparse temporary file, mapped read-only when done.
+
+An image is as large as the guest's RAM. Held in an anonymous buffer, every page with data stays
+in the process's memory until the image is closed; written into a file with ``pwrite``, pages go
+to the page cache, and the read-only map handed to the core drops what the core has finished
+reading (``SourceImage.release``). Pages never written stay holes and cost nothing. Pages are
+gathered from the snapshot a bounded chunk at a time, so the writer never holds more than one
+chunk, and it notes per page whether it holds data while the chunk is at hand (the envelope needs
+that, and the image is then not read a second time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from vmdelta_source_qemu.c_migration import PAGE_SIZE
+
+__all__ = ["CHUNK_PAGES", "ImageFile", "page_nonzero", "release_range"]
+
+#: pages gathered, checked and written at a time (4 MiB)
+CHUNK_PAGES = 1 << 10
+
+
+def page_nonzero(pages: np.ndarray) -> np.ndarray:
+    """One bool per row of a ``(n, PAGE_SIZE)`` array: does the page hold a non-zero byte."""
+    return pages.view(np.uint64).reshape(pages.shape[0], -1).any(axis=1)
+
+
+def release_range(mapping: Any, start: int, stop: int) -> None:
+    """Drop the pages of ``mapping[start:stop]`` (a read-only file map) from this process's
+    memory; they fault back in from the page cache if read again."""
+    if mapping is None or stop <= start:
+        return
+    lo = start - start % mmap.PAGESIZE
+    hi = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, len(mapping))
+    if hi > lo:
+        with contextlib.suppress(ValueError, OSError):
+            mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class ImageFile:
+    """A memory image of ``size`` bytes under construction in ``folder`` (default: the system's
+    temporary folder); ``nonzero`` says, per page written so far, whether it holds data."""
+
+    def __init__(self, size: int, folder: str | os.PathLike[str] | None = None) -> None:
+        self.size = size
+        self.nonzero = np.zeros(size // PAGE_SIZE, bool)
+        self._file = tempfile.TemporaryFile(dir=folder, prefix="vmdelta-qemu-")  # noqa: SIM115 - closed by close()
+        self.fd = self._file.fileno()
+        os.ftruncate(self.fd, size)
+        self._scratch = np.empty((0, PAGE_SIZE), np.uint8)
+
+    def write_pages(self, first_page: int, pages: np.ndarray) -> None:
+        """Write ``pages`` (``(n, PAGE_SIZE)``, any strides, e.g. the pages of a run of records)
+        at page ``first_page`` of the image; strided ones are gathered a chunk at a time."""
+        n = pages.shape[0]
+        for a in range(0, n, CHUNK_PAGES):
+            b = min(a + CHUNK_PAGES, n)
+            chunk = pages[a:b]
+            if not chunk.flags.c_contiguous:
+                if self._scratch.shape[0] < b - a:
+                    self._scratch = np.empty((CHUNK_PAGES, PAGE_SIZE), np.uint8)
+                gathered = self._scratch[: b - a]
+                gathered[:] = chunk
+                chunk = gathered
+            self.nonzero[first_page + a : first_page + b] = page_nonzero(chunk)
+            pwrite_all(self.fd, chunk, (first_page + a) * PAGE_SIZE)
+
+    def fill_pages(self, image_pages: np.ndarray, fill: np.ndarray) -> None:
+        """Set each page of ``image_pages`` (sorted page numbers) to its byte of ``fill``."""
+        self.nonzero[image_pages] = fill != 0
+        cuts = np.flatnonzero((np.diff(image_pages) != 1) | (np.diff(fill.astype(np.int16)) != 0)) + 1
+        for a, b in zip(np.append(0, cuts).tolist(), np.append(cuts, image_pages.shape[0]).tolist(), strict=True):
+            count = b - a
+            for first in range(0, count, CHUNK_PAGES):
+                k = min(CHUNK_PAGES, count - first)
+                data = np.full(k * PAGE_SIZE, fill[a], np.uint8)
+                pwrite_all(self.fd, data, (int(image_pages[a]) + first) * PAGE_SIZE)
+
+    def copy_from(self, src: int, src_offset: int, offset: int, length: int) -> None:
+        """Copy ``length`` bytes of file ``src`` at ``src_offset`` into the image at ``offset``, in
+        the kernel where it can (``copy_file_range``; pages do not pass through this process)."""
+        end = src_offset + length
+        while src_offset < end:
+            try:
+                done = os.copy_file_range(src, self.fd, end - src_offset, src_offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                done = 0
+            if done == 0:
+                chunk = os.pread(src, min(end - src_offset, CHUNK_PAGES * PAGE_SIZE), src_offset)
+                if not chunk:
+                    raise OSError(errno.EIO, "file ended early")
+                pwrite_all(self.fd, chunk, offset)
+                done = len(chunk)
+            src_offset += done
+            offset += done
+
+    def finish(self) -> tuple[np.ndarray, Any]:
+        """The image as a read-only array over a map of the file, and that map (``None`` for an
+        empty image). The map keeps the file alive; closing it frees the file."""
+        try:
+            if self.size == 0:
+                return np.zeros(0, np.uint8), None
+            mapping = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+            with contextlib.suppress(AttributeError, OSError):
+                mapping.madvise(mmap.MADV_SEQUENTIAL)
+            return np.frombuffer(mapping, np.uint8), mapping
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._file.close()
