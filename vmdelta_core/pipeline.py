@@ -280,7 +280,7 @@ def _encode_image(
     encoder_stats: dict[str, dict[str, int]] = {}
     item_type = int(ItemType.MEMORY if spec.kind == "memory" else ItemType.DISK)
     full = modified.size // unit
-    advance = progress.start(f"encode {item.name}", int(kept.size))
+    advance = progress.start(f"encode {item.name}", int(kept.size) * unit)
     for start in range(0, kept.size, BATCH_UNITS):
         batch = kept[start : start + BATCH_UNITS]
         whole = batch[batch < full]
@@ -309,7 +309,7 @@ def _encode_image(
         counts["self"] += int((classes == Ref.SELF).sum())
         writer.add_items(number, (batch * unit).astype(np.uint64), lengths, refs_out,
                          np.full(batch.size, item_type, dtype=np.uint8), values, payloads)
-        advance(int(batch.size))
+        advance(int(batch.size) * unit)
     stats.update(counts)
     stats["encoders"] = encoder_stats
 
