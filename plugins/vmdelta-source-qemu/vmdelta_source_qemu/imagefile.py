@@ -12,6 +12,7 @@ that, and the image is then not read a second time).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -24,13 +25,36 @@ from vmdelta_source_qemu.c_migration import PAGE_SIZE
 
 __all__ = ["CHUNK_PAGES", "ImageFile", "page_nonzero", "release_range"]
 
-#: pages gathered, checked and written at a time (4 MiB)
+#: pages gathered, checked and written at a time (4 MiB; also Linux's IOV_MAX)
 CHUNK_PAGES = 1 << 10
+_HEAD = 64
+_pwritev: Any = None
+
+
+def _libc_pwritev() -> Any:
+    """libc's ``pwritev``, to write strided pages without gathering them first (``os.pwritev``
+    wants one Python buffer per page); ``False`` where it cannot be had."""
+    global _pwritev
+    if _pwritev is None:
+        try:
+            func = ctypes.CDLL(None, use_errno=True).pwritev
+            func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+            func.restype = ctypes.c_ssize_t
+            _pwritev = func
+        except (OSError, AttributeError):
+            _pwritev = False
+    return _pwritev
 
 
 def page_nonzero(pages: np.ndarray) -> np.ndarray:
-    """One bool per row of a ``(n, PAGE_SIZE)`` array: does the page hold a non-zero byte."""
-    return pages.view(np.uint64).reshape(pages.shape[0], -1).any(axis=1)
+    """One bool per row of a ``(n, PAGE_SIZE)`` array (any strides): does the page hold a non-zero
+    byte. A page with data nearly always has some in its first bytes, so those are looked at
+    first and only the rest of the pages that start with zeros is read."""
+    out = pages[:, :_HEAD].any(axis=1)
+    rest = np.flatnonzero(~out)
+    if rest.shape[0]:
+        out[rest] = pages[rest].any(axis=1)
+    return out
 
 
 def release_range(mapping: Any, start: int, stop: int) -> None:
@@ -65,20 +89,34 @@ class ImageFile:
         self._scratch = np.empty((0, PAGE_SIZE), np.uint8)
 
     def write_pages(self, first_page: int, pages: np.ndarray) -> None:
-        """Write ``pages`` (``(n, PAGE_SIZE)``, any strides, e.g. the pages of a run of records)
-        at page ``first_page`` of the image; strided ones are gathered a chunk at a time."""
+        """Write ``pages`` (``(n, PAGE_SIZE)``, any row stride, e.g. the pages of a run of records
+        in a stream) at page ``first_page`` of the image, a chunk at a time."""
         n = pages.shape[0]
         for a in range(0, n, CHUNK_PAGES):
             b = min(a + CHUNK_PAGES, n)
             chunk = pages[a:b]
-            if not chunk.flags.c_contiguous:
+            self.nonzero[first_page + a : first_page + b] = page_nonzero(chunk)
+            offset = (first_page + a) * PAGE_SIZE
+            if chunk.flags.c_contiguous:
+                pwrite_all(self.fd, chunk, offset)
+            elif not self._write_strided(chunk, offset):
                 if self._scratch.shape[0] < b - a:
                     self._scratch = np.empty((CHUNK_PAGES, PAGE_SIZE), np.uint8)
                 gathered = self._scratch[: b - a]
                 gathered[:] = chunk
-                chunk = gathered
-            self.nonzero[first_page + a : first_page + b] = page_nonzero(chunk)
-            pwrite_all(self.fd, chunk, (first_page + a) * PAGE_SIZE)
+                pwrite_all(self.fd, gathered, offset)
+
+    def _write_strided(self, pages: np.ndarray, offset: int) -> bool:
+        """One ``pwritev`` of rows that each are contiguous: the kernel gathers them. False when
+        it could not write them all (the caller writes them another way)."""
+        pwritev = _libc_pwritev()
+        if not pwritev or pages.strides[1] != 1:
+            return False
+        n = pages.shape[0]
+        iov = np.empty((n, 2), np.uint64)
+        iov[:, 0] = pages.__array_interface__["data"][0] + np.arange(n, dtype=np.uint64) * np.uint64(pages.strides[0])
+        iov[:, 1] = PAGE_SIZE
+        return int(pwritev(self.fd, iov.ctypes.data, n, offset)) == n * PAGE_SIZE
 
     def fill_pages(self, image_pages: np.ndarray, fill: np.ndarray) -> None:
         """Set each page of ``image_pages`` (sorted page numbers) to its byte of ``fill``."""

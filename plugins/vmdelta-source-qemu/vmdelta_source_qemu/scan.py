@@ -37,6 +37,8 @@ _EOS = int(RamFlag.EOS)
 _FLUSH = int(RamFlag.MULTIFD_FLUSH)
 _KINDS = {int(RamFlag.PAGE): KIND_PAGE, int(RamFlag.ZERO): KIND_ZERO}
 _STRIDE = {KIND_PAGE: 8 + PAGE_SIZE, KIND_ZERO: 8 + 1}
+#: stream bytes parsed before they are released from the map, in one call
+_RELEASE_STEP = 16 << 20
 _REFUSED = (
     (RamFlag.XBZRLE, "an XBZRLE-compressed page (RAM_SAVE_FLAG_XBZRLE): turn off the xbzrle capability"),
     (RamFlag.COMPRESS_PAGE, "a compressed page (RAM_SAVE_FLAG_COMPRESS_PAGE): turn off the compress capability"),
@@ -98,6 +100,7 @@ class RecordScanner:
         self.rewritten = False  # some page written by more than one record
         self.flushes = 0
         self.current: int | None = None  # block of the previous record, for CONTINUE
+        self.released = 0  # stream bytes before this are released from the map
 
     def scan(self, pos: int) -> int:
         """Read records from ``pos`` through the EOS record; returns the offset after it."""
@@ -199,7 +202,10 @@ class RecordScanner:
             touch = (previous >= 0) | (fill != 0)
             if touch.any():
                 self.image.fill_pages(image_pages[touch], fill[touch])
-        release_range(self.mapping, start, data + count * stride - 8)
+        done = data + count * stride - 8
+        if done - self.released >= _RELEASE_STEP:
+            release_range(self.mapping, self.released, done)
+            self.released = done
         self.last_write[image_pages] = self.count + index
         self.count += count
         self.table.add(pos, end, block_index, pages, kind, fill, named)
