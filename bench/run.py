@@ -82,7 +82,7 @@ def run_vmdelta(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str
     measure(create, env=env)
     c = measure(create, env=env)
     a = measure(apply, env=env)
-    for kind, base, modified in pairs:
+    for _, _, modified in pairs:
         if not same(work / f"out-{modified.name}", modified):
             raise SystemExit(f"vmdelta rebuilt {modified.name} wrongly")
     return Result("vmdelta", (work / "vm.overlay").stat().st_size, c.seconds, c.peak_rss, a.seconds, a.peak_rss)
@@ -94,7 +94,9 @@ def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path) -> Res
     c_rss = a_rss = 0
     for _, base, modified in pairs:
         patch, out = work / f"{modified.name}.zst{level}", work / f"{modified.name}.zst{level}.out"
-        c = measure(["zstd", f"-{level}", "--long=31", "-q", "-f", f"--patch-from={base}", str(modified), "-o", str(patch)])
+        c = measure(
+            ["zstd", f"-{level}", "--long=31", "-q", "-f", f"--patch-from={base}", str(modified), "-o", str(patch)]
+        )
         a = measure(["zstd", "-d", "--long=31", "-q", "-f", f"--patch-from={base}", str(patch), "-o", str(out)])
         if not same(out, modified):
             raise SystemExit(f"zstd rebuilt {modified.name} wrongly")
@@ -149,12 +151,15 @@ def table(case: str, results: list[Result]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+
         def ratio(a: float | None, b: float | None) -> str:
             return f"{a / b:.2f}" if a is not None and b else "–"
+
         rss = f"{r.create_rss / 2**20:.0f}" if r.create_rss else "–"
         arss = f"{r.apply_rss / 2**20:.0f}" if r.apply_rss else "–"
+        create_ratio = ratio(ours.create, r.create) if r.create_rss else "–"
         lines.append(
-            f"| {r.tool} | {r.size:,} | {ratio(ours.size, r.size)} | {r.create:.2f} | {ratio(ours.create, r.create) if r.create_rss else '–'} "
+            f"| {r.tool} | {r.size:,} | {ratio(ours.size, r.size)} | {r.create:.2f} | {create_ratio} "
             f"| {rss} | {ratio(ours.create_rss, r.create_rss) if r.create_rss else '–'} "
             f"| {'–' if r.apply is None else f'{r.apply:.2f}'} | {ratio(ours.apply, r.apply)} | {arss} |"
         )
@@ -169,7 +174,9 @@ def cases(folder: Path) -> dict[str, list[tuple[str, Path, Path]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", type=Path, help="unpacked fixture set (default: realistic-128, unpacked on demand)")
+    parser.add_argument(
+        "--fixtures", type=Path, help="unpacked fixture set (default: realistic-128, unpacked on demand)"
+    )
     parser.add_argument("--cases", default="disk,memory,vm", help="comma-separated: disk, memory, vm")
     parser.add_argument("--skip", default="", help="comma-separated tools to skip: zstd-3, zstd-19, xdelta3, model")
     parser.add_argument("--vmdelta-args", default="", help="extra arguments for vmdelta create")
@@ -188,9 +195,13 @@ def main() -> None:
             skip.add("zstd-19" if tool == "zstd" else tool)
     shared = Path(os.environ.get("VMDELTA_SHARED", ROOT.parent / "shared"))
     extra = shlex.split(args.vmdelta_args)
-    report = [f"# vmdelta benchmark: {folder.name}", "",
-              f"vmdelta create {shlex.join(extra) or '(defaults)'}; {os.cpu_count()} cores; "
-              f"{time.strftime('%Y-%m-%d %H:%M')}. Ratios are vmdelta ÷ tool: below 1 is better for vmdelta.", ""]
+    report = [
+        f"# vmdelta benchmark: {folder.name}",
+        "",
+        f"vmdelta create {shlex.join(extra) or '(defaults)'}; {os.cpu_count()} cores; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}. Ratios are vmdelta ÷ tool: below 1 is better for vmdelta.",
+        "",
+    ]
     for case in filter(None, args.cases.split(",")):
         pairs = cases(folder)[case]
         with tempfile.TemporaryDirectory(prefix="vmdelta-bench-") as tmp:

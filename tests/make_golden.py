@@ -59,8 +59,12 @@ def golden_inputs(folder: Path) -> list[ImageSpec]:
 def golden_overlay(folder: Path, output: Path, codec: str) -> None:
     # the core alone, whatever else is installed, so the bytes do not depend on the machine
     registry = Registry(new_plugin_manager(load_entry_points=False, blocked=frozenset()))
-    create_overlay(CreateConfig(output=output, images=golden_inputs(folder), codec=codec, level=3,
-                                threads=1, cache_dir=folder / "cache"), registry=registry)
+    create_overlay(
+        CreateConfig(
+            output=output, images=golden_inputs(folder), codec=codec, level=3, threads=1, cache_dir=folder / "cache"
+        ),
+        registry=registry,
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def write_pair(folder: Path, name: str, base: np.ndarray, modified: np.ndarray) 
 def sample_pair(seed: int = 0, units: int = 64, grow: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A base with text-like and random units, and a modified copy with every kind of change."""
     rng = np.random.default_rng(seed)
-    text = np.frombuffer((b"vmdelta sample text, a little repetitive; " * 200)[: UNIT], dtype=np.uint8)
+    text = np.frombuffer((b"vmdelta sample text, a little repetitive; " * 200)[:UNIT], dtype=np.uint8)
     base = np.zeros(units * UNIT, dtype=np.uint8)
     for u in range(units):
         kind = u % 4

@@ -15,8 +15,13 @@ from vmdelta_core.registry import Registry
 
 
 def image(data: np.ndarray, holes=None, hints=None, hints_base=None) -> SourceImage:
-    return SourceImage(kind="disk", data=data, holes=np.array(holes or [], dtype=np.int64).reshape(-1, 2),
-                       hints=hints, hints_base=hints_base)
+    return SourceImage(
+        kind="disk",
+        data=data,
+        holes=np.array(holes or [], dtype=np.int64).reshape(-1, 2),
+        hints=hints,
+        hints_base=hints_base,
+    )
 
 
 def test_exact_units_and_tails() -> None:
@@ -73,9 +78,16 @@ def test_hints_are_used_only_against_their_own_base(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(data.tobytes())
 
     def changed(against: str) -> int:
-        spec = ImageSpec("disk", tmp_path / against, tmp_path / "modified", format="hinted",
-                         modified_options={"against": str(tmp_path / "base")})
-        report = create_overlay(CreateConfig(output=tmp_path / "o", images=[spec], cache_dir=tmp_path / "c"), registry=registry)
+        spec = ImageSpec(
+            "disk",
+            tmp_path / against,
+            tmp_path / "modified",
+            format="hinted",
+            modified_options={"against": str(tmp_path / "base")},
+        )
+        report = create_overlay(
+            CreateConfig(output=tmp_path / "o", images=[spec], cache_dir=tmp_path / "c"), registry=registry
+        )
         return report.images[0].statistics["changed"]
 
     assert changed("base") == 1  # hints hold: only unit 0 compared

@@ -72,7 +72,14 @@ def test_errors_are_one_line_and_leave_no_output(pair, tmp_path: Path, capsys, m
     assert code == 6 and "no encoder named 'nosuch'" in err
     # the user's file is untouched and no temporary files are left
     assert out.read_bytes() == b"the user's precious file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.overlay", "base.img", "cache", "modified.img", "rebuilt.img", "vm.overlay"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.overlay",
+        "base.img",
+        "cache",
+        "modified.img",
+        "rebuilt.img",
+        "vm.overlay",
+    ]
 
 
 def test_apply_refuses_to_overwrite_its_base(pair, tmp_path, capsys, monkeypatch) -> None:
@@ -93,7 +100,12 @@ def test_run_pipeline_matches_flags(pair, tmp_path, capsys, monkeypatch) -> None
         '[[images]]\nkind = "disk"\nbase = "base.img"\nmodified = "modified.img"\n'
     )
     assert run(capsys, "run", "-q", str(tmp_path / "p.toml"))[0] == 0
-    assert run(capsys, "create", "-q", "--level", "3", "-o", str(tmp_path / "from-flags.overlay"), "--disk", str(b), str(m))[0] == 0
+    assert (
+        run(
+            capsys, "create", "-q", "--level", "3", "-o", str(tmp_path / "from-flags.overlay"), "--disk", str(b), str(m)
+        )[0]
+        == 0
+    )
     assert (tmp_path / "from-toml.overlay").read_bytes() == (tmp_path / "from-flags.overlay").read_bytes()
 
 
@@ -109,7 +121,10 @@ def test_bad_pipeline_is_one_line(tmp_path, capsys) -> None:
 def test_plugins_and_demo(capsys) -> None:
     code, out, _ = run(capsys, "plugins", "--json")
     rows = json.loads(out)
-    assert code == 0 and {"component": "raw", "kind": "encoder"}.items() <= next(r for r in rows if r["component"] == "raw").items()
+    assert (
+        code == 0
+        and {"component": "raw", "kind": "encoder"}.items() <= next(r for r in rows if r["component"] == "raw").items()
+    )
     code, out, _ = run(capsys, "demo", "--json")
     data = json.loads(out)
     assert code == 0 and data["identical"] and data["overlay_bytes"] < data["modified_bytes"]
@@ -128,15 +143,30 @@ def test_component_options_from_flags_and_pipelines(pair, tmp_path, capsys, monk
     """Options reach the components, are recorded, and a wrong one is one clear error."""
     monkeypatch.setenv("VMDELTA_CACHE_DIR", str(tmp_path / "cache"))
     b, m = pair
-    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m),
-                       "--encoder-option", "raw.level=3")
+    code, _, err = run(
+        capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m), "--encoder-option", "raw.level=3"
+    )
     assert code == 2 and "encoder 'raw' takes no options" in err
-    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m),
-                       "--encoder-option", "nosuch.level=3")
+    code, _, err = run(
+        capsys,
+        "create",
+        "-q",
+        "-o",
+        str(tmp_path / "x"),
+        "--disk",
+        str(b),
+        str(m),
+        "--encoder-option",
+        "nosuch.level=3",
+    )
     assert code == 2 and "does not use" in err
-    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m), "--encoder-option", "broken")
+    code, _, err = run(
+        capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m), "--encoder-option", "broken"
+    )
     assert code == 2 and "NAME.KEY=VALUE" in err
-    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m), "--filter-option", "trim.after=1")
+    code, _, err = run(
+        capsys, "create", "-q", "-o", str(tmp_path / "x"), "--disk", str(b), str(m), "--filter-option", "trim.after=1"
+    )
     assert code == 2 and "no --filter turns on" in err
     assert not (tmp_path / "x").exists()
 

@@ -18,7 +18,6 @@ from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
 
-
 REGISTRY = Registry(new_plugin_manager(load_entry_points=False))
 
 
@@ -27,10 +26,15 @@ def _apply_golden(folder: Path, overlay: Path) -> list[bytes]:
     if not specs[0].base.exists():
         specs = golden_inputs(folder)
     outputs = [folder / f"out-{spec.kind}" for spec in specs]
-    apply_overlay(ApplyConfig(
-        overlay=overlay, images=[ApplyImageSpec(s.kind, s.base, o) for s, o in zip(specs, outputs, strict=True)],
-        threads=1, cache_dir=folder / "cache",
-    ), registry=REGISTRY)
+    apply_overlay(
+        ApplyConfig(
+            overlay=overlay,
+            images=[ApplyImageSpec(s.kind, s.base, o) for s, o in zip(specs, outputs, strict=True)],
+            threads=1,
+            cache_dir=folder / "cache",
+        ),
+        registry=REGISTRY,
+    )
     return [o.read_bytes() for o in outputs]
 
 
@@ -129,8 +133,13 @@ def reseal(data: bytearray) -> bytes:
     data[index_start : index_start + len(index)] = index
     meta = bytes(data[trailer.metadata_offset : trailer.metadata_offset + trailer.metadata_length])
     body = struct.pack(
-        ">QQQQQQ", trailer.metadata_offset, trailer.metadata_length, xxhash.xxh3_64_intdigest(meta),
-        trailer.index_offset, trailer.index_count, xxhash.xxh3_64_intdigest(index),
+        ">QQQQQQ",
+        trailer.metadata_offset,
+        trailer.metadata_length,
+        xxhash.xxh3_64_intdigest(meta),
+        trailer.index_offset,
+        trailer.index_count,
+        xxhash.xxh3_64_intdigest(index),
     )
     data[-TRAILER_SIZE : -TRAILER_SIZE + 48] = body
     data[-16:-8] = xxhash.xxh3_64_intdigest(bytes(data[:-16])).to_bytes(8, "big")

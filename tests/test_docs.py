@@ -44,7 +44,9 @@ def test_hook_reference_lists_every_hook_with_its_exact_signature() -> None:
             assert "*firstresult*" in section.split("###")[1]
 
 
-@pytest.mark.parametrize("relative", ["pyproject.toml", "vmdelta_encoder_bytepatch/__init__.py", "tests/test_bytepatch.py"])
+@pytest.mark.parametrize(
+    "relative", ["pyproject.toml", "vmdelta_encoder_bytepatch/__init__.py", "tests/test_bytepatch.py"]
+)
 def test_the_walkthrough_shows_the_example_files_verbatim(relative: str) -> None:
     assert (EXAMPLE / relative).read_text().rstrip() in DOC.read_text()
 
@@ -65,10 +67,26 @@ def test_the_example_plugin_works(tmp_path: Path) -> None:
     modified[100:110] += 1
     (tmp_path / "b").write_bytes(base.tobytes())
     (tmp_path / "m").write_bytes(modified.tobytes())
-    report = create_overlay(CreateConfig(output=tmp_path / "o", images=[
-        ImageSpec("disk", tmp_path / "b", tmp_path / "m", encoders=("bytepatch", "raw"), policy="first-smaller")],
-        cache_dir=tmp_path / "c"), registry=registry)
-    assert {k: v for k, v in report.images[0].statistics["encoders"]["bytepatch"].items() if k != "stored_bytes"} == {"units": 1, "bytes": 14}
-    apply_overlay(ApplyConfig(overlay=tmp_path / "o", images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out")],
-                              cache_dir=tmp_path / "c"), registry=registry)
+    report = create_overlay(
+        CreateConfig(
+            output=tmp_path / "o",
+            images=[
+                ImageSpec("disk", tmp_path / "b", tmp_path / "m", encoders=("bytepatch", "raw"), policy="first-smaller")
+            ],
+            cache_dir=tmp_path / "c",
+        ),
+        registry=registry,
+    )
+    assert {k: v for k, v in report.images[0].statistics["encoders"]["bytepatch"].items() if k != "stored_bytes"} == {
+        "units": 1,
+        "bytes": 14,
+    }
+    apply_overlay(
+        ApplyConfig(
+            overlay=tmp_path / "o",
+            images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out")],
+            cache_dir=tmp_path / "c",
+        ),
+        registry=registry,
+    )
     assert (tmp_path / "out").read_bytes() == modified.tobytes()

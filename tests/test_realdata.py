@@ -14,8 +14,14 @@ from vmdelta_core.registry import Registry
 
 pytestmark = pytest.mark.fixtures
 REGISTRY = Registry(new_plugin_manager(load_entry_points=False))
-DISK_PAIRS = ["", "variants/discard-ignore", "variants/qemu-10.0-stream", "variants/qemu-10.0-mapped-ram",
-              "variants/qemu-7.2-ignore-shared", "variants/qemu-10.0-ignore-shared"]
+DISK_PAIRS = [
+    "",
+    "variants/discard-ignore",
+    "variants/qemu-10.0-stream",
+    "variants/qemu-10.0-mapped-ram",
+    "variants/qemu-7.2-ignore-shared",
+    "variants/qemu-10.0-ignore-shared",
+]
 
 
 @pytest.mark.parametrize("variant", DISK_PAIRS)
@@ -23,13 +29,17 @@ def test_raw_disk_pairs_round_trip(realistic: Path, variant: str, tmp_path: Path
     folder = realistic / variant
     base, modified = folder / "base.img", folder / "modified.img"
     overlay, out = tmp_path / "disk.overlay", tmp_path / "rebuilt.img"
-    report = create_overlay(CreateConfig(output=overlay, images=[ImageSpec("disk", base, modified)], cache_dir=tmp_path / "c"),
-                            registry=REGISTRY)
+    report = create_overlay(
+        CreateConfig(output=overlay, images=[ImageSpec("disk", base, modified)], cache_dir=tmp_path / "c"),
+        registry=REGISTRY,
+    )
     stats = report.images[0].statistics
     assert stats["changed"] > 1000
     assert report.size < 0.5 * stats["changed"] * 4096  # far below the changed bytes
-    applied = apply_overlay(ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", base, out)], cache_dir=tmp_path / "c"),
-                            registry=REGISTRY)
+    applied = apply_overlay(
+        ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", base, out)], cache_dir=tmp_path / "c"),
+        registry=REGISTRY,
+    )
     assert applied.images[0].artifact_identical
     assert _same_file(out, modified)
     # sparse: the rebuilt disk allocates no more than the modified one does (rounded to units)
@@ -42,13 +52,22 @@ def test_memory_raw_ram_and_disk_together(realistic: Path, tmp_path: Path) -> No
     """Raw RAM images (x-ignore-shared backing files) with the disk: pages found on the base disk."""
     v = realistic / "variants/qemu-7.2-ignore-shared"
     overlay = tmp_path / "vm.overlay"
-    images = [ImageSpec("memory", v / "base-ram.raw", v / "modified-ram.raw"), ImageSpec("disk", v / "base.img", v / "modified.img")]
+    images = [
+        ImageSpec("memory", v / "base-ram.raw", v / "modified-ram.raw"),
+        ImageSpec("disk", v / "base.img", v / "modified.img"),
+    ]
     report = create_overlay(CreateConfig(output=overlay, images=images, cache_dir=tmp_path / "c"), registry=REGISTRY)
     memory = report.images[0].statistics
     assert memory["base_disk"] > 1000  # file pages read from the base disk since the base snapshot
     outs = [tmp_path / "ram.out", tmp_path / "disk.out"]
-    apply_overlay(ApplyConfig(overlay=overlay, images=[ApplyImageSpec(s.kind, s.base, o) for s, o in zip(images, outs, strict=True)],
-                              cache_dir=tmp_path / "c"), registry=REGISTRY)
+    apply_overlay(
+        ApplyConfig(
+            overlay=overlay,
+            images=[ApplyImageSpec(s.kind, s.base, o) for s, o in zip(images, outs, strict=True)],
+            cache_dir=tmp_path / "c",
+        ),
+        registry=REGISTRY,
+    )
     assert _same_file(outs[0], images[0].modified) and _same_file(outs[1], images[1].modified)
 
 

@@ -46,7 +46,11 @@ def registry_with(*plugins: object, blocked: frozenset[str] = frozenset()) -> Re
 def test_builtins_register_through_the_same_hooks() -> None:
     registry = registry_with()
     assert {(i.kind, i.name) for i in registry} == {
-        ("codec", "zstd"), ("codec", "lzma"), ("codec", "none"), ("encoder", "raw"), ("source", "file"),
+        ("codec", "zstd"),
+        ("codec", "lzma"),
+        ("codec", "none"),
+        ("encoder", "raw"),
+        ("source", "file"),
     }
     assert all(i.distribution == "vmdelta-core" for i in registry)
 
@@ -79,19 +83,31 @@ def test_third_party_encoder_gets_a_free_ref_and_round_trips(tmp_path: Path) -> 
     (tmp_path / "b").write_bytes(base.tobytes())
     (tmp_path / "m").write_bytes(modified.tobytes())
     overlay = tmp_path / "o"
-    report = create_overlay(CreateConfig(output=overlay, images=[ImageSpec("disk", tmp_path / "b", tmp_path / "m", encoders=("reverse",), policy="fixed")],
-                                         cache_dir=tmp_path / "c"), registry=registry)
+    report = create_overlay(
+        CreateConfig(
+            output=overlay,
+            images=[ImageSpec("disk", tmp_path / "b", tmp_path / "m", encoders=("reverse",), policy="fixed")],
+            cache_dir=tmp_path / "c",
+        ),
+        registry=registry,
+    )
     ref = next(c["ref"] for c in report.metadata["components"] if c["name"] == "reverse")
     assert ref == 0xA
     reverse = report.images[0].statistics["encoders"]["reverse"]
     assert (reverse["units"], reverse["bytes"]) == (1, 4096) and 0 < reverse["stored_bytes"] <= 4096 + 64
-    apply_overlay(ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out")], cache_dir=tmp_path / "c"),
-                  registry=registry)
+    apply_overlay(
+        ApplyConfig(
+            overlay=overlay, images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out")], cache_dir=tmp_path / "c"
+        ),
+        registry=registry,
+    )
     assert (tmp_path / "out").read_bytes() == modified.tobytes()
     # without the plugin, apply names what to install and writes nothing
     with pytest.raises(PluginError, match="encoder 'reverse' from"):
-        apply_overlay(ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out2")]),
-                      registry=registry_with())
+        apply_overlay(
+            ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out2")]),
+            registry=registry_with(),
+        )
     assert not (tmp_path / "out2").exists()
 
 

@@ -13,6 +13,7 @@ from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpe
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 
+
 class Reverse(Encoder):
     """An encoder with a ref id above the self ref's, so apply must order its work right."""
 
@@ -92,9 +93,17 @@ def round_trip(
         specs.append(ImageSpec(kind, b, m, **({"encoders": encoders, "policy": "fixed"} if encoders else {})))
         outputs.append(tmp / f"{n}.out")
     overlay = tmp / "o.vmdo"
-    create_overlay(CreateConfig(output=overlay, images=specs, cache_dir=tmp / "cache", threads=2, **create), registry=REGISTRY)
-    apply_overlay(ApplyConfig(overlay=overlay, images=[ApplyImageSpec(s.kind, s.base, o) for s, o in zip(specs, outputs, strict=True)],
-                              cache_dir=tmp / "cache"), registry=REGISTRY)
+    create_overlay(
+        CreateConfig(output=overlay, images=specs, cache_dir=tmp / "cache", threads=2, **create), registry=REGISTRY
+    )
+    apply_overlay(
+        ApplyConfig(
+            overlay=overlay,
+            images=[ApplyImageSpec(s.kind, s.base, o) for s, o in zip(specs, outputs, strict=True)],
+            cache_dir=tmp / "cache",
+        ),
+        registry=REGISTRY,
+    )
     for (_, _, modified), out in zip(pairs, outputs, strict=True):
         assert out.read_bytes() == modified.tobytes()
     return outputs
@@ -138,10 +147,17 @@ def test_dedup_across_images_and_within(tmp_path: Path) -> None:
     disk_mod[7 * UNIT :] = fresh  # written back to disk
     disk_mod[6 * UNIT : 7 * UNIT] = 0
     overlay = tmp_path / "o.vmdo"
-    report = create_overlay(CreateConfig(output=overlay, images=[
-        ImageSpec("memory", _w(tmp_path / "mb", mem_base), _w(tmp_path / "mm", mem_mod)),
-        ImageSpec("disk", _w(tmp_path / "db", disk_base), _w(tmp_path / "dm", disk_mod)),
-    ], cache_dir=tmp_path / "cache"), registry=REGISTRY)
+    report = create_overlay(
+        CreateConfig(
+            output=overlay,
+            images=[
+                ImageSpec("memory", _w(tmp_path / "mb", mem_base), _w(tmp_path / "mm", mem_mod)),
+                ImageSpec("disk", _w(tmp_path / "db", disk_base), _w(tmp_path / "dm", disk_mod)),
+            ],
+            cache_dir=tmp_path / "cache",
+        ),
+        registry=REGISTRY,
+    )
     mem, disk = (dict(i.statistics) for i in report.images)
     assert (mem["changed"], mem["base_disk"], mem["base_memory"], mem["encoders"]["raw"]["units"]) == (3, 1, 1, 1)
     assert (disk["changed"], disk["self"], disk["zero"]) == (2, 1, 1)

@@ -16,7 +16,9 @@ PAYLOAD_REFS = (Ref.RAW, Ref.XDELTA, Ref.BSDIFF, Ref.XOR)
 VALUE_REFS = (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM)
 
 
-def by_hand(offset: int, length: int, ref: int, typ: int, data: object, live_seq: int | None, digest: bytes | None = None) -> bytes:
+def by_hand(
+    offset: int, length: int, ref: int, typ: int, data: object, live_seq: int | None, digest: bytes | None = None
+) -> bytes:
     """The layout of the original item streams, written out with struct."""
     out = struct.pack("!QHB", offset, length, (ref << 4) | typ)
     if ref in VALUE_REFS:
@@ -57,7 +59,10 @@ def test_every_ref_and_type_parses_and_builds_to_the_same_bytes(ref: Ref, typ: I
     assert len(cols) == 1 and int(cols.refs[0]) == ref and int(cols.types[0]) == typ
     payload = None if ref in VALUE_REFS or ref == Ref.ZEROS else data
     value = data if ref in VALUE_REFS else 0
-    assert pack_items([0x7FFF_F000], [4096], [ref], [typ], [value], [payload], [live if live is not None else -1]) == golden
+    assert (
+        pack_items([0x7FFF_F000], [4096], [ref], [typ], [value], [payload], [live if live is not None else -1])
+        == golden
+    )
 
 
 def test_trailing_hash_variant() -> None:
@@ -74,9 +79,7 @@ def test_golden_item_stream_file(golden_dir) -> None:
     data = (golden_dir / "items.bin").read_bytes()
     cols = unpack_items(data)
     assert len(cols) == len(list(Ref)) * len(list(ItemType))
-    rebuilt = b"".join(
-        DELTA_ITEM.build(DELTA_ITEM.parse(data[pos:])) for pos in _record_starts(data)
-    )
+    rebuilt = b"".join(DELTA_ITEM.build(DELTA_ITEM.parse(data[pos:])) for pos in _record_starts(data))
     assert rebuilt == data
 
 
@@ -109,14 +112,25 @@ def test_fast_path_matches_the_declarative_schema(items: list[tuple]) -> None:
         refs.append(ref)
         types.append(typ)
         values.append(value if ref in VALUE_REFS else 0)
-        payloads.append(blob.ljust(32, b"\0")[:32] if ref == Ref.SELF_HASH else None if ref in VALUE_REFS or ref == Ref.ZEROS else blob)
+        payloads.append(
+            blob.ljust(32, b"\0")[:32]
+            if ref == Ref.SELF_HASH
+            else None
+            if ref in VALUE_REFS or ref == Ref.ZEROS
+            else blob
+        )
         seqs.append(seq if typ in (ItemType.MEMORY_LIVE, ItemType.DISK_LIVE) else -1)
     fast = pack_items(offsets, lengths, refs, types, values, payloads, seqs)
     slow = b"".join(
-        DELTA_ITEM.build({
-            "offset": o, "length": n, "info": {"ref": r, "type": t},
-            "data": v if r in VALUE_REFS else p, "live_seq": s if s >= 0 else None,
-        })
+        DELTA_ITEM.build(
+            {
+                "offset": o,
+                "length": n,
+                "info": {"ref": r, "type": t},
+                "data": v if r in VALUE_REFS else p,
+                "live_seq": s if s >= 0 else None,
+            }
+        )
         for o, n, r, t, v, p, s in zip(offsets, lengths, refs, types, values, payloads, seqs, strict=True)
     )
     assert fast == slow

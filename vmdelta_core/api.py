@@ -31,8 +31,17 @@ def inspect_overlay(path: Path, *, verify: bool = True) -> dict[str, Any]:
             reader.verify()
         read_metadata(reader.metadata, reader.frames)
         frames = [
-            {"offset": f.file_offset, "stored": f.stored_length, "length": f.length, "image": f.image,
-             "kind": f.kind, "codec": f.codec, "items": f.item_count, "first": f.first_offset, "end": f.end_offset}
+            {
+                "offset": f.file_offset,
+                "stored": f.stored_length,
+                "length": f.length,
+                "image": f.image,
+                "kind": f.kind,
+                "codec": f.codec,
+                "items": f.item_count,
+                "first": f.first_offset,
+                "end": f.end_offset,
+            }
             for f in reader.frames
         ]
         return {"file": str(path), "size": reader.size, "metadata": reader.metadata, "frames": frames}

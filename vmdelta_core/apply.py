@@ -13,19 +13,18 @@ import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zstandard
 
 from vmdelta_core.components import Codec, Encoder, RebuiltImage, SourceImage
-from vmdelta_core.config import ApplyConfig, ApplyImageSpec
+from vmdelta_core.config import ApplyConfig
 from vmdelta_core.container import KIND_ENVELOPE, OverlayReader
 from vmdelta_core.dedup import split_address
 from vmdelta_core.errors import BaseMismatchError, ConfigError, FormatError, IntegrityError, PluginError
 from vmdelta_core.fileio import AtomicOutput, copy_range, data_extents, punch_hole, punch_zero_runs
-from vmdelta_core.index import image_digest, load_or_build_index
+from vmdelta_core.index import load_or_build_index
 from vmdelta_core.metadata import OverlayMetadata, read_metadata
 from vmdelta_core.pipeline import file_digest
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
@@ -71,17 +70,26 @@ def apply_overlay(
                     f"{base.size} bytes, expected {expected['size']} ({expected['name']})"
                 )
             advance = progress.start(f"check base {spec.base.name}", base.size)
-            index, cached = load_or_build_index(
-                spec.base, base, source=image["base_source"], unit=meta.unit_size, options=dict(spec.base_options),
-                cache_dir=config.cache_dir, progress=advance,
+            index, _ = load_or_build_index(
+                spec.base,
+                base,
+                source=image["base_source"],
+                unit=meta.unit_size,
+                options=dict(spec.base_options),
+                cache_dir=config.cache_dir,
+                progress=advance,
             )
             if index.fingerprint != expected["fingerprint"]:
                 raise BaseMismatchError(
-                    f"{spec.base} is not the base this overlay was made from (fingerprint differs from {expected['name']})"
+                    f"{spec.base} is not the base this overlay was made from "
+                    f"(fingerprint differs from {expected['name']})"
                 )
             bases.append(base)
         for spec in config.images:
-            if spec.output.resolve() in {s.base.resolve() for s in config.images} or spec.output.resolve() == config.overlay.resolve():
+            if (
+                spec.output.resolve() in {s.base.resolve() for s in config.images}
+                or spec.output.resolve() == config.overlay.resolve()
+            ):
                 raise ConfigError(f"output {spec.output} would overwrite an input")
 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
@@ -93,7 +101,13 @@ def apply_overlay(
             fd = os.open(tmp.path, os.O_RDWR)
             stack.callback(os.close, fd)
             rebuilt_files.append((tmp, fd))
-            _copy_base(bases[number], fd, image["size"], meta.unit_size, progress.start(f"copy base {spec.base.name}", image["size"]))
+            _copy_base(
+                bases[number],
+                fd,
+                image["size"],
+                meta.unit_size,
+                progress.start(f"copy base {spec.base.name}", image["size"]),
+            )
             changed = _apply_items(number, image, reader, meta, codecs, encoders, bases, rebuilt_files, pool, progress)
             if image.get("artifact_digest") and not spec.output_format:
                 digest = image["digest"]  # the artifact's own digest, checked below, covers the image
@@ -105,9 +119,18 @@ def apply_overlay(
             envelope = _envelope(reader, number, bases[number].envelope)
             out = stack.enter_context(AtomicOutput(spec.output))
             rebuilt = RebuiltImage(
-                path=tmp.path, size=image["size"], unit_size=meta.unit_size, envelope=envelope,
-                layout=image["layout"], changed=changed, base=bases[number], base_path=spec.base,
-                options={**dict(spec.output_options), **({"output_format": spec.output_format} if spec.output_format else {})},
+                path=tmp.path,
+                size=image["size"],
+                unit_size=meta.unit_size,
+                envelope=envelope,
+                layout=image["layout"],
+                changed=changed,
+                base=bases[number],
+                base_path=spec.base,
+                options={
+                    **dict(spec.output_options),
+                    **({"output_format": spec.output_format} if spec.output_format else {}),
+                },
             )
             outputs.append(out)
             reports.append((image, spec, rebuilt, out, digest))
@@ -119,12 +142,21 @@ def apply_overlay(
             identical = False
             if image.get("artifact_digest") and not spec.output_format:
                 if file_digest(out.path) != image["artifact_digest"]:
-                    raise IntegrityError(f"rebuilt artifact {spec.output} differs from the one the overlay was made from")
+                    raise IntegrityError(
+                        f"rebuilt artifact {spec.output} differs from the one the overlay was made from"
+                    )
                 identical = True
-            results.append(RebuiltReport(
-                image["name"], image["kind"], spec.output, image["size"], digest, identical,
-                {f["name"]: f["dropped"] for f in image["filters"]},
-            ))
+            results.append(
+                RebuiltReport(
+                    image["name"],
+                    image["kind"],
+                    spec.output,
+                    image["size"],
+                    digest,
+                    identical,
+                    {f["name"]: f["dropped"] for f in image["filters"]},
+                )
+            )
         for out in outputs:
             out.commit()
     return ApplyReport(overlay=config.overlay, seconds=time.monotonic() - started, images=tuple(results))
@@ -137,10 +169,12 @@ def _match_images(meta: OverlayMetadata, config: ApplyConfig) -> None:
     want = [image["kind"] for image in meta.images]
     got = [spec.kind for spec in config.images]
     if want != got:
+
         def describe(kinds: list[str]) -> str:
             disks = kinds.count("disk")
             parts = (["--memory"] if "memory" in kinds else []) + ([f"{disks} --disk"] if disks else [])
             return " and ".join(parts) or "nothing"
+
         raise ConfigError(f"this overlay holds {describe(want)} pair(s); the command gave {describe(got)}")
     if sorted(got, key=lambda k: k != "memory") != got:
         raise ConfigError("internal: memory image must come first")
@@ -209,7 +243,11 @@ def _apply_items(
     size = int(image["size"])
     fd = rebuilt[number][1]
     kind = image["kind"]
-    allowed_types = {int(ItemType.MEMORY), int(ItemType.MEMORY_LIVE)} if kind == "memory" else {int(ItemType.DISK), int(ItemType.DISK_LIVE)}
+    allowed_types = (
+        {int(ItemType.MEMORY), int(ItemType.MEMORY_LIVE)}
+        if kind == "memory"
+        else {int(ItemType.DISK), int(ItemType.DISK_LIVE)}
+    )
     bases_by_kind = {"memory": [], "disk": []}
     for b, img in zip(bases, meta.images, strict=True):
         bases_by_kind[img["kind"]].append(b)
@@ -221,7 +259,9 @@ def _apply_items(
     for frame in frames:
         codec = codecs.get(frame.codec)
         if codec is None:
-            raise FormatError(f"frame at byte {frame.file_offset} names codec {frame.codec}, which the metadata does not list")
+            raise FormatError(
+                f"frame at byte {frame.file_offset} names codec {frame.codec}, which the metadata does not list"
+            )
         cols = reader.items(frame, codec)
         offsets = cols.offsets.astype(np.int64)
         lengths = cols.lengths
@@ -275,8 +315,16 @@ def _apply_items(
 
 
 def _decode_rows(
-    encoder: Encoder, rows: np.ndarray, cols: Any, offsets: np.ndarray, lengths: np.ndarray,
-    base: SourceImage, unit: int, fd: int, pool: ThreadPoolExecutor, where: str,
+    encoder: Encoder,
+    rows: np.ndarray,
+    cols: Any,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    base: SourceImage,
+    unit: int,
+    fd: int,
+    pool: ThreadPoolExecutor,
+    where: str,
 ) -> None:
     def base_unit(o: int, n: int) -> memoryview:
         got = base.data[o : min(o + n, base.size)].tobytes() if o < base.size else b""

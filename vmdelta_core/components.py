@@ -94,11 +94,9 @@ class SourceImage:
         """Release mmaps and files; the arrays must not be used afterwards."""
         while self._closers:
             closer = self._closers.pop()
-            try:
+            # numpy views of an mmap may still be alive elsewhere; the mmap goes when they do
+            with contextlib.suppress(BufferError):
                 closer.close()
-            except BufferError:
-                # numpy views of an mmap still alive elsewhere; the mmap goes when they do
-                pass
 
     def __enter__(self) -> SourceImage:
         return self
@@ -242,7 +240,9 @@ class Encoder:
         """
         raise NotImplementedError
 
-    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
         """Decode a batch; each result must be exactly ``lengths[i]`` bytes.
 
         Payloads come from untrusted overlays: a damaged payload raises :class:`FormatError`,

@@ -86,9 +86,7 @@ class ImageSpec:
     base: Path = attrs.field(converter=_paths)
     modified: Path = attrs.field(converter=_paths)
     format: str | None = None
-    encoders: tuple[str, ...] | None = attrs.field(
-        default=DEFAULT_ENCODERS, converter=attrs.converters.optional(tuple)
-    )
+    encoders: tuple[str, ...] | None = attrs.field(default=DEFAULT_ENCODERS, converter=attrs.converters.optional(tuple))
     policy: str | None = attrs.field(
         default=DEFAULT_POLICY, validator=attrs.validators.optional(attrs.validators.in_(POLICIES))
     )
@@ -197,8 +195,10 @@ def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = 
     for entry in data["images"]:
         filters: list[FilterSpec] = []
         for item in entry.get("filters", []):
-            spec = parse_filter(item) if isinstance(item, str) else FilterSpec(
-                item["name"], item.get("input"), item.get("options", {})
+            spec = (
+                parse_filter(item)
+                if isinstance(item, str)
+                else FilterSpec(item["name"], item.get("input"), item.get("options", {}))
             )
             if spec.input is not None:
                 spec = attrs.evolve(spec, input=resolve(str(spec.input)))
@@ -217,7 +217,9 @@ def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = 
             )
         )
     kwargs: dict[str, Any] = {
-        k: overlay[k] for k in ("unit_size", "codec", "level", "frame_size", "threads", "encoder_options") if k in overlay
+        k: overlay[k]
+        for k in ("unit_size", "codec", "level", "frame_size", "threads", "encoder_options")
+        if k in overlay
     }
     if "cache_dir" in overlay:
         kwargs["cache_dir"] = resolve(overlay["cache_dir"])
@@ -243,10 +245,11 @@ def describe_config(config: CreateConfig) -> dict[str, Any]:
                 "format": image.format,
                 "encoders": list(image.encoders) if image.encoders is not None else "default",
                 "policy": image.policy or "default",
-                "filters": [{"name": f.name, "input": f.input.name if f.input else None, "options": dict(f.options)}
-                            for f in image.filters],
+                "filters": [
+                    {"name": f.name, "input": f.input.name if f.input else None, "options": dict(f.options)}
+                    for f in image.filters
+                ],
             }
             for image in config.images
         ],
     }
-

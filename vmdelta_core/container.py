@@ -144,8 +144,14 @@ class OverlayWriter:
             for ref in np.unique(piece_refs).tolist():
                 by_ref[ref] = by_ref.get(ref, 0) + int(piece_sizes[piece_refs == ref].sum())
             self._parts.append(
-                pack_items(offsets[start:stop], lengths[start:stop], refs[start:stop], types[start:stop],
-                           values[start:stop], payloads[start:stop])
+                pack_items(
+                    offsets[start:stop],
+                    lengths[start:stop],
+                    refs[start:stop],
+                    types[start:stop],
+                    values[start:stop],
+                    payloads[start:stop],
+                )
             )
             self._part_bytes += int(sizes[start:stop].sum())
             self._frame["count"] += stop - start
@@ -159,9 +165,7 @@ class OverlayWriter:
         self._close_frame()
         self._drain(0)
         checksum = xxhash.xxh3_64_intdigest(stored)
-        self._entries.append(
-            FrameEntry(self._offset, len(stored), length, image, KIND_ENVELOPE, 0, 0, 0, 0, checksum)
-        )
+        self._entries.append(FrameEntry(self._offset, len(stored), length, image, KIND_ENVELOPE, 0, 0, 0, 0, checksum))
         self._write(stored)
 
     def _close_frame(self) -> None:
@@ -181,8 +185,16 @@ class OverlayWriter:
             if len(stored) > MAX_FRAME:
                 raise FormatError(f"codec {self.codec.name} produced a frame over {MAX_FRAME} bytes")
             entry = FrameEntry(
-                self._offset, len(stored), len(data), frame["image"], KIND_ITEMS, self.codec_id,
-                frame["count"], frame["first"], frame["end"], xxhash.xxh3_64_intdigest(stored),
+                self._offset,
+                len(stored),
+                len(data),
+                frame["image"],
+                KIND_ITEMS,
+                self.codec_id,
+                frame["count"],
+                frame["first"],
+                frame["end"],
+                xxhash.xxh3_64_intdigest(stored),
             )
             self._entries.append(entry)
             self.stored_bytes_by_image[frame["image"]] += len(stored)
@@ -203,19 +215,33 @@ class OverlayWriter:
         self._write(meta)
         index = b"".join(
             FRAME_INDEX_ENTRY.build(
-                {"file_offset": e.file_offset, "stored_length": e.stored_length, "length": e.length,
-                 "image": e.image, "kind": e.kind, "codec": e.codec, "item_count": e.item_count,
-                 "first_offset": e.first_offset, "end_offset": e.end_offset, "checksum": e.checksum}
+                {
+                    "file_offset": e.file_offset,
+                    "stored_length": e.stored_length,
+                    "length": e.length,
+                    "image": e.image,
+                    "kind": e.kind,
+                    "codec": e.codec,
+                    "item_count": e.item_count,
+                    "first_offset": e.first_offset,
+                    "end_offset": e.end_offset,
+                    "checksum": e.checksum,
+                }
             )
             for e in self._entries
         )
         index_offset = self._offset
         self._write(index)
         head = TRAILER.build(
-            {"metadata_offset": meta_offset, "metadata_length": len(meta),
-             "metadata_checksum": xxhash.xxh3_64_intdigest(meta), "index_offset": index_offset,
-             "index_count": len(self._entries), "index_checksum": xxhash.xxh3_64_intdigest(index),
-             "file_checksum": 0}
+            {
+                "metadata_offset": meta_offset,
+                "metadata_length": len(meta),
+                "metadata_checksum": xxhash.xxh3_64_intdigest(meta),
+                "index_offset": index_offset,
+                "index_count": len(self._entries),
+                "index_checksum": xxhash.xxh3_64_intdigest(index),
+                "file_checksum": 0,
+            }
         )[: TRAILER_SIZE - 16]
         self._write(head)
         checksum = self._hash.intdigest()
@@ -268,18 +294,27 @@ class OverlayReader:
             raise FormatError(f"{self.path}: not a vmdelta overlay (bad magic)")
         header = HEADER.parse(head)
         if header.version != FORMAT_VERSION:
-            raise FormatError(f"{self.path}: overlay format version {header.version}; this vmdelta reads {FORMAT_VERSION}")
+            raise FormatError(
+                f"{self.path}: overlay format version {header.version}; this vmdelta reads {FORMAT_VERSION}"
+            )
         if header.flags or header.reserved:
             raise FormatError(f"{self.path}: overlay header has unknown flags set ({header.flags:#x})")
         try:
             trailer = TRAILER.parse(self._pread(size - TRAILER_SIZE, TRAILER_SIZE))
         except construct.ConstructError:
-            raise FormatError(f"{self.path}: overlay trailer is missing or damaged (the file may be cut short)") from None
+            raise FormatError(
+                f"{self.path}: overlay trailer is missing or damaged (the file may be cut short)"
+            ) from None
         end = size - TRAILER_SIZE
         m_off, m_len = trailer.metadata_offset, trailer.metadata_length
         i_off, i_count = trailer.index_offset, trailer.index_count
-        if not (HEADER_SIZE <= m_off and m_len <= MAX_METADATA and m_off + m_len == i_off
-                and i_count <= end // ENTRY_SIZE and i_off + i_count * ENTRY_SIZE == end):
+        if not (
+            m_off >= HEADER_SIZE
+            and m_len <= MAX_METADATA
+            and m_off + m_len == i_off
+            and i_count <= end // ENTRY_SIZE
+            and i_off + i_count * ENTRY_SIZE == end
+        ):
             raise FormatError(f"{self.path}: overlay trailer points outside the file")
         self.file_checksum = trailer.file_checksum
         meta_bytes = self._pread(m_off, m_len)
@@ -301,8 +336,18 @@ class OverlayReader:
                 raw = FRAME_INDEX_ENTRY.parse(index_bytes[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
             except construct.ConstructError:
                 raise FormatError(f"{self.path}: frame index entry {k} is damaged") from None
-            entry = FrameEntry(raw.file_offset, raw.stored_length, raw.length, raw.image, str(raw.kind),
-                               raw.codec, raw.item_count, raw.first_offset, raw.end_offset, raw.checksum)
+            entry = FrameEntry(
+                raw.file_offset,
+                raw.stored_length,
+                raw.length,
+                raw.image,
+                str(raw.kind),
+                raw.codec,
+                raw.item_count,
+                raw.first_offset,
+                raw.end_offset,
+                raw.checksum,
+            )
             if entry.file_offset != pos or entry.stored_length > MAX_FRAME or entry.length > MAX_FRAME:
                 raise FormatError(f"{self.path}: frame {k} lies outside its place in the file")
             pos += entry.stored_length
@@ -340,8 +385,10 @@ class OverlayReader:
         data = codec.decompress(self.stored(entry), entry.length)
         columns = unpack_items(data, base_offset=entry.file_offset)
         if len(columns) != entry.item_count:
-            raise FormatError(f"{self.path}: frame at byte {entry.file_offset} holds {len(columns)} items, "
-                              f"the index says {entry.item_count}")
+            raise FormatError(
+                f"{self.path}: frame at byte {entry.file_offset} holds {len(columns)} items, "
+                f"the index says {entry.item_count}"
+            )
         return columns
 
     def frames_of(self, image: int, kind: str = KIND_ITEMS) -> Iterator[FrameEntry]:

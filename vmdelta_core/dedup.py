@@ -80,10 +80,7 @@ class Deduplicator:
             return classes, values
         full = image.size // unit
         units = image.data[: full * unit].reshape(full, unit)[indices]
-        if unit % 8 == 0:
-            nonzero = units.view(np.uint64).any(axis=1)
-        else:
-            nonzero = units.any(axis=1)
+        nonzero = units.view(np.uint64).any(axis=1) if unit % 8 == 0 else units.any(axis=1)
         classes[~nonzero] = Ref.ZEROS
         todo = np.flatnonzero(nonzero)
         if todo.size == 0:

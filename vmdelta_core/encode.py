@@ -57,7 +57,9 @@ class EncodingPolicy:
             payloads.extend(chunk_payloads)
         return refs, payloads
 
-    def _encode_chunk(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> tuple[list[int], list[bytes]]:
+    def _encode_chunk(
+        self, bases: Sequence[memoryview], targets: Sequence[memoryview]
+    ) -> tuple[list[int], list[bytes]]:
         n = len(targets)
         refs: list[int | None] = [None] * n
         payloads: list[bytes | None] = [None] * n

@@ -19,10 +19,10 @@ from vmdelta_core.errors import ConfigError
 __all__ = [
     "AtomicOutput",
     "copy_range",
-    "open_file_image",
     "data_extents",
     "hole_extents",
     "map_readonly",
+    "open_file_image",
     "punch_zero_runs",
 ]
 
@@ -53,8 +53,15 @@ def open_file_image(path: Path, kind: str, **fields: Any) -> SourceImage:
     """A file whose bytes are the image: mapped read-only, with its holes and its file named."""
     data, closers = map_readonly(path)
     mapping = closers[0] if closers else None
-    return SourceImage(kind=kind, data=data, holes=hole_extents(path), file=Path(path), mapping=mapping,  # type: ignore[arg-type]
-                       closers=closers, **fields)
+    return SourceImage(
+        kind=kind,
+        data=data,
+        holes=hole_extents(path),
+        file=Path(path),
+        mapping=mapping,  # type: ignore[arg-type]
+        closers=closers,
+        **fields,
+    )
 
 
 def copy_range(src: int, dst: int, offset: int, length: int) -> None:

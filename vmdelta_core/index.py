@@ -135,7 +135,9 @@ def _scan(
     full = size // unit
     holes = hole_units(image, unit, count)
     digest = ImageDigest()
-    hashes = np.full(full, xxhash.xxh3_64_intdigest(bytes(unit)), dtype=np.uint64) if want_hashes else np.zeros(0, np.uint64)
+    hashes = (
+        np.full(full, xxhash.xxh3_64_intdigest(bytes(unit)), dtype=np.uint64) if want_hashes else np.zeros(0, np.uint64)
+    )
     data = image.data
     swap = np.zeros(0, dtype=np.int64) if replaced is None else np.asarray(replaced[1], dtype=np.int64)
     for first, end, is_hole in iter_chunks(image, unit, holes):
@@ -211,8 +213,14 @@ class BaseIndex:
 
     def save(self, path: Path, key: dict[str, Any]) -> None:
         header = json.dumps(
-            {"version": _VERSION, "key": key, "size": self.size, "unit_size": self.unit_size,
-             "fingerprint": self.fingerprint, "count": int(self.hashes.shape[0])},
+            {
+                "version": _VERSION,
+                "key": key,
+                "size": self.size,
+                "unit_size": self.unit_size,
+                "fingerprint": self.fingerprint,
+                "count": int(self.hashes.shape[0]),
+            },
             sort_keys=True,
         ).encode()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,8 +255,12 @@ class BaseIndex:
         if len(raw) != count * 8 or count != int(header["size"]) // int(header["unit_size"]):
             return None
         hashes = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
-        return cls(size=int(header["size"]), unit_size=int(header["unit_size"]),
-                   fingerprint=str(header["fingerprint"]), hashes=hashes)
+        return cls(
+            size=int(header["size"]),
+            unit_size=int(header["unit_size"]),
+            fingerprint=str(header["fingerprint"]),
+            hashes=hashes,
+        )
 
 
 def cache_folder(cache_dir: Path | None = None) -> Path:
@@ -263,8 +275,13 @@ def cache_folder(cache_dir: Path | None = None) -> Path:
 def index_key(path: Path, source: str, unit: int, options: dict[str, Any]) -> dict[str, Any]:
     st = os.stat(path)
     key: dict[str, Any] = {
-        "path": str(Path(path).resolve()), "source": source, "unit": unit,
-        "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "path": str(Path(path).resolve()),
+        "source": source,
+        "unit": unit,
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
     }
     # files an option names (a raw RAM file) are part of the base too
     for name, value in sorted(options.items()):

@@ -12,7 +12,6 @@ from typing import Any
 
 import attrs
 import numpy as np
-import xxhash
 import zstandard
 
 from vmdelta_core.changes import changed_units, unit_bytes
@@ -104,7 +103,9 @@ def assign_refs(
     return choices
 
 
-def resolve_encoders(registry: Registry, names: tuple[str, ...] | None, policy: str | None) -> tuple[tuple[str, ...], str]:
+def resolve_encoders(
+    registry: Registry, names: tuple[str, ...] | None, policy: str | None
+) -> tuple[tuple[str, ...], str]:
     """The encoders and policy an image uses: as configured, or the defaults of what is installed.
 
     The default list is every installed encoder that declares a ``default_priority`` (lowest
@@ -112,7 +113,11 @@ def resolve_encoders(registry: Registry, names: tuple[str, ...] | None, policy: 
     """
     if names is None:
         ranked = sorted(
-            (info for info in registry if info.kind == "encoder" and getattr(info.component, "default_priority", None) is not None),
+            (
+                info
+                for info in registry
+                if info.kind == "encoder" and getattr(info.component, "default_priority", None) is not None
+            ),
             key=lambda info: (info.component.default_priority, info.name),
         )
         names = (*(info.name for info in ranked if info.name != "raw"), "raw")
@@ -169,7 +174,9 @@ def create_overlay(
             for src in (base_source, source):
                 if spec.kind not in registry.source(src).kinds:
                     raise ConfigError(f"source {src!r} does not read {spec.kind} images")
-            base = stack.enter_context(registry.source(base_source).open(spec.base, kind=spec.kind, options=spec.base_options))
+            base = stack.enter_context(
+                registry.source(base_source).open(spec.base, kind=spec.kind, options=spec.base_options)
+            )
             modified = stack.enter_context(
                 registry.source(source).open(spec.modified, kind=spec.kind, options=spec.modified_options)
             )
@@ -181,30 +188,47 @@ def create_overlay(
         for item in opened:
             advance = progress.start(f"index {item.spec.base.name}", item.base.size)
             index, cached = load_or_build_index(
-                item.spec.base, item.base, source=item.base_source, unit=unit, options=dict(item.spec.base_options),
-                cache_dir=config.cache_dir, progress=advance,
+                item.spec.base,
+                item.base,
+                source=item.base_source,
+                unit=unit,
+                options=dict(item.spec.base_options),
+                cache_dir=config.cache_dir,
+                progress=advance,
             )
             if cached:
                 advance(item.base.size)
             ref = Ref.BASE_MEM if item.spec.kind == "memory" else Ref.BASE_DISK
             bases.append(DedupBase(int(ref), ordinals[item.spec.kind], item.base, index))
             ordinals[item.spec.kind] += 1
-            base_meta.append({"name": item.spec.base.name, "source": item.base_source, "size": item.base.size,
-                              "fingerprint": index.fingerprint})
+            base_meta.append(
+                {
+                    "name": item.spec.base.name,
+                    "source": item.base_source,
+                    "size": item.base.size,
+                    "fingerprint": index.fingerprint,
+                }
+            )
 
         dedup = Deduplicator(unit, bases, [item.modified for item in opened])
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
         out = stack.enter_context(AtomicOutput(config.output))
         with open(out.path, "wb") as f:
             writer = OverlayWriter(
-                f, codec=codec_info.component, codec_id=0, level=config.level, frame_size=config.frame_size,
-                pool=pool, in_flight=config.threads * 2,
+                f,
+                codec=codec_info.component,
+                codec_id=0,
+                level=config.level,
+                frame_size=config.frame_size,
+                pool=pool,
+                in_flight=config.threads * 2,
             )
             images_meta = []
             try:
                 for number, item in enumerate(opened):
-                    meta = _encode_image(number, item, config, registry, refs, choices[id(item.spec)], dedup, writer,
-                                         pool, progress)
+                    meta = _encode_image(
+                        number, item, config, registry, refs, choices[id(item.spec)], dedup, writer, pool, progress
+                    )
                     meta["base"] = base_meta[number]
                     images_meta.append(meta)
             except BaseException:
@@ -264,11 +288,16 @@ def _encode_image(
         result = component.select(context, kept.copy())
         drop = _checked_mask(f.name, result, kept)
         dropped_all.append(kept[drop])
-        filters_meta.append({
-            "name": f.name, "input": f.input.name if f.input else None,
-            "input_fingerprint": file_digest(f.input) if f.input else None,
-            "reason": result.reason, "dropped": int(drop.sum()), "details": dict(result.details),
-        })
+        filters_meta.append(
+            {
+                "name": f.name,
+                "input": f.input.name if f.input else None,
+                "input_fingerprint": file_digest(f.input) if f.input else None,
+                "reason": result.reason,
+                "dropped": int(drop.sum()),
+                "details": dict(result.details),
+            }
+        )
         kept = kept[~drop]
     dropped = np.sort(np.concatenate(dropped_all)) if dropped_all else np.zeros(0, dtype=np.int64)
     stats["dropped"] = {m["name"]: m["dropped"] for m in filters_meta}
@@ -294,8 +323,14 @@ def _encode_image(
         refs_out = classes.astype(np.uint8)
         todo = np.flatnonzero(classes == ENCODE)
         if todo.size:
-            bases_mv = [memoryview(unit_bytes(base, i, unit, int(n))) for i, n in zip(batch[todo].tolist(), lengths[todo].tolist(), strict=True)]
-            targets = [memoryview(modified.data[i * unit : i * unit + int(n)]) for i, n in zip(batch[todo].tolist(), lengths[todo].tolist(), strict=True)]
+            bases_mv = [
+                memoryview(unit_bytes(base, i, unit, int(n)))
+                for i, n in zip(batch[todo].tolist(), lengths[todo].tolist(), strict=True)
+            ]
+            targets = [
+                memoryview(modified.data[i * unit : i * unit + int(n)])
+                for i, n in zip(batch[todo].tolist(), lengths[todo].tolist(), strict=True)
+            ]
             enc_refs, enc_payloads = policy.encode(bases_mv, targets)
             for row, ref, payload in zip(todo.tolist(), enc_refs, enc_payloads, strict=True):
                 refs_out[row] = ref
@@ -307,8 +342,15 @@ def _encode_image(
         counts["base_memory"] += int((classes == Ref.BASE_MEM).sum())
         counts["base_disk"] += int((classes == Ref.BASE_DISK).sum())
         counts["self"] += int((classes == Ref.SELF).sum())
-        writer.add_items(number, (batch * unit).astype(np.uint64), lengths, refs_out,
-                         np.full(batch.size, item_type, dtype=np.uint8), values, payloads)
+        writer.add_items(
+            number,
+            (batch * unit).astype(np.uint64),
+            lengths,
+            refs_out,
+            np.full(batch.size, item_type, dtype=np.uint8),
+            values,
+            payloads,
+        )
         advance(int(batch.size) * unit)
     stats.update(counts)
     stats["encoders"] = encoder_stats
@@ -353,7 +395,9 @@ def _same_file(a: Path | None, b: Path) -> bool:
 def _checked_mask(name: str, result: FilterResult, candidates: np.ndarray) -> np.ndarray:
     drop = np.asarray(result.drop)
     if drop.dtype != np.bool_ or drop.shape != candidates.shape:
-        raise PluginError(f"filter {name!r} answered with a mask of {drop.dtype} {drop.shape} for {candidates.shape[0]} candidates")
+        raise PluginError(
+            f"filter {name!r} answered with a mask of {drop.dtype} {drop.shape} for {candidates.shape[0]} candidates"
+        )
     return drop
 
 

@@ -30,7 +30,9 @@ def blocked_plugins(environ: dict[str, str] | None = None) -> frozenset[str]:
     return frozenset(name.strip() for name in value.split(",") if name.strip())
 
 
-def new_plugin_manager(*, load_entry_points: bool = True, blocked: frozenset[str] | None = None) -> pluggy.PluginManager:
+def new_plugin_manager(
+    *, load_entry_points: bool = True, blocked: frozenset[str] | None = None
+) -> pluggy.PluginManager:
     """A plugin manager with the builtins and, unless told otherwise, the installed plugins."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 
 from construct import (
+    BitStruct,
     Bytes,
     Const,
     Enum,
@@ -25,7 +26,6 @@ from construct import (
     Prefixed,
     Struct,
     Switch,
-    BitStruct,
     this,
 )
 
@@ -34,14 +34,14 @@ __all__ = [
     "DELTA_ITEM_WITH_HASH",
     "FIXED_VALUE_REFS",
     "FRAME_INDEX_ENTRY",
-    "FrameKind",
     "HEADER",
     "LIVE_TYPES",
     "OVERLAY_MAGIC",
-    "Ref",
     "TRAILER",
     "TRAILER_MAGIC",
+    "FrameKind",
     "ItemType",
+    "Ref",
 ]
 
 

@@ -63,7 +63,9 @@ def check_encoder(encoder: Encoder, pairs: Sequence[tuple[bytes, bytes]] | None 
         f"{encoder.name}: wire_ref {wire_ref!r} is taken by a base/self/zero ref"
     )
     payloads = encoder.encode(bases, targets)
-    assert len(payloads) == len(pairs), f"{encoder.name}: encode returned {len(payloads)} results for {len(pairs)} units"
+    assert len(payloads) == len(pairs), (
+        f"{encoder.name}: encode returned {len(payloads)} results for {len(pairs)} units"
+    )
     accepted = [i for i, p in enumerate(payloads) if p is not None]
     for i, payload in enumerate(payloads):
         assert payload is None or isinstance(payload, (bytes, bytearray)), (
@@ -128,7 +130,9 @@ def check_source(source: Source, artifact: Path, kind: str, *, options: Mapping[
             assert np.array_equal(again.data, image.data), f"{source.name}: rebuilt image differs"
             assert again.envelope == image.envelope, f"{source.name}: rebuilt envelope differs"
             if image.exact_artifact:
-                assert out.read_bytes() == Path(artifact).read_bytes(), f"{source.name}: artifact not rebuilt byte for byte"
+                assert out.read_bytes() == Path(artifact).read_bytes(), (
+                    f"{source.name}: artifact not rebuilt byte for byte"
+                )
         finally:
             again.close()
     return image

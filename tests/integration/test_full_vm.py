@@ -44,23 +44,55 @@ def same(a: Path, b: Path) -> bool:
 
 def test_every_plugin_is_registered() -> None:
     names = {(i.kind, i.name) for i in default_registry()}
-    assert {("source", "qemu"), ("source", "raw"), ("source", "qcow2"), ("filter", "trim"), ("filter", "xray"),
-            ("filter", "freepfn"), ("encoder", "xdelta3"), ("encoder", "bsdiff"), ("encoder", "xor"),
-            ("encoder", "zstd")} <= names
+    assert {
+        ("source", "qemu"),
+        ("source", "raw"),
+        ("source", "qcow2"),
+        ("filter", "trim"),
+        ("filter", "xray"),
+        ("filter", "freepfn"),
+        ("encoder", "xdelta3"),
+        ("encoder", "bsdiff"),
+        ("encoder", "xor"),
+        ("encoder", "zstd"),
+    } <= names
 
 
 def test_whole_vm_round_trip_with_the_default_pipeline(realistic: Path, tmp_path: Path, capsys) -> None:
     f = realistic
     overlay = tmp_path / "vm.overlay"
-    cli(capsys, "create", "-q", "-o", str(overlay), "--memory", str(f / "base.mem"), str(f / "modified.mem"),
-        "--disk", str(f / "base.img"), str(f / "modified.img"))
+    cli(
+        capsys,
+        "create",
+        "-q",
+        "-o",
+        str(overlay),
+        "--memory",
+        str(f / "base.mem"),
+        str(f / "modified.mem"),
+        "--disk",
+        str(f / "base.img"),
+        str(f / "modified.img"),
+    )
     meta = json.loads(cli(capsys, "inspect", "--json", str(overlay)))["metadata"]
     memory, disk = meta["images"]
     assert (memory["source"], disk["source"]) == ("qemu", "raw")
     assert memory["statistics"]["base_disk"] > 1000  # page-cache pages found on the base disk
     assert memory["layout"]["blocks"][0]["name"] == "pc.ram"
-    out = json.loads(cli(capsys, "apply", "--json", str(overlay), "--memory", str(f / "base.mem"), str(tmp_path / "vm.mem"),
-                         "--disk", str(f / "base.img"), str(tmp_path / "vm.img")))
+    out = json.loads(
+        cli(
+            capsys,
+            "apply",
+            "--json",
+            str(overlay),
+            "--memory",
+            str(f / "base.mem"),
+            str(tmp_path / "vm.mem"),
+            "--disk",
+            str(f / "base.img"),
+            str(tmp_path / "vm.img"),
+        )
+    )
     assert all(image["artifact_identical"] for image in out["images"])
     assert same(tmp_path / "vm.mem", f / "modified.mem") and same(tmp_path / "vm.img", f / "modified.img")
 
@@ -68,39 +100,116 @@ def test_whole_vm_round_trip_with_the_default_pipeline(realistic: Path, tmp_path
 def test_all_encoders_with_the_best_policy(realistic: Path, tmp_path: Path, capsys) -> None:
     f = realistic
     overlay, raw_overlay = tmp_path / "best.overlay", tmp_path / "raw.overlay"
-    pairs = ["--memory", str(f / "base.mem"), str(f / "modified.mem"), "--disk", str(f / "base.img"), str(f / "modified.img")]
+    pairs = [
+        "--memory",
+        str(f / "base.mem"),
+        str(f / "modified.mem"),
+        "--disk",
+        str(f / "base.img"),
+        str(f / "modified.img"),
+    ]
     cli(capsys, "create", "-q", "-o", str(raw_overlay), "--encoder", "raw", *pairs)
-    cli(capsys, "create", "-q", "-o", str(overlay), "--encoder", "xor,zstd,xdelta3,bsdiff,raw", "--policy", "best", *pairs)
+    cli(
+        capsys,
+        "create",
+        "-q",
+        "-o",
+        str(overlay),
+        "--encoder",
+        "xor,zstd,xdelta3,bsdiff,raw",
+        "--policy",
+        "best",
+        *pairs,
+    )
     assert overlay.stat().st_size < raw_overlay.stat().st_size
     meta = json.loads(cli(capsys, "inspect", "--json", str(overlay)))["metadata"]
     used = {name for image in meta["images"] for name in image["statistics"]["encoders"]}
     assert len(used) >= 3
-    cli(capsys, "apply", "-q", str(overlay), "--memory", str(f / "base.mem"), str(tmp_path / "vm.mem"),
-        "--disk", str(f / "base.img"), str(tmp_path / "vm.img"))
+    cli(
+        capsys,
+        "apply",
+        "-q",
+        str(overlay),
+        "--memory",
+        str(f / "base.mem"),
+        str(tmp_path / "vm.mem"),
+        "--disk",
+        str(f / "base.img"),
+        str(tmp_path / "vm.img"),
+    )
     assert same(tmp_path / "vm.mem", f / "modified.mem") and same(tmp_path / "vm.img", f / "modified.img")
 
 
 def test_filters_drop_and_apply_rebuilds_from_the_base(realistic: Path, tmp_path: Path, capsys) -> None:
     f = realistic
     overlay = tmp_path / "filtered.overlay"
-    cli(capsys, "create", "-q", "-o", str(overlay), "--memory", str(f / "base.mem"), str(f / "modified.mem"),
-        "--disk", str(f / "base.img"), str(f / "modified.img"),
-        "--filter", f"freepfn:{f / 'free-pfns-B.txt'}", "--filter", f"trim:{f / 'trim-trace.log'}")
+    cli(
+        capsys,
+        "create",
+        "-q",
+        "-o",
+        str(overlay),
+        "--memory",
+        str(f / "base.mem"),
+        str(f / "modified.mem"),
+        "--disk",
+        str(f / "base.img"),
+        str(f / "modified.img"),
+        "--filter",
+        f"freepfn:{f / 'free-pfns-B.txt'}",
+        "--filter",
+        f"trim:{f / 'trim-trace.log'}",
+    )
     meta = json.loads(cli(capsys, "inspect", "--json", str(overlay)))["metadata"]
     dropped = {fl["name"]: fl["dropped"] for image in meta["images"] for fl in image["filters"]}
     assert dropped["freepfn"] == 4466 and dropped["trim"] == 2729
-    assert main(["apply", "-q", "--strict", str(overlay), "--memory", str(f / "base.mem"), str(tmp_path / "s.mem"),
-                 "--disk", str(f / "base.img"), str(tmp_path / "s.img")]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "-q",
+                "--strict",
+                str(overlay),
+                "--memory",
+                str(f / "base.mem"),
+                str(tmp_path / "s.mem"),
+                "--disk",
+                str(f / "base.img"),
+                str(tmp_path / "s.img"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "s.mem").exists()
-    cli(capsys, "apply", "-q", str(overlay), "--memory", str(f / "base.mem"), str(tmp_path / "vm.mem"),
-        "--disk", str(f / "base.img"), str(tmp_path / "vm.img"))
+    cli(
+        capsys,
+        "apply",
+        "-q",
+        str(overlay),
+        "--memory",
+        str(f / "base.mem"),
+        str(tmp_path / "vm.mem"),
+        "--disk",
+        str(f / "base.img"),
+        str(tmp_path / "vm.img"),
+    )
 
 
 def test_thin_qcow2_output(realistic: Path, tmp_path: Path, capsys) -> None:
     f = realistic
     overlay = tmp_path / "disk.overlay"
     cli(capsys, "create", "-q", "-o", str(overlay), "--disk", str(f / "base.img"), str(f / "modified.img"))
-    cli(capsys, "apply", "-q", str(overlay), "--disk", str(f / "base.img"), str(tmp_path / "thin.qcow2"), "--disk-format", "qcow2")
+    cli(
+        capsys,
+        "apply",
+        "-q",
+        str(overlay),
+        "--disk",
+        str(f / "base.img"),
+        str(tmp_path / "thin.qcow2"),
+        "--disk-format",
+        "qcow2",
+    )
     head = (tmp_path / "thin.qcow2").read_bytes()[:4]
     assert head == b"QFI\xfb"
     assert (tmp_path / "thin.qcow2").stat().st_size < 40 << 20

@@ -30,4 +30,3 @@ class FileSource(Source):
 @hookimpl
 def vmdelta_register_sources(register: Callable[[Source], None]) -> None:
     register(FileSource())
-

@@ -17,7 +17,9 @@ class RawEncoder(Encoder):
     def encode(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> list[bytes | None]:
         return [bytes(target) for target in targets]
 
-    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
         for payload, length in zip(payloads, lengths, strict=True):
             if len(payload) != length:
                 raise FormatError(f"raw payload of {len(payload)} bytes for a {length}-byte unit")

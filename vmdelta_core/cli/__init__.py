@@ -41,4 +41,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"vmdelta: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-

@@ -61,25 +61,46 @@ def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
     images: list[ImageSpec] = []
     if args.memory:
         ram = args.memory_ram or (None, None)
-        images.append(ImageSpec(
-            "memory", args.memory[0], args.memory[1], format=args.memory_format, encoders=encoders, policy=policy,
-            filters=[f for f in filters if _applies(f.name, "memory")],
-            base_options={"ram": ram[0]} if ram[0] else {}, modified_options={"ram": ram[1]} if ram[1] else {},
-        ))
+        images.append(
+            ImageSpec(
+                "memory",
+                args.memory[0],
+                args.memory[1],
+                format=args.memory_format,
+                encoders=encoders,
+                policy=policy,
+                filters=[f for f in filters if _applies(f.name, "memory")],
+                base_options={"ram": ram[0]} if ram[0] else {},
+                modified_options={"ram": ram[1]} if ram[1] else {},
+            )
+        )
     elif args.memory_ram:
         raise ConfigError("--memory-ram needs --memory (the device-state streams)")
     for base, modified in args.disk:
-        images.append(ImageSpec(
-            "disk", base, modified, format=args.disk_format, encoders=encoders, policy=policy,
-            filters=[f for f in filters if _applies(f.name, "disk")],
-        ))
+        images.append(
+            ImageSpec(
+                "disk",
+                base,
+                modified,
+                format=args.disk_format,
+                encoders=encoders,
+                policy=policy,
+                filters=[f for f in filters if _applies(f.name, "disk")],
+            )
+        )
     used = {f.name for image in images for f in image.filters}
     unused = [f.name for f in filters if f.name not in used]
     if unused:
         raise ConfigError(f"filter {unused[0]!r} applies to none of the images given")
     return CreateConfig(
-        output=Path(args.output), images=tuple(images), unit_size=args.unit_size, codec=args.codec,
-        level=args.level, frame_size=args.frame_size, encoder_options=encoder_options, **_threads(args),
+        output=Path(args.output),
+        images=tuple(images),
+        unit_size=args.unit_size,
+        codec=args.codec,
+        level=args.level,
+        frame_size=args.frame_size,
+        encoder_options=encoder_options,
+        **_threads(args),
     )
 
 
@@ -89,8 +110,14 @@ def _applies(name: str, kind: str) -> bool:
 
 def _show_create(report: CreateReport, args: argparse.Namespace) -> None:
     if args.json:
-        print_json({"output": str(report.output), "size": report.size, "seconds": round(report.seconds, 3),
-                    "images": [attrs.asdict(image) for image in report.images]})
+        print_json(
+            {
+                "output": str(report.output),
+                "size": report.size,
+                "seconds": round(report.seconds, 3),
+                "images": [attrs.asdict(image) for image in report.images],
+            }
+        )
     elif not args.quiet:
         render_overlay(report.metadata, size=report.size)
         console.print(f"wrote {report.output} ({report.size} bytes) in {report.seconds:.2f} s")
@@ -115,8 +142,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _show_apply(report: ApplyReport, args: argparse.Namespace) -> None:
     if args.json:
-        print_json({"overlay": str(report.overlay), "seconds": round(report.seconds, 3),
-                    "images": [attrs.asdict(image) for image in report.images]})
+        print_json(
+            {
+                "overlay": str(report.overlay),
+                "seconds": round(report.seconds, 3),
+                "images": [attrs.asdict(image) for image in report.images],
+            }
+        )
     elif not args.quiet:
         for image in report.images:
             same = "artifact identical to the original" if image.artifact_identical else "image verified"
@@ -130,10 +162,15 @@ def apply(args: argparse.Namespace) -> int:
     images: list[ApplyImageSpec] = []
     if args.memory:
         ram = args.memory_ram or (None, None)
-        images.append(ApplyImageSpec(
-            "memory", args.memory[0], args.memory[1],
-            base_options={"ram": ram[0]} if ram[0] else {}, output_options={"ram_output": ram[1]} if ram[1] else {},
-        ))
+        images.append(
+            ApplyImageSpec(
+                "memory",
+                args.memory[0],
+                args.memory[1],
+                base_options={"ram": ram[0]} if ram[0] else {},
+                output_options={"ram_output": ram[1]} if ram[1] else {},
+            )
+        )
     elif args.memory_ram:
         raise ConfigError("--memory-ram needs --memory (the device-state streams)")
     for base, output in args.disk:
@@ -167,12 +204,24 @@ def index(args: argparse.Namespace) -> int:
             source = args.format or registry.detect_source(path, args.kind)
             with registry.source(source).open(path, kind=args.kind, options={}) as image:
                 built, cached = load_or_build_index(
-                    path, image, source=source, unit=args.unit_size, options={},
+                    path,
+                    image,
+                    source=source,
+                    unit=args.unit_size,
+                    options={},
                     cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                    progress=progress.start(f"index {path.name}", image.size), beside=args.beside,
+                    progress=progress.start(f"index {path.name}", image.size),
+                    beside=args.beside,
                 )
-            results.append({"base": str(path), "source": source, "size": built.size,
-                            "fingerprint": built.fingerprint, "cached": cached})
+            results.append(
+                {
+                    "base": str(path),
+                    "source": source,
+                    "size": built.size,
+                    "fingerprint": built.fingerprint,
+                    "cached": cached,
+                }
+            )
     if args.json:
         print_json(results)
     elif not args.quiet:
@@ -184,8 +233,10 @@ def index(args: argparse.Namespace) -> int:
 
 def plugins(args: argparse.Namespace) -> int:
     registry = default_registry()
-    rows = [{"component": i.name, "kind": i.kind, "plugin": i.plugin, "distribution": i.distribution,
-             "version": i.version} for i in registry]
+    rows = [
+        {"component": i.name, "kind": i.kind, "plugin": i.plugin, "distribution": i.distribution, "version": i.version}
+        for i in registry
+    ]
     if args.json:
         print_json(rows)
         return 0
@@ -203,5 +254,4 @@ def plugins(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from vmdelta_core.cli.demo import run_demo
 
-    return run_demo(Path(args.keep) if args.keep else None, quiet=args.quiet, as_json=args.json,
-                    **_threads(args))
+    return run_demo(Path(args.keep) if args.keep else None, quiet=args.quiet, as_json=args.json, **_threads(args))

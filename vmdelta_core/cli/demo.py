@@ -50,12 +50,19 @@ def run_demo(keep: Path | None, *, quiet: bool = False, as_json: bool = False, *
         pairs = unpack_sample(folder)
         overlay = folder / "demo.overlay"
         options.setdefault("cache_dir", folder / "cache")
-        images = [ImageSpec(kind, base, modified) for kind, (base, modified) in sorted(pairs.items(), key=lambda kv: kv[0] != "memory")]
+        images = [
+            ImageSpec(kind, base, modified)
+            for kind, (base, modified) in sorted(pairs.items(), key=lambda kv: kv[0] != "memory")
+        ]
         with progress_for(quiet or as_json) as progress:
             created = create_overlay(CreateConfig(output=overlay, images=images, **options), progress=progress)
             outputs = {kind: folder / f"rebuilt.{'mem' if kind == 'memory' else 'img'}" for kind in pairs}
             applied = apply_overlay(
-                ApplyConfig(overlay=overlay, images=[ApplyImageSpec(spec.kind, spec.base, outputs[spec.kind]) for spec in images], **options),
+                ApplyConfig(
+                    overlay=overlay,
+                    images=[ApplyImageSpec(spec.kind, spec.base, outputs[spec.kind]) for spec in images],
+                    **options,
+                ),
                 progress=progress,
             )
         for kind, (_, modified) in pairs.items():
@@ -63,9 +70,16 @@ def run_demo(keep: Path | None, *, quiet: bool = False, as_json: bool = False, *
                 raise IntegrityError(f"demo: rebuilt {kind} differs from the modified image")
         modified_bytes = sum(m.stat().st_size for _, m in pairs.values())
         if as_json:
-            print_json({"overlay_bytes": created.size, "modified_bytes": modified_bytes,
-                        "create_seconds": round(created.seconds, 3), "apply_seconds": round(applied.seconds, 3),
-                        "identical": True, "statistics": {i.name: dict(i.statistics) for i in created.images}})
+            print_json(
+                {
+                    "overlay_bytes": created.size,
+                    "modified_bytes": modified_bytes,
+                    "create_seconds": round(created.seconds, 3),
+                    "apply_seconds": round(applied.seconds, 3),
+                    "identical": True,
+                    "statistics": {i.name: dict(i.statistics) for i in created.images},
+                }
+            )
         elif not quiet:
             render_overlay(created.metadata, size=created.size)
             console.print(

@@ -6,14 +6,12 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["BarProgress", "console", "progress_for", "render_overlay", "print_json"]
+__all__ = ["BarProgress", "console", "print_json", "progress_for", "render_overlay"]
 
 
 class _LazyConsole:
@@ -45,8 +43,12 @@ class BarProgress:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-            console=_err.get(), transient=True,
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=_err.get(),
+            transient=True,
         )
         self._current: int | None = None
 
@@ -93,7 +95,9 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def render_overlay(metadata: Mapping[str, Any], *, size: int | None = None, frames: list[dict[str, Any]] | None = None) -> None:
+def render_overlay(
+    metadata: Mapping[str, Any], *, size: int | None = None, frames: list[dict[str, Any]] | None = None
+) -> None:
     """The statistics table of an overlay, one column per image."""
     from rich.table import Table
 
@@ -120,29 +124,48 @@ def render_overlay(metadata: Mapping[str, Any], *, size: int | None = None, fram
     row("  same as earlier unit", [s.get("self", 0) for s in stats])
     encoders = sorted({name for s in stats for name in s.get("encoders", {})})
     for name in encoders:
-        row(f"  {name}: units, bytes → stored", [
-            f"{e['units']}, {_size(e['bytes'])} → {_size(e.get('stored_bytes', 0))}" if (e := s.get("encoders", {}).get(name)) else "-"
-            for s in stats
-        ])
+        row(
+            f"  {name}: units, bytes → stored",
+            [
+                f"{e['units']}, {_size(e['bytes'])} → {_size(e.get('stored_bytes', 0))}"
+                if (e := s.get("encoders", {}).get(name))
+                else "-"
+                for s in stats
+            ],
+        )
     row("  references, stored", [_size(s.get("references_stored_bytes", 0)) for s in stats])
     row("stored (compressed)", [_size(s.get("stored_bytes", 0)) for s in stats])
     console.print(table)
     for image in images:
         for f in image.get("filters", []):
-            console.print(f"{image['name']}: filter {f['name']} dropped {f['dropped']} units ({f['reason']}); "
-                          f"input {f.get('input') or '-'} {f.get('input_fingerprint') or ''}")
+            console.print(
+                f"{image['name']}: filter {f['name']} dropped {f['dropped']} units ({f['reason']}); "
+                f"input {f.get('input') or '-'} {f.get('input_fingerprint') or ''}"
+            )
     components = Table(title="components", title_justify="left")
     for column in ("kind", "name", "distribution", "version", "id"):
         components.add_column(column)
     for c in metadata["components"]:
         ident = c.get("ref", c.get("id", ""))
-        components.add_row(c["kind"], c["name"], c["distribution"], c["version"], f"{ident:#x}" if c["kind"] == "encoder" else str(ident))
+        components.add_row(
+            c["kind"],
+            c["name"],
+            c["distribution"],
+            c["version"],
+            f"{ident:#x}" if c["kind"] == "encoder" else str(ident),
+        )
     console.print(components)
     if frames is not None:
         ft = Table(title="frames", title_justify="left")
         for column in ("image", "kind", "items", "addresses", "bytes", "stored"):
             ft.add_column(column, justify="right")
         for f in frames:
-            ft.add_row(images[f["image"]]["name"], f["kind"], str(f["items"]), f"{f['first']:#x}-{f['end']:#x}",
-                       str(f["length"]), str(f["stored"]))
+            ft.add_row(
+                images[f["image"]]["name"],
+                f["kind"],
+                str(f["items"]),
+                f"{f['first']:#x}-{f['end']:#x}",
+                str(f["length"]),
+                str(f["stored"]),
+            )
         console.print(ft)

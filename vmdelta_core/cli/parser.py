@@ -24,8 +24,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no report")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--threads", type=int, metavar="N", help="worker threads (default: one per core)")
-    parser.add_argument("--cache-dir", metavar="DIR",
-                        help="where base indexes are cached (default: $VMDELTA_CACHE_DIR or ~/.cache/vmdelta)")
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where base indexes are cached (default: $VMDELTA_CACHE_DIR or ~/.cache/vmdelta)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,29 +39,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     p = sub.add_parser(
-        "create", help="create an overlay from base/modified pairs",
+        "create",
+        help="create an overlay from base/modified pairs",
         description="Create an overlay holding what it takes to turn each base into its modified "
         "counterpart. The overlay file appears only when everything succeeded.",
     )
     p.add_argument("-o", "--output", required=True, metavar="OVERLAY", help="overlay file to write")
     p.add_argument("--memory", nargs=2, metavar=("BASE", "MODIFIED"), help="memory snapshot pair (one per VM)")
-    p.add_argument("--disk", nargs=2, action="append", default=[], metavar=("BASE", "MODIFIED"),
-                   help="disk image pair; repeat for several disks (their order is kept)")
-    p.add_argument("--memory-ram", nargs=2, metavar=("BASE_RAM", "MODIFIED_RAM"),
-                   help="raw RAM files of an x-ignore-shared snapshot (the stream holds device state only)")
+    p.add_argument(
+        "--disk",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("BASE", "MODIFIED"),
+        help="disk image pair; repeat for several disks (their order is kept)",
+    )
+    p.add_argument(
+        "--memory-ram",
+        nargs=2,
+        metavar=("BASE_RAM", "MODIFIED_RAM"),
+        help="raw RAM files of an x-ignore-shared snapshot (the stream holds device state only)",
+    )
     p.add_argument("--memory-format", metavar="NAME", help="source of the memory artifacts (default: detected)")
     p.add_argument("--disk-format", metavar="NAME", help="source of the disk artifacts (default: detected)")
-    p.add_argument("--encoder", metavar="NAME[,NAME...]",
-                   help="encoders to choose from, in order (default: raw); see `vmdelta plugins`")
-    p.add_argument("--policy", choices=("fixed", "first-smaller", "best"),
-                   help="how to choose among encoders: fixed = the first; first-smaller = the first whose "
-                   "payload is smaller than the unit; best = the smallest after compression")
-    p.add_argument("--encoder-option", action="append", default=[], metavar="NAME.KEY=VALUE",
-                   help="an encoder's option, e.g. xdelta3.level=9 (see each plugin's README)")
-    p.add_argument("--filter", action="append", default=[], metavar="NAME[:INPUT]",
-                   help="drop changed units the guest does not use, e.g. trim:trace.log, xray, freepfn:pfns.txt")
-    p.add_argument("--filter-option", action="append", default=[], metavar="NAME.KEY=VALUE",
-                   help="a filter's option, e.g. xray.journal=ignore (see each plugin's README)")
+    p.add_argument(
+        "--encoder",
+        metavar="NAME[,NAME...]",
+        help="encoders to choose from, in order (default: raw); see `vmdelta plugins`",
+    )
+    p.add_argument(
+        "--policy",
+        choices=("fixed", "first-smaller", "best"),
+        help="how to choose among encoders: fixed = the first; first-smaller = the first whose "
+        "payload is smaller than the unit; best = the smallest after compression",
+    )
+    p.add_argument(
+        "--encoder-option",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="an encoder's option, e.g. xdelta3.level=9 (see each plugin's README)",
+    )
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="NAME[:INPUT]",
+        help="drop changed units the guest does not use, e.g. trim:trace.log, xray, freepfn:pfns.txt",
+    )
+    p.add_argument(
+        "--filter-option",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="a filter's option, e.g. xray.journal=ignore (see each plugin's README)",
+    )
     p.add_argument("--codec", default="zstd", help="frame codec: zstd (default), lzma, none")
     p.add_argument("--level", type=int, help="codec level (zstd default 9)")
     p.add_argument("--unit-size", type=int, default=4096, metavar="BYTES", help="unit size (default 4096)")
@@ -67,24 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.create)
 
     p = sub.add_parser(
-        "apply", help="rebuild the modified VM from its bases and an overlay",
+        "apply",
+        help="rebuild the modified VM from its bases and an overlay",
         description="Rebuild each image of OVERLAY from its base. Every base is checked against the "
         "overlay before anything is written; every output is verified against the digest recorded "
         "at create time before it replaces a file.",
     )
     p.add_argument("overlay", metavar="OVERLAY")
     p.add_argument("--memory", nargs=2, metavar=("BASE", "OUTPUT"), help="memory base and where to write the result")
-    p.add_argument("--disk", nargs=2, action="append", default=[], metavar=("BASE", "OUTPUT"),
-                   help="disk base and output; repeat in the order the disks were given to create")
-    p.add_argument("--memory-ram", nargs=2, metavar=("BASE_RAM", "OUTPUT_RAM"),
-                   help="raw RAM files of an x-ignore-shared snapshot: the base's and where to write the result")
-    p.add_argument("--disk-format", metavar="FORMAT",
-                   help="write disks in this format instead of the input's, e.g. qcow2 (thin, backed by the base)")
+    p.add_argument(
+        "--disk",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("BASE", "OUTPUT"),
+        help="disk base and output; repeat in the order the disks were given to create",
+    )
+    p.add_argument(
+        "--memory-ram",
+        nargs=2,
+        metavar=("BASE_RAM", "OUTPUT_RAM"),
+        help="raw RAM files of an x-ignore-shared snapshot: the base's and where to write the result",
+    )
+    p.add_argument(
+        "--disk-format",
+        metavar="FORMAT",
+        help="write disks in this format instead of the input's, e.g. qcow2 (thin, backed by the base)",
+    )
     p.add_argument("--strict", action="store_true", help="refuse an overlay whose filters dropped any unit")
     _common(p)
     p.set_defaults(handler=commands.apply)
 
-    p = sub.add_parser("inspect", help="describe an overlay", description="Show what an overlay holds and how it was made.")
+    p = sub.add_parser(
+        "inspect", help="describe an overlay", description="Show what an overlay holds and how it was made."
+    )
     p.add_argument("overlay", metavar="OVERLAY")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--frames", action="store_true", help="list every frame too")
@@ -92,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.inspect)
 
     p = sub.add_parser(
-        "index", help="build (or refresh) the cached index of base images",
+        "index",
+        help="build (or refresh) the cached index of base images",
         description="Hash every unit of each base once, so later creates and applies start at once.",
     )
     p.add_argument("bases", nargs="+", metavar="BASE")
@@ -103,20 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=commands.index)
 
-    p = sub.add_parser("plugins", help="list installed components", description="List every source, filter, "
-                       "encoder and codec, with the distribution that provides it.")
+    p = sub.add_parser(
+        "plugins",
+        help="list installed components",
+        description="List every source, filter, encoder and codec, with the distribution that provides it.",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=commands.plugins)
 
-    p = sub.add_parser("run", help="run a TOML pipeline", description="Create an overlay as a TOML pipeline "
-                       "describes it (schema: schemas/pipeline.schema.json).")
+    p = sub.add_parser(
+        "run",
+        help="run a TOML pipeline",
+        description="Create an overlay as a TOML pipeline describes it (schema: schemas/pipeline.schema.json).",
+    )
     p.add_argument("pipeline", metavar="PIPELINE.toml")
     _common(p)
     p.set_defaults(handler=commands.run)
 
-    p = sub.add_parser("demo", help="create and apply an overlay on a small real sample",
-                       description="Unpack a small real VM sample shipped with vmdelta, create an overlay, "
-                       "apply it, verify the result byte for byte and print the statistics.")
+    p = sub.add_parser(
+        "demo",
+        help="create and apply an overlay on a small real sample",
+        description="Unpack a small real VM sample shipped with vmdelta, create an overlay, "
+        "apply it, verify the result byte for byte and print the statistics.",
+    )
     p.add_argument("--keep", metavar="DIR", help="keep the sample, overlay and outputs in DIR")
     _common(p)
     p.set_defaults(handler=commands.demo)

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from vmdelta_core.testing import check_encoder
 from vmdelta_encoder_bytepatch import BytePatchEncoder
+
+from vmdelta_core.testing import check_encoder
 
 
 def test_conformance() -> None:

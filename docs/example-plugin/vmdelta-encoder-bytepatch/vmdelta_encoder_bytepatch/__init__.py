@@ -32,7 +32,9 @@ class BytePatchEncoder(Encoder):
             out.append(b"".join(_RUN.pack(a, b - a) + t[a:b].tobytes() for a, b in runs))
         return out
 
-    def decode(self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]) -> list[bytes]:
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
         out = []
         for base, payload, length in zip(bases, payloads, lengths, strict=True):
             unit = bytearray(base[:length])
