@@ -29,6 +29,8 @@ __all__ = ["CHUNK_PAGES", "ImageFile", "page_nonzero", "release_range"]
 CHUNK_PAGES = 1 << 10
 _HEAD = 64
 _pwritev: Any = None
+_mmap: Any = None
+_MAP_FIXED = 0x10
 
 
 def _libc_pwritev() -> Any:
@@ -44,6 +46,21 @@ def _libc_pwritev() -> Any:
         except (OSError, AttributeError):
             _pwritev = False
     return _pwritev
+
+
+def _libc_mmap() -> Any:
+    """libc's ``mmap``, to map a file at a chosen address (Python's cannot); ``False`` where it
+    cannot be had."""
+    global _mmap
+    if _mmap is None:
+        try:
+            func = ctypes.CDLL(None, use_errno=True).mmap
+            func.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+            func.restype = ctypes.c_void_p
+            _mmap = func
+        except (OSError, AttributeError):
+            _mmap = False
+    return _mmap
 
 
 def page_nonzero(pages: np.ndarray) -> np.ndarray:
@@ -87,6 +104,7 @@ class ImageFile:
         self.fd = self._file.fileno()
         os.ftruncate(self.fd, size)
         self._scratch = np.empty((0, PAGE_SIZE), np.uint8)
+        self._overlays: list[tuple[int, int, int, np.ndarray]] = []
 
     def write_pages(self, first_page: int, pages: np.ndarray) -> None:
         """Write ``pages`` (``(n, PAGE_SIZE)``, any row stride, e.g. the pages of a run of records
@@ -149,18 +167,43 @@ class ImageFile:
             src_offset += done
             offset += done
 
+    def map_file(self, src: int, offset: int, length: int, extents: np.ndarray) -> None:
+        """Make ``length`` bytes of the image at ``offset`` (a multiple of the page size) the first
+        ``length`` bytes of file ``src``, whose data ``extents`` (start, length) are given: the file
+        is mapped there when the image is mapped, so its pages are neither copied nor held twice;
+        where that cannot be done, its data is copied in."""
+        self._overlays.append((os.dup(src), offset, length, extents))
+
     def finish(self) -> tuple[np.ndarray, Any]:
-        """The image as a read-only array over a map of the file, and that map (``None`` for an
-        empty image). The map keeps the file alive; closing it frees the file."""
+        """The image as a read-only array over a map of the file (with the files of
+        :meth:`map_file` mapped over their ranges), and that map (``None`` for an empty image).
+        The map keeps the files alive; closing it unmaps them all and frees the image file."""
         try:
             if self.size == 0:
                 return np.zeros(0, np.uint8), None
             mapping = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+            data = np.frombuffer(mapping, np.uint8)
+            for src, offset, length, extents in self._overlays:
+                if not _map_over(data.ctypes.data + offset, length, src):
+                    for start, size in extents.tolist():
+                        self.copy_from(src, start, offset + start, size)
             with contextlib.suppress(AttributeError, OSError):
                 mapping.madvise(mmap.MADV_SEQUENTIAL)
-            return np.frombuffer(mapping, np.uint8), mapping
+            return data, mapping
         finally:
             self.close()
 
     def close(self) -> None:
         self._file.close()
+        while self._overlays:
+            os.close(self._overlays.pop()[0])
+
+
+def _map_over(address: int, length: int, fd: int) -> bool:
+    """Map ``fd`` from its start read-only and shared at ``address`` (inside a map this process
+    owns, which unmaps it when it is closed); False where it cannot be done."""
+    libc_mmap = _libc_mmap()
+    if not libc_mmap or length == 0:
+        return False
+    got = libc_mmap(address, length, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    return got == address

@@ -180,7 +180,7 @@ def _fill_external(parsed: ParsedStream, options: Mapping[str, Any], known_zero:
 
 
 def _copy_raw(path: Path, block: RamBlock, image: ImageFile, known_zero: np.ndarray, mapped: bool) -> None:
-    """Copy the data extents of the RAM file into the image, file to file in the kernel."""
+    """The RAM file becomes the block's range of the image (mapped there, or copied in)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -190,8 +190,7 @@ def _copy_raw(path: Path, block: RamBlock, image: ImageFile, known_zero: np.ndar
         if size != block.length:
             raise ConfigError(f"RAM file {path} is {size} bytes, but block {block.name!r} is {block.length}")
         extents = data_extents(path)
-        for start, length in extents.tolist():
-            image.copy_from(fd, start, block.offset + start, length)
+        image.map_file(fd, block.offset, block.length, extents)
         if mapped:
             _raw_nonzero(fd, extents, block, image)
     finally:
