@@ -11,6 +11,7 @@ from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpe
 from vmdelta_core.fileio import data_extents
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
+from vmdelta_core.testing import files_identical
 
 pytestmark = pytest.mark.fixtures
 REGISTRY = Registry(new_plugin_manager(load_entry_points=False))
@@ -41,7 +42,7 @@ def test_raw_disk_pairs_round_trip(realistic: Path, variant: str, tmp_path: Path
         registry=REGISTRY,
     )
     assert applied.images[0].artifact_identical
-    assert _same_file(out, modified)
+    assert files_identical(out, modified)
     # sparse: the rebuilt disk allocates no more than the modified one does (rounded to units)
     allocated = int(data_extents(out)[:, 1].sum())
     assert allocated <= int(data_extents(modified)[:, 1].sum()) + 64 * 4096
@@ -68,14 +69,4 @@ def test_memory_raw_ram_and_disk_together(realistic: Path, tmp_path: Path) -> No
         ),
         registry=REGISTRY,
     )
-    assert _same_file(outs[0], images[0].modified) and _same_file(outs[1], images[1].modified)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(8 << 20), fb.read(8 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
+    assert files_identical(outs[0], images[0].modified) and files_identical(outs[1], images[1].modified)

@@ -28,6 +28,7 @@ __all__ = [
     "check_encoder_end_to_end",
     "check_filter",
     "check_source",
+    "files_identical",
     "real_fixtures",
     "real_unit_pairs",
     "sample_unit_pairs",
@@ -258,3 +259,14 @@ def check_encoder_end_to_end(name: str, folder: Path, policy: str = "fixed") -> 
     assert main(["apply", "-q", str(overlay), "--disk", str(b), str(rebuilt)]) == 0
     assert rebuilt.read_bytes() == m.read_bytes(), f"{name}: the rebuilt disk differs"
     return stats[name]
+
+
+def files_identical(a: Path, b: Path) -> bool:
+    """Byte-for-byte equality of two (possibly large) files, read in chunks."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(8 << 20), fb.read(8 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True

@@ -9,6 +9,7 @@ import pytest
 
 from vmdelta_core.cli import main
 from vmdelta_core.registry import default_registry
+from vmdelta_core.testing import files_identical as same
 from vmdelta_core.testing import real_fixtures
 
 
@@ -30,16 +31,6 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     out, err = capsys.readouterr()
     assert code == 0, err
     return out
-
-
-def same(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(8 << 20), fb.read(8 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def test_every_plugin_is_registered() -> None:
