@@ -110,3 +110,40 @@ def test_long_runs_of_mixed_records(tmp_path: Path, pages: int) -> None:
     image = open_stream(tmp_path, original)
     assert np.array_equal(image.data, expected)
     assert rebuild(image, tmp_path).read_bytes() == original
+
+
+def test_long_stretches_go_to_a_file_map_in_tmpdir(tmp_path: Path) -> None:
+    """Stretches longer than a write chunk, re-sent pages, a ZERO record over a written page, a
+    filled ZERO record and an all-zero PAGE record, in an image file under ``tmpdir``."""
+    pages = 2600
+    expected = np.zeros((pages, PAGE), np.uint8)
+    b = StreamBuilder([("pc.ram", pages * PAGE)])
+    b.start()
+    b.eos_footer()
+    b.part()
+    for page in range(pages):
+        if page % 700 == 5:
+            b.zero("pc.ram", page)
+        else:
+            expected[page] = np.frombuffer(pattern(page), np.uint8)
+            b.page("pc.ram", page, pattern(page))
+    b.eos_footer()
+    b.part(end=True)
+    b.zero("pc.ram", 1030)  # a page that had data becomes zero
+    expected[1030] = 0
+    b.zero("pc.ram", 1031, fill=7)
+    expected[1031] = 7
+    b.page("pc.ram", 2000, bytes(PAGE))  # zero-page detection off: sent as PAGE
+    expected[2000] = 0
+    b.eos_footer()
+    b.devices()
+    original = b.finish()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with open_stream(tmp_path, original, tmpdir=str(scratch)) as image:
+        assert image.mapping is not None
+        assert not list(scratch.iterdir())  # the image file is unlinked
+        assert np.array_equal(image.data.reshape(pages, PAGE), expected)
+        image.release(0, image.size)  # pages come back from the file when read again
+        assert np.array_equal(image.data.reshape(pages, PAGE), expected)
+        assert rebuild(image, tmp_path).read_bytes() == original
