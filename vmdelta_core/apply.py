@@ -109,6 +109,8 @@ def apply_overlay(
                 progress.start(f"copy base {spec.base.name}", image["size"]),
             )
             changed = _apply_items(number, image, reader, meta, codecs, encoders, bases, rebuilt_files, pool, progress)
+            for base in bases:  # base and self references read anywhere: drop those pages
+                base.release(0, base.size)
             if image.get("artifact_digest") and not spec.output_format:
                 digest = image["digest"]  # the artifact's own digest, checked below, covers the image
             else:

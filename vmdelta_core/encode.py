@@ -65,13 +65,15 @@ class EncodingPolicy:
         payloads: list[bytes | None] = [None] * n
         if self.policy == "best":
             estimate = zstandard.ZstdCompressor(level=1, write_content_size=False, write_checksum=False).compress
-            best = [len(estimate(bytes(t))) + 8 for t in targets]
+            best: list[int | None] = [None] * n  # estimated stored size of the best choice so far
             for choice in self.encoders:
                 for i, payload in enumerate(choice.encoder.encode(bases, targets)):
                     if payload is None or len(payload) >= len(targets[i]):
                         continue
+                    if best[i] is None:  # the raw unit is the first rival, estimated only when needed
+                        best[i] = len(estimate(bytes(targets[i]))) + 8
                     size = min(len(payload), len(estimate(payload)))
-                    if size < best[i]:
+                    if size < best[i]:  # type: ignore[operator]
                         best[i], refs[i], payloads[i] = size, choice.ref, payload
         else:
             candidates = self.encoders[:1] if self.policy == "fixed" else self.encoders

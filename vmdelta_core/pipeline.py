@@ -30,7 +30,7 @@ from vmdelta_core.schema import ItemType, Ref
 
 __all__ = ["create_overlay", "file_digest", "image_names"]
 
-BATCH_UNITS = 8192
+BATCH_UNITS = 4096
 _FREE_REFS = (0xA, 0xB, 0xC, 0xD, 0xE, 0xF, 0x0)
 _RESERVED_REFS = frozenset(int(r) for r in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM, Ref.ZEROS, Ref.SELF_HASH))
 
@@ -167,20 +167,28 @@ def create_overlay(
 
     with contextlib.ExitStack() as stack:
         names = image_names([spec.kind for spec in config.images])
-        opened: list[_Opened] = []
-        for spec, name in zip(config.images, names, strict=True):
+        sources = []
+        for spec in config.images:
             base_source = spec.format or registry.detect_source(spec.base, spec.kind)
             source = spec.format or registry.detect_source(spec.modified, spec.kind)
             for src in (base_source, source):
                 if spec.kind not in registry.source(src).kinds:
                     raise ConfigError(f"source {src!r} does not read {spec.kind} images")
-            base = stack.enter_context(
-                registry.source(base_source).open(spec.base, kind=spec.kind, options=spec.base_options)
+            sources.append((base_source, source))
+        # parsing an artifact is mostly I/O and numpy: open them all at once
+        jobs = [
+            (registry.source(src), path, spec.kind, options)
+            for spec, (base_source, source) in zip(config.images, sources, strict=True)
+            for src, path, options in (
+                (base_source, spec.base, spec.base_options),
+                (source, spec.modified, spec.modified_options),
             )
-            modified = stack.enter_context(
-                registry.source(source).open(spec.modified, kind=spec.kind, options=spec.modified_options)
-            )
-            opened.append(_Opened(spec, name, base_source, source, base, modified))
+        ]
+        images = _open_all(jobs, config.threads, stack)
+        opened = [
+            _Opened(spec, name, base_source, source, images[2 * k], images[2 * k + 1])
+            for k, (spec, name, (base_source, source)) in enumerate(zip(config.images, names, sources, strict=True))
+        ]
 
         bases: list[DedupBase] = []
         ordinals = {"memory": 0, "disk": 0}
@@ -247,6 +255,25 @@ def create_overlay(
         images=tuple(ImageReport.from_metadata(image) for image in images_meta),
         metadata=metadata,
     )
+
+
+def _open_all(
+    jobs: list[tuple[Any, Path, str, Mapping[str, Any]]], threads: int, stack: contextlib.ExitStack
+) -> list[SourceImage]:
+    """Open every artifact on a few threads; whatever opened is closed by ``stack``, even when
+    another open fails."""
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as pool:
+        futures = [pool.submit(source.open, path, kind=kind, options=options) for source, path, kind, options in jobs]
+        first_error: BaseException | None = None
+        images = []
+        for future in futures:
+            try:
+                images.append(stack.enter_context(future.result()))
+            except BaseException as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+    return images
 
 
 def _check_paths(config: CreateConfig) -> None:
@@ -352,6 +379,12 @@ def _encode_image(
             payloads,
         )
         advance(int(batch.size) * unit)
+        # what this batch read (its units, their bases, dedup confirmations anywhere in the
+        # bases and earlier images) is done with: keep memory bounded by the batch, not the image
+        for image in dedup.images:
+            image.release(0, image.size)
+        for dedup_base in dedup.bases:
+            dedup_base.image.release(0, dedup_base.image.size)
     stats.update(counts)
     stats["encoders"] = encoder_stats
 
