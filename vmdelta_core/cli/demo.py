@@ -1,6 +1,6 @@
 """``vmdelta demo``: the whole job on a small real sample that ships with vmdelta.
 
-The sample is two 8 MiB windows cut from a real capture (a Debian guest's RAM and its ext4 disk,
+The sample is two 16 MiB windows cut from a real capture (a Debian guest's RAM and its ext4 disk,
 before and after it read, edited, copied and deleted files), stored zstd-compressed: the modified
 halves against their bases as dictionaries.
 """

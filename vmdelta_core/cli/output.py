@@ -124,14 +124,11 @@ def render_overlay(
     row("  same as earlier unit", [s.get("self", 0) for s in stats])
     encoders = sorted({name for s in stats for name in s.get("encoders", {})})
     for name in encoders:
+        mine = [s.get("encoders", {}).get(name) for s in stats]
+        row(f"  {name}", [e["units"] if e else "-" for e in mine])
         row(
-            f"  {name}: units, bytes → stored",
-            [
-                f"{e['units']}, {_size(e['bytes'])} → {_size(e.get('stored_bytes', 0))}"
-                if (e := s.get("encoders", {}).get(name))
-                else "-"
-                for s in stats
-            ],
+            "    bytes → stored",
+            [f"{_size(e['bytes'])} → {_size(e.get('stored_bytes', 0))}" if e else "-" for e in mine],
         )
     row("  references, stored", [_size(s.get("references_stored_bytes", 0)) for s in stats])
     row("stored (compressed)", [_size(s.get("stored_bytes", 0)) for s in stats])
