@@ -21,7 +21,7 @@ from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.fileio import AtomicOutput, hole_extents, map_readonly, punch_zero_runs
 from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
-from vmdelta_source_qemu.envelope import Envelope
+from vmdelta_source_qemu.envelope import read_envelope
 from vmdelta_source_qemu.imagefile import CHUNK_PAGES, release_range
 from vmdelta_source_qemu.reader import read_snapshot
 from vmdelta_source_qemu.writer import write_snapshot
@@ -56,20 +56,14 @@ class QemuSource(Source):
         )
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
-        envelope = Envelope.from_bytes(rebuilt.envelope)
-        try:
-            blocks = [RamBlock(str(n), int(length), int(off)) for n, off, length in envelope.meta["blocks"]]
-            external = [str(name) for name in envelope.meta.get("external", [])]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError("QEMU envelope: metadata without a usable block table") from None
-        end = blocks[-1].offset + blocks[-1].length if blocks else 0
-        if end > rebuilt.size:
-            raise FormatError(f"rebuilt memory image is {rebuilt.size} bytes, its RAM blocks need {end}")
+        # the envelope comes from the overlay: untrusted until read_envelope has checked it
+        checked = read_envelope(rebuilt.envelope, rebuilt.size)
+        envelope, blocks, external = checked.envelope, checked.blocks, checked.external
         ram_output = rebuilt.options.get("ram_output")
-        if external and not ram_output:
+        if external is not None and not ram_output:
             raise ConfigError(
                 f"the stream was saved with x-ignore-shared: name where the rebuilt RAM file of block "
-                f"{external[0]!r} goes with --memory-ram"
+                f"{external.name!r} goes with --memory-ram"
             )
         image, closers = map_readonly(Path(rebuilt.path))
         mapping = closers[0] if closers else None
@@ -81,11 +75,8 @@ class QemuSource(Source):
             with open(output, "w+b") as out:
                 write_snapshot(envelope, blocks, image, out, release)
             # the stream is complete before the RAM file replaces anything
-            if external:
-                block = next((b for b in blocks if b.name == external[0]), None)
-                if block is None:
-                    raise FormatError(f"QEMU envelope names shared block {external[0]!r}, which it does not list")
-                _write_ram_file(Path(ram_output), image, block, release)
+            if external is not None:
+                _write_ram_file(Path(ram_output), image, external, release)
         finally:
             del image
             for closer in closers:

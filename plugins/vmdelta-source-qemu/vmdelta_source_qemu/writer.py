@@ -34,6 +34,7 @@ def _keep(start: int, stop: int) -> None:
 
 
 _MAPPED_HEADER = 28
+_MAPPED_ALIGN = 1 << 20
 
 
 def write_snapshot(
@@ -115,12 +116,14 @@ def _write_run(out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray, rele
 
 def _write_mapped(fd: int, pos: int, op: Mapped, block: RamBlock, image: np.ndarray, release: Release) -> int:
     """Bitmap at ``pos`` (right after the block's header), pages at the offset the header names."""
-    header = os.pread(fd, _MAPPED_HEADER, pos - _MAPPED_HEADER)
+    header = os.pread(fd, _MAPPED_HEADER, pos - _MAPPED_HEADER) if pos >= _MAPPED_HEADER else b""
     if len(header) != _MAPPED_HEADER:
         raise FormatError(f"QEMU envelope: no mapped-ram header before offset {pos} for block {block.name!r}")
     bitmap_offset = int.from_bytes(header[12:20], "big")
     pages_offset = int.from_bytes(header[20:28], "big")
-    if bitmap_offset != pos or pages_offset < pos:
+    # QEMU puts the pages at the first 1 MiB boundary after the bitmap, which bounds the gap
+    bitmap_end = pos + (block.pages + 63) // 64 * 8
+    if bitmap_offset != pos or not bitmap_end <= pages_offset <= -(-bitmap_end // _MAPPED_ALIGN) * _MAPPED_ALIGN:
         raise FormatError(f"QEMU envelope: mapped-ram header of block {block.name!r} does not match its position")
     pages = image[block.offset : block.offset + block.length].reshape(block.pages, PAGE_SIZE)
     bits = np.zeros(block.pages, bool)
