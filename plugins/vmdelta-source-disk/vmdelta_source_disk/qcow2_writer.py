@@ -21,11 +21,19 @@ from vmdelta_core.fileio import hole_extents, map_readonly
 from vmdelta_source_disk import c_qcow2 as c
 from vmdelta_source_disk.extents import copy_range, to_spans
 
-__all__ = ["WriteResult", "write_qcow2"]
+__all__ = ["MAX_L1_BYTES", "WriteResult", "l1_bytes", "write_qcow2"]
 
 _REFCOUNT_ORDER = 4  # 16-bit refcounts, the only width version 2 knows
 _HEADER_LENGTH_V3 = 112
 _BATCH = 256  # clusters read at a time when looking for all-zero ones
+#: the largest L1 table QEMU opens (``QCOW_MAX_L1_SIZE``)
+MAX_L1_BYTES = 32 << 20
+
+
+def l1_bytes(size: int, cluster_bits: int) -> int:
+    """Bytes of the L1 table of a ``size``-byte disk with ``1 << cluster_bits``-byte clusters."""
+    cs = 1 << cluster_bits
+    return -(-size // (cs * (cs // 8))) * 8
 
 
 @attrs.frozen
@@ -149,6 +157,11 @@ def write_qcow2(
         raise ConfigError(f"a qcow2 disk must be a whole number of 512-byte sectors; {size} bytes is not")
     if version not in (2, 3) or not 9 <= cluster_bits <= 21:
         raise ConfigError(f"cannot write qcow2 version {version} with cluster_bits {cluster_bits}")
+    if l1_bytes(size, cluster_bits) > MAX_L1_BYTES:
+        raise ConfigError(
+            f"a {size}-byte disk with {1 << cluster_bits}-byte clusters needs an L1 table over "
+            f"{MAX_L1_BYTES >> 20} MiB, more than QEMU opens; use larger clusters"
+        )
     cs = 1 << cluster_bits
     virtual = -(-size // cs)
     clusters = np.unique(np.asarray(clusters, dtype=np.int64))

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.fileio import data_extents, map_readonly, open_file_image
 from vmdelta_source_disk.chain import compose, open_chain
 from vmdelta_source_disk.extents import punch_hole, to_spans, unit_spans
-from vmdelta_source_disk.qcow2_writer import WriteResult, write_qcow2
+from vmdelta_source_disk.qcow2_writer import MAX_L1_BYTES, WriteResult, l1_bytes, write_qcow2
 
 __all__ = ["Qcow2Source", "RawSource", "sparsify", "write_thin_qcow2"]
 
@@ -38,10 +38,45 @@ def _output_format(rebuilt: RebuiltImage, default: str) -> str:
 
 
 def _cluster_bits(options: Mapping[str, Any], default: int) -> int:
-    size = int(options.get("qcow2_cluster_size", 1 << default))
+    value = options.get("qcow2_cluster_size", 1 << default)
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"qcow2_cluster_size {value!r} is not a number of bytes") from None
     if size <= 0 or size & (size - 1) or not 512 <= size <= 2 << 20:
         raise ConfigError(f"qcow2_cluster_size {size} is not a power of two between 512 and 2 MiB")
     return size.bit_length() - 1
+
+
+def _no_envelope(rebuilt: RebuiltImage, source: str) -> None:
+    if rebuilt.envelope:
+        raise FormatError(
+            f"the overlay holds a {len(rebuilt.envelope)}-byte envelope for a {source} disk, which has none"
+        )
+
+
+def _qcow2_layout(rebuilt: RebuiltImage) -> tuple[int, int, bool]:
+    """Read the untrusted layout of a qcow2 image from the overlay: (version, cluster bits, backed).
+
+    Each field is checked before it is used (a cluster size is an allocation size); a field the
+    layout leaves out takes the value a new qcow2 would have.
+    """
+    layout = rebuilt.layout
+    version = layout.get("version", 3)
+    if type(version) is not int or version not in (2, 3):
+        raise FormatError(f"qcow2 layout: version {version!r} is not 2 or 3")
+    bits = layout.get("cluster_bits", 16)
+    if type(bits) is not int or not 9 <= bits <= 21:
+        raise FormatError(f"qcow2 layout: cluster_bits {bits!r} is not between 9 and 21")
+    if l1_bytes(rebuilt.size, bits) > MAX_L1_BYTES:
+        raise FormatError(
+            f"qcow2 layout: cluster_bits {bits} would need an L1 table over {MAX_L1_BYTES >> 20} MiB "
+            f"for a {rebuilt.size}-byte disk"
+        )
+    backing = layout.get("backing_file")
+    if backing is not None and not isinstance(backing, str):
+        raise FormatError(f"qcow2 layout: backing_file {backing!r} is not a file name")
+    return version, bits, bool(backing)
 
 
 def _clusters_of(spans: np.ndarray, cs: int) -> np.ndarray:
@@ -125,6 +160,7 @@ class RawSource(Source):
         return open_file_image(path, kind, layout={"format": "raw"})
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
+        _no_envelope(rebuilt, self.name)
         if _output_format(rebuilt, "raw") == "qcow2":
             write_thin_qcow2(rebuilt, output, cluster_bits=_cluster_bits(rebuilt.options, 16))
             return
@@ -183,14 +219,14 @@ class Qcow2Source(Source):
         )
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
+        _no_envelope(rebuilt, self.name)
         if _output_format(rebuilt, "qcow2") == "raw":
             sparsify(rebuilt.path, rebuilt.changed, rebuilt.unit_size)
             os.replace(rebuilt.path, output)
             return
-        layout = rebuilt.layout
-        bits = _cluster_bits(rebuilt.options, int(layout.get("cluster_bits", 16)))
-        version = int(layout.get("version", 3))
-        if layout.get("backing_file"):
+        version, layout_bits, backed = _qcow2_layout(rebuilt)
+        bits = _cluster_bits(rebuilt.options, layout_bits)
+        if backed:
             # the modified disk was an overlay: so is the rebuilt one, over the given base
             write_thin_qcow2(rebuilt, output, cluster_bits=bits, version=version)
             return
