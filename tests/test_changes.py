@@ -92,3 +92,18 @@ def test_hints_are_used_only_against_their_own_base(tmp_path: Path) -> None:
 
     assert changed("base") == 1  # hints hold: only unit 0 compared
     assert changed("other") == 2  # another base: full comparison finds unit 5 too
+
+
+def test_the_digest_taken_while_comparing_is_the_image_digest() -> None:
+    from vmdelta_core.index import ImageDigest, image_digest
+
+    rng = np.random.default_rng(3)
+    for grow in (0, 5000, -3000, 3 * 4096):
+        base = rng.integers(0, 256, 40 * 4096 + 123, dtype=np.uint8)
+        modified = np.zeros(base.size + grow, dtype=np.uint8)
+        modified[: min(base.size, modified.size)] = base[: min(base.size, modified.size)]
+        modified[7 * 4096 : 9 * 4096] = 0
+        holes = [(7 * 4096, 2 * 4096)]
+        running = ImageDigest()
+        changed_units(image(base), image(modified, holes), 4096, digest=running)
+        assert running.hexdigest() == image_digest(image(modified, holes), 4096)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from vmdelta_core.components import SourceImage
-from vmdelta_core.index import hole_units, iter_chunks
+from vmdelta_core.index import ImageDigest, hole_units, iter_chunks
 
 __all__ = ["changed_units", "unit_bytes"]
 
@@ -35,16 +35,25 @@ def _differ(a: np.ndarray, b: np.ndarray, unit: int) -> np.ndarray:
 
 
 def changed_units(
-    base: SourceImage, modified: SourceImage, unit: int, progress: ProgressFn | None = None, *, use_hints: bool = True
+    base: SourceImage,
+    modified: SourceImage,
+    unit: int,
+    progress: ProgressFn | None = None,
+    *,
+    use_hints: bool = True,
+    digest: ImageDigest | None = None,
 ) -> np.ndarray:
     """Sorted ``int64`` indices of the modified image's units whose bytes differ from the base's.
 
     The base is read as zero-padded past its end, so a grown image's new units count as changed
-    unless they are zero.
+    unless they are zero. When ``digest`` is given and the whole image is compared (no hints), it
+    is fed the modified image on the way, which spares a second pass over it.
     """
     msize, bsize = modified.size, base.size
     count = -(-msize // unit)
     if use_hints and modified.hints is not None:
+        if digest is not None:
+            raise ValueError("a digest cannot be taken while only hinted units are read")
         return _changed_among(base, modified, unit, np.asarray(modified.hints, dtype=np.int64), progress)
 
     common = min(msize, bsize) // unit  # units wholly inside both images
@@ -55,18 +64,26 @@ def changed_units(
     found: list[np.ndarray] = []
     mdata, bdata = modified.data, base.data
     for first, end, is_hole in iter_chunks(modified, unit, both_holes[:common]):
+        lo, hi = first * unit, end * unit
         if not is_hole:
-            lo, hi = first * unit, end * unit
             diff = _differ(mdata[lo:hi], bdata[lo:hi], unit)
             found.append(first + np.flatnonzero(diff))
+            if digest is not None:
+                digest.update(mdata[lo:hi])
             modified.release(lo, hi)
             base.release(lo, hi)
+        elif digest is not None:
+            digest.update_zeros(hi - lo)  # a hole in the modified image reads as zeros
         if progress is not None:
             progress((end - first) * unit)
     # the tail: units past the end of the base (compared with zeros) and partial units
     tail = np.arange(common, count, dtype=np.int64)
     if tail.size:
         found.append(_changed_among(base, modified, unit, tail, None))
+        if digest is not None:
+            for lo in range(common * unit, msize, 16 << 20):
+                digest.update(mdata[lo : min(lo + (16 << 20), msize)])
+                modified.release(lo, lo + (16 << 20))
         if progress is not None:
             progress(msize - common * unit)
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)

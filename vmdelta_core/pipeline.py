@@ -303,7 +303,9 @@ def _encode_image(
     # hints hold against the file the modified was made from; against another base they lie
     use_hints = modified.hints is not None and _same_file(modified.hints_base, spec.base)
     advance = progress.start(f"compare {item.name}", modified.size)
-    changed = changed_units(base, modified, unit, progress=advance, use_hints=use_hints)
+    # reading the whole modified image anyway: take its digest on the way
+    running = None if use_hints else ImageDigest()
+    changed = changed_units(base, modified, unit, progress=advance, use_hints=use_hints, digest=running)
     stats: dict[str, Any] = {"units": -(-modified.size // unit), "changed": int(changed.size)}
 
     filters_meta = []
@@ -394,8 +396,11 @@ def _encode_image(
         writer.add_envelope(number, stored, len(modified.envelope))
         envelope_meta = {"length": len(modified.envelope), "stored": len(stored)}
 
-    advance = progress.start(f"digest {item.name}", modified.size)
-    digest = image_digest(modified, unit, advance, replaced=(base, dropped) if dropped.size else None)
+    if running is not None and not dropped.size:
+        digest = running.hexdigest()
+    else:
+        advance = progress.start(f"digest {item.name}", modified.size)
+        digest = image_digest(modified, unit, advance, replaced=(base, dropped) if dropped.size else None)
     artifact_digest = None
     if modified.exact_artifact and not dropped.size:
         # an image that is its file byte for byte has one digest for both
