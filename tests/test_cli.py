@@ -178,3 +178,29 @@ def test_parse_option_values() -> None:
     assert parse_option("xray.journal=ignore", "--x") == ("xray", "journal", "ignore")
     assert parse_option("a.b=true", "--x") == ("a", "b", True)
     assert parse_option('a.b="9"', "--x") == ("a", "b", "9")
+
+
+def test_side_outputs_never_overwrite_inputs(pair, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("VMDELTA_CACHE_DIR", str(tmp_path / "cache"))
+    b, m = pair
+    overlay = tmp_path / "vm.overlay"
+    assert run(capsys, "create", "-q", "-o", str(overlay), "--memory", str(b), str(m))[0] == 0
+    ram = tmp_path / "base-ram.raw"
+    ram.write_bytes(b"base RAM")
+    code, _, err = run(
+        capsys, "apply", str(overlay), "--memory", str(b), str(tmp_path / "out.mem"), "--memory-ram", str(ram), str(ram)
+    )
+    assert code == 2 and "would overwrite an input" in err and ram.read_bytes() == b"base RAM"
+    code, _, err = run(
+        capsys,
+        "apply",
+        str(overlay),
+        "--memory",
+        str(b),
+        str(tmp_path / "same"),
+        "--memory-ram",
+        str(ram),
+        str(tmp_path / "same"),
+    )
+    assert code == 2 and "named twice" in err
+    assert not (tmp_path / "out.mem").exists() and not (tmp_path / "same").exists()

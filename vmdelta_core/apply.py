@@ -13,13 +13,14 @@ import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zstandard
 
 from vmdelta_core.components import Codec, Encoder, RebuiltImage, SourceImage
-from vmdelta_core.config import ApplyConfig
+from vmdelta_core.config import PATH_OPTIONS, ApplyConfig
 from vmdelta_core.container import KIND_ENVELOPE, OverlayReader
 from vmdelta_core.dedup import split_address
 from vmdelta_core.errors import BaseMismatchError, ConfigError, FormatError, IntegrityError, PluginError
@@ -85,12 +86,13 @@ def apply_overlay(
                     f"(fingerprint differs from {expected['name']})"
                 )
             bases.append(base)
-        for spec in config.images:
-            if (
-                spec.output.resolve() in {s.base.resolve() for s in config.images}
-                or spec.output.resolve() == config.overlay.resolve()
-            ):
-                raise ConfigError(f"output {spec.output} would overwrite an input")
+        _check_outputs(config)
+        for number, image in enumerate(meta.images):
+            if image["kind"] not in registry.source(image["source"]).kinds:
+                raise FormatError(
+                    f"overlay metadata: images[{number}] names source {image['source']!r}, "
+                    f"which does not write {image['kind']} images"
+                )
 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
         rebuilt_files: list[tuple[AtomicOutput, int]] = []
@@ -120,6 +122,14 @@ def apply_overlay(
                     raise IntegrityError(f"rebuilt {image['name']} does not match the digest recorded at create time")
             envelope = _envelope(reader, number, bases[number].envelope)
             out = stack.enter_context(AtomicOutput(spec.output))
+            outputs.append(out)
+            # files besides the artifact (an x-ignore-shared RAM file) appear with it, or not at all
+            extra = {}
+            for key, value in spec.output_options.items():
+                if key in PATH_OPTIONS and key.endswith("_output") and value:
+                    side = stack.enter_context(AtomicOutput(Path(value)))
+                    outputs.append(side)
+                    extra[key] = str(side.path)
             rebuilt = RebuiltImage(
                 path=tmp.path,
                 size=image["size"],
@@ -131,10 +141,10 @@ def apply_overlay(
                 base_path=spec.base,
                 options={
                     **dict(spec.output_options),
+                    **extra,
                     **({"output_format": spec.output_format} if spec.output_format else {}),
                 },
             )
-            outputs.append(out)
             reports.append((image, spec, rebuilt, out, digest))
 
         # materialize only once every image verified, so a failure leaves no output behind
@@ -165,6 +175,24 @@ def apply_overlay(
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def _check_outputs(config: ApplyConfig) -> None:
+    """No output, side output (a RAM file) or pair of them may be an input or each other."""
+    inputs = {config.overlay.resolve()}
+    for spec in config.images:
+        inputs.add(spec.base.resolve())
+        inputs.update(Path(v).resolve() for k, v in spec.base_options.items() if k in PATH_OPTIONS and v)
+    seen: set[Path] = set()
+    for spec in config.images:
+        targets = [spec.output] + [Path(v) for k, v in spec.output_options.items() if k in PATH_OPTIONS and v]
+        for target in targets:
+            where = target.resolve()
+            if where in inputs:
+                raise ConfigError(f"output {target} would overwrite an input")
+            if where in seen:
+                raise ConfigError(f"output {target} is named twice")
+            seen.add(where)
 
 
 def _match_images(meta: OverlayMetadata, config: ApplyConfig) -> None:

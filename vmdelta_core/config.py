@@ -188,7 +188,7 @@ def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = 
 
     def resolve_options(options: Mapping[str, Any]) -> dict[str, Any]:
         # options that name files ("ram") are paths relative to the pipeline too
-        return {k: str(resolve(v)) if k in _PATH_OPTIONS and isinstance(v, str) else v for k, v in options.items()}
+        return {k: str(resolve(v)) if k in PATH_OPTIONS and isinstance(v, str) else v for k, v in options.items()}
 
     overlay = data["overlay"]
     images = []
@@ -226,7 +226,9 @@ def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = 
     return CreateConfig(output=resolve(overlay["output"]), images=tuple(images), **kwargs)
 
 
-_PATH_OPTIONS = frozenset({"ram", "ram_output"})
+#: source options that name files: resolved against a pipeline's folder, and at apply time the
+#: ``*_output`` ones are written atomically with the artifact and never over an input
+PATH_OPTIONS = frozenset({"ram", "ram_output"})
 
 
 def describe_config(config: CreateConfig) -> dict[str, Any]:
