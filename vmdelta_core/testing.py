@@ -31,6 +31,7 @@ __all__ = [
     "files_identical",
     "real_fixtures",
     "real_unit_pairs",
+    "rewrite_overlay",
     "sample_unit_pairs",
 ]
 
@@ -270,3 +271,58 @@ def files_identical(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
+
+
+def rewrite_overlay(
+    data: bytes, *, metadata: dict | None = None, envelope: tuple[int, bytes, int] | None = None
+) -> bytes:
+    """An overlay's bytes with its metadata or one image's envelope frame replaced (or added),
+    every offset and checksum recomputed: damage that every integrity check of the container lets
+    through, for testing what a source's ``materialize`` does with a hostile envelope or layout.
+
+    :param envelope: ``(image number, stored frame, decompressed length)``.
+    """
+    import json
+    import struct
+
+    import xxhash
+
+    from vmdelta_core.container import ENTRY_SIZE, TRAILER_SIZE
+    from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
+
+    trailer = TRAILER.parse(data[-TRAILER_SIZE:])
+    entries = [
+        dict(FRAME_INDEX_ENTRY.parse(data[trailer.index_offset + k * ENTRY_SIZE :][:ENTRY_SIZE]))
+        for k in range(trailer.index_count)
+    ]
+    frames = [(e, data[e["file_offset"] : e["file_offset"] + e["stored_length"]]) for e in entries]
+    if envelope is not None:
+        image, stored, length = envelope
+        frames = [f for f in frames if not (f[0]["image"] == image and f[0]["kind"] == "envelope")]
+        entry = {"image": image, "kind": "envelope", "codec": 0, "item_count": 0, "first_offset": 0, "end_offset": 0}
+        after = max((k + 1 for k, (e, _) in enumerate(frames) if e["image"] <= image), default=0)
+        frames.insert(after, ({**entry, "length": length}, stored))
+    if metadata is None:
+        metadata = json.loads(data[trailer.metadata_offset : trailer.metadata_offset + trailer.metadata_length])
+    meta = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+    out = bytearray(data[:16])
+    index = []
+    for entry, stored in frames:
+        fields = {**entry, "file_offset": len(out), "stored_length": len(stored)}
+        index.append(FRAME_INDEX_ENTRY.build({**fields, "checksum": xxhash.xxh3_64_intdigest(stored)}))
+        out += stored
+    metadata_offset = len(out)
+    out += meta
+    index_bytes = b"".join(index)
+    index_offset = len(out)
+    out += index_bytes
+    out += struct.pack(
+        ">QQQQQQ",
+        metadata_offset,
+        len(meta),
+        xxhash.xxh3_64_intdigest(meta),
+        index_offset,
+        len(index),
+        xxhash.xxh3_64_intdigest(index_bytes),
+    )
+    return bytes(out + xxhash.xxh3_64_intdigest(bytes(out)).to_bytes(8, "big") + b"VMDLTEND")

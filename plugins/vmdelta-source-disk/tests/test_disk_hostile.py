@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import xxhash
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,9 +21,10 @@ from vmdelta_source_disk import Qcow2Source, RawSource, write_qcow2
 
 from vmdelta_core.cli import main
 from vmdelta_core.components import RebuiltImage, SourceImage
-from vmdelta_core.container import ENTRY_SIZE, TRAILER_SIZE
+from vmdelta_core.container import TRAILER_SIZE
 from vmdelta_core.errors import FormatError
-from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
+from vmdelta_core.schema import TRAILER
+from vmdelta_core.testing import rewrite_overlay
 
 UNIT = 4096
 SIZE = 64 * UNIT
@@ -156,48 +155,6 @@ def test_a_cluster_size_option_that_is_not_a_number_is_a_config_error(folder: Pa
 # ------------------------------------------------------------------------------------------------
 # end to end: a damaged but resealed overlay through ``vmdelta apply``
 # ------------------------------------------------------------------------------------------------
-
-
-def rewrite_overlay(
-    data: bytes, *, metadata: dict | None = None, envelope: tuple[int, bytes, int] | None = None
-) -> bytes:
-    """``data`` with its metadata replaced or an envelope frame added, every offset and checksum
-    recomputed: damage that every integrity check of the container lets through."""
-    trailer = TRAILER.parse(data[-TRAILER_SIZE:])
-    entries = [
-        dict(FRAME_INDEX_ENTRY.parse(data[trailer.index_offset + k * ENTRY_SIZE :][:ENTRY_SIZE]))
-        for k in range(trailer.index_count)
-    ]
-    frames = [(e, data[e["file_offset"] : e["file_offset"] + e["stored_length"]]) for e in entries]
-    if envelope is not None:
-        image, stored, length = envelope
-        entry = {"image": image, "kind": "envelope", "codec": 0, "item_count": 0, "first_offset": 0, "end_offset": 0}
-        after = max((k + 1 for k, (e, _) in enumerate(frames) if e["image"] <= image), default=0)
-        frames.insert(after, ({**entry, "length": length}, stored))
-    if metadata is None:
-        metadata = json.loads(data[trailer.metadata_offset : trailer.metadata_offset + trailer.metadata_length])
-    meta = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
-    out = bytearray(data[:16])
-    index = []
-    for entry, stored in frames:
-        fields = {**entry, "file_offset": len(out), "stored_length": len(stored)}
-        index.append(FRAME_INDEX_ENTRY.build({**fields, "checksum": xxhash.xxh3_64_intdigest(stored)}))
-        out += stored
-    metadata_offset = len(out)
-    out += meta
-    index_bytes = b"".join(index)
-    index_offset = len(out)
-    out += index_bytes
-    out += struct.pack(
-        ">QQQQQQ",
-        metadata_offset,
-        len(meta),
-        xxhash.xxh3_64_intdigest(meta),
-        index_offset,
-        len(index),
-        xxhash.xxh3_64_intdigest(index_bytes),
-    )
-    return bytes(out + xxhash.xxh3_64_intdigest(bytes(out)).to_bytes(8, "big") + b"VMDLTEND")
 
 
 @pytest.mark.parametrize("modified", ["modified.img", "modified.qcow2"])
