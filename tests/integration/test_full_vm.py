@@ -204,3 +204,28 @@ def test_thin_qcow2_output(realistic: Path, tmp_path: Path, capsys) -> None:
     head = (tmp_path / "thin.qcow2").read_bytes()[:4]
     assert head == b"QFI\xfb"
     assert (tmp_path / "thin.qcow2").stat().st_size < 40 << 20
+
+
+VARIANTS = [
+    "",
+    "variants/qemu-10.0-stream",
+    "variants/qemu-10.0-mapped-ram",
+    "variants/qemu-7.2-ignore-shared",
+    "variants/qemu-10.0-ignore-shared",
+    "variants/discard-ignore",
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_default_encoding_never_loses_to_raw(realistic: Path, variant: str, tmp_path: Path, capsys) -> None:
+    """On every real capture, the default encoders and policy give an overlay no larger than raw units."""
+    folder = realistic / variant
+    pairs = ["--disk", str(folder / "base.img"), str(folder / "modified.img")]
+    if (folder / "base.mem").exists():
+        pairs = ["--memory", str(folder / "base.mem"), str(folder / "modified.mem"), *pairs]
+        if (folder / "base-ram.raw").exists():
+            pairs += ["--memory-ram", str(folder / "base-ram.raw"), str(folder / "modified-ram.raw")]
+    default, raw = tmp_path / "default.overlay", tmp_path / "raw.overlay"
+    cli(capsys, "create", "-q", "-o", str(default), *pairs)
+    cli(capsys, "create", "-q", "-o", str(raw), "--encoder", "raw", *pairs)
+    assert default.stat().st_size <= raw.stat().st_size
