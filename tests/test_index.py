@@ -21,10 +21,11 @@ def test_cached_then_rebuilt_when_the_base_changes(tmp_path: Path) -> None:
     base.write_bytes(rng.integers(0, 256, 10 * 4096 + 5, dtype=np.uint8).tobytes())
     with open_file(base) as image:
         first, cached = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
-    assert not cached and first.hashes.shape == (10,)
+    assert not cached and first.units.tolist() == list(range(10))  # the short last unit is not indexed
     with open_file(base) as image:
         again, cached = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
     assert cached and again.fingerprint == first.fingerprint and np.array_equal(again.hashes, first.hashes)
+    assert np.array_equal(again.units, first.units)
     data = bytearray(base.read_bytes())
     data[5000] ^= 1
     base.write_bytes(bytes(data))
@@ -48,6 +49,23 @@ def test_a_damaged_cache_file_is_ignored(tmp_path: Path) -> None:
 
 
 def test_lookup_finds_units_by_hash() -> None:
-    index = BaseIndex(size=4 * 4096, unit_size=4096, fingerprint="x", hashes=np.array([5, 3, 9, 3], dtype=np.uint64))
+    index = BaseIndex(
+        size=9 * 4096,
+        unit_size=4096,
+        fingerprint="x",
+        units=np.array([0, 2, 5, 8]),
+        hashes=np.array([5, 3, 9, 3], dtype=np.uint64),
+    )
     found = index.lookup(np.array([3, 9, 4, 10], dtype=np.uint64))
-    assert found[1] == 2 and found[0] in (1, 3) and found[2] == -1 and found[3] == -1
+    assert found[1] == 5 and found[0] in (2, 8) and found[2] == -1 and found[3] == -1
+
+
+def test_only_units_with_data_are_indexed(tmp_path: Path) -> None:
+    data = np.zeros(64 * 4096, dtype=np.uint8)
+    data[3 * 4096] = 1
+    data[40 * 4096 : 41 * 4096] = 7
+    base = tmp_path / "sparse.img"
+    base.write_bytes(data.tobytes())
+    with open_file(base) as image:
+        index, _ = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
+    assert index.units.tolist() == [3, 40]

@@ -30,7 +30,7 @@ from vmdelta_core.components import SourceImage
 __all__ = ["BaseIndex", "ImageDigest", "cache_folder", "image_digest", "load_or_build_index", "unit_hashes"]
 
 _MAGIC = b"VMDIDX01"
-_VERSION = 1
+_VERSION = 2
 _CHUNK_UNITS = 4096  # 16 MiB of 4 KiB units per step
 ProgressFn = Callable[[int], None]
 
@@ -129,15 +129,16 @@ def _scan(
     want_hashes: bool,
     progress: ProgressFn | None = None,
     replaced: tuple[SourceImage, np.ndarray] | None = None,
-) -> tuple[str, np.ndarray]:
+) -> tuple[str, np.ndarray, np.ndarray]:
     size = image.size
     count = -(-size // unit)
     full = size // unit
     holes = hole_units(image, unit, count)
     digest = ImageDigest()
-    hashes = (
-        np.full(full, xxhash.xxh3_64_intdigest(bytes(unit)), dtype=np.uint64) if want_hashes else np.zeros(0, np.uint64)
-    )
+    # only units with data are indexed: zero units are found by looking, and a mostly empty
+    # 64 GiB disk then costs an index of what it holds, not of its size
+    found_units: list[np.ndarray] = []
+    found_hashes: list[np.ndarray] = []
     data = image.data
     swap = np.zeros(0, dtype=np.int64) if replaced is None else np.asarray(replaced[1], dtype=np.int64)
     for first, end, is_hole in iter_chunks(image, unit, holes):
@@ -169,28 +170,36 @@ def _scan(
                 last_full = min(end, full)
                 if last_full > first:
                     units = chunk[: (last_full - first) * unit].reshape(-1, unit)
-                    hashes[first:last_full] = unit_hashes(units)
+                    rows = np.flatnonzero(_nonzero_rows(units))
+                    found_units.append(first + rows)
+                    found_hashes.append(unit_hashes(units[rows]))
         image.release(lo, hi)
         if progress is not None:
             progress(hi - lo)
-    return digest.hexdigest(), hashes
+    units_out = np.concatenate(found_units) if found_units else np.zeros(0, dtype=np.int64)
+    hashes_out = np.concatenate(found_hashes) if found_hashes else np.zeros(0, dtype=np.uint64)
+    return digest.hexdigest(), units_out.astype(np.int64), hashes_out
 
 
 @attrs.define(eq=False)
 class BaseIndex:
-    """Per-unit hashes of a base image (full units only) and its fingerprint."""
+    """Hashes of the base image's full units that hold data, and the image's fingerprint.
+
+    ``units`` (ascending unit numbers) and ``hashes`` are parallel arrays.
+    """
 
     size: int
     unit_size: int
     fingerprint: str
+    units: np.ndarray
     hashes: np.ndarray
     _sorted: np.ndarray | None = attrs.field(default=None, alias="sorted")
     _order: np.ndarray | None = attrs.field(default=None, alias="order")
 
     @classmethod
     def build(cls, image: SourceImage, unit: int, progress: ProgressFn | None = None) -> BaseIndex:
-        fingerprint, hashes = _scan(image, unit, want_hashes=True, progress=progress)
-        return cls(size=image.size, unit_size=unit, fingerprint=fingerprint, hashes=hashes)
+        fingerprint, units, hashes = _scan(image, unit, want_hashes=True, progress=progress)
+        return cls(size=image.size, unit_size=unit, fingerprint=fingerprint, units=units, hashes=hashes)
 
     def _sorted_view(self) -> tuple[np.ndarray, np.ndarray]:
         if self._order is None:
@@ -200,14 +209,13 @@ class BaseIndex:
         return self._sorted, self._order
 
     def lookup(self, queries: np.ndarray) -> np.ndarray:
-        """For each query hash, the index of a base unit with that hash, or -1."""
+        """For each query hash, the number of a base unit with that hash, or -1."""
         if self.hashes.size == 0 or queries.size == 0:
             return np.full(queries.shape[0], -1, dtype=np.int64)
         ordered, order = self._sorted_view()
-        pos = np.searchsorted(ordered, queries)
-        pos_clipped = np.minimum(pos, ordered.shape[0] - 1)
-        hit = ordered[pos_clipped] == queries
-        return np.where(hit, order[pos_clipped], -1).astype(np.int64)
+        pos = np.minimum(np.searchsorted(ordered, queries), ordered.shape[0] - 1)
+        hit = ordered[pos] == queries
+        return np.where(hit, self.units[order[pos]], -1).astype(np.int64)
 
     # ----------------------------------------------------------------------------------------
 
@@ -228,6 +236,7 @@ class BaseIndex:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(_MAGIC + struct.pack("<I", len(header)) + header)
+                f.write(self.units.astype("<i8").tobytes())
                 f.write(self.hashes.astype("<u8").tobytes())
             os.replace(tmp, path)
         except BaseException:
@@ -249,16 +258,24 @@ class BaseIndex:
                 if header.get("version") != _VERSION or header.get("key") != key:
                     return None
                 count = int(header["count"])
-                raw = f.read(count * 8 + 1)
+                if not 0 <= count <= int(header["size"]) // int(header["unit_size"]):
+                    return None
+                raw = f.read(count * 16 + 1)
         except (OSError, ValueError, struct.error, KeyError, TypeError):
             return None
-        if len(raw) != count * 8 or count != int(header["size"]) // int(header["unit_size"]):
+        if len(raw) != count * 16:
             return None
-        hashes = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        units = np.frombuffer(raw[: count * 8], dtype="<i8").astype(np.int64)
+        hashes = np.frombuffer(raw[count * 8 :], dtype="<u8").astype(np.uint64)
+        if units.size and (
+            units[0] < 0 or units[-1] >= int(header["size"]) // int(header["unit_size"]) or (np.diff(units) <= 0).any()
+        ):
+            return None
         return cls(
             size=int(header["size"]),
             unit_size=int(header["unit_size"]),
             fingerprint=str(header["fingerprint"]),
+            units=units,
             hashes=hashes,
         )
 
