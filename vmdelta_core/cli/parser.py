@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overlay before anything is written; every output is verified against the digest recorded "
         "at create time before it replaces a file.",
     )
-    p.add_argument("overlay", metavar="OVERLAY")
+    p.add_argument("overlay", metavar="OVERLAY", help="the overlay file made by `vmdelta create`")
     p.add_argument("--memory", nargs=2, metavar=("BASE", "OUTPUT"), help="memory base and where to write the result")
     p.add_argument(
         "--disk",
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect", help="describe an overlay", description="Show what an overlay holds and how it was made."
     )
-    p.add_argument("overlay", metavar="OVERLAY")
+    p.add_argument("overlay", metavar="OVERLAY", help="the overlay file to describe")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--frames", action="store_true", help="list every frame too")
     p.add_argument("--no-verify", action="store_true", help="skip the whole-file checksum")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="build (or refresh) the cached index of base images",
         description="Hash every unit of each base once, so later creates and applies start at once.",
     )
-    p.add_argument("bases", nargs="+", metavar="BASE")
+    p.add_argument("bases", nargs="+", metavar="BASE", help="base artifacts (memory snapshots or disks) to index")
     p.add_argument("--kind", choices=("memory", "disk"), default="disk", help="what the bases hold (default disk)")
     p.add_argument("--format", metavar="NAME", help="source name (default: detected)")
     p.add_argument("--unit-size", type=int, default=4096, metavar="BYTES")
@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a TOML pipeline",
         description="Create an overlay as a TOML pipeline describes it (schema: schemas/pipeline.schema.json).",
     )
-    p.add_argument("pipeline", metavar="PIPELINE.toml")
+    p.add_argument(
+        "pipeline", metavar="PIPELINE.toml", help="the pipeline file; relative paths in it are relative to it"
+    )
     _common(p)
     p.set_defaults(handler=commands.run)
 
