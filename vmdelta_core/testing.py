@@ -33,6 +33,7 @@ __all__ = [
     "real_unit_pairs",
     "rewrite_overlay",
     "sample_unit_pairs",
+    "unit_pairs",
 ]
 
 
@@ -326,3 +327,22 @@ def rewrite_overlay(
         xxhash.xxh3_64_intdigest(index_bytes),
     )
     return bytes(out + xxhash.xxh3_64_intdigest(bytes(out)).to_bytes(8, "big") + b"VMDLTEND")
+
+
+def unit_pairs() -> Any:
+    """A hypothesis strategy of (base unit, modified unit) pairs: a base with a few edits, or an
+    unrelated target, of any length up to 4096 bytes. Needs ``hypothesis`` (a test dependency)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def pairs(draw: Any) -> tuple[bytes, bytes]:
+        base = draw(st.binary(min_size=1, max_size=4096))
+        target = bytearray(draw(st.binary(min_size=1, max_size=4096)) if draw(st.booleans()) else base)
+        for pos, data in draw(
+            st.lists(st.tuples(st.integers(0, 4095), st.binary(min_size=1, max_size=64)), max_size=8)
+        ):
+            pos = min(pos, len(target))
+            target[pos : pos + len(data)] = data
+        return base, bytes(target)
+
+    return pairs()
