@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -184,7 +184,8 @@ def create_overlay(
                 (source, spec.modified, spec.modified_options),
             )
         ]
-        images = _open_all(jobs, config.threads, stack)
+        sizes = [path.stat().st_size for _, path, _, _ in jobs]
+        images = _open_all(jobs, config.threads, stack, progress.start("open artifacts", sum(sizes)))
         opened = [
             _Opened(spec, name, base_source, source, images[2 * k], images[2 * k + 1])
             for k, (spec, name, (base_source, source)) in enumerate(zip(config.images, names, sources, strict=True))
@@ -258,7 +259,10 @@ def create_overlay(
 
 
 def _open_all(
-    jobs: list[tuple[Any, Path, str, Mapping[str, Any]]], threads: int, stack: contextlib.ExitStack
+    jobs: list[tuple[Any, Path, str, Mapping[str, Any]]],
+    threads: int,
+    stack: contextlib.ExitStack,
+    advance: Callable[[int], None],
 ) -> list[SourceImage]:
     """Open every artifact on a few threads; whatever opened is closed by ``stack``, even when
     another open fails."""
@@ -266,9 +270,10 @@ def _open_all(
         futures = [pool.submit(source.open, path, kind=kind, options=options) for source, path, kind, options in jobs]
         first_error: BaseException | None = None
         images = []
-        for future in futures:
+        for future, (_, path, _, _) in zip(futures, jobs, strict=True):
             try:
                 images.append(stack.enter_context(future.result()))
+                advance(path.stat().st_size)
             except BaseException as exc:
                 first_error = first_error or exc
         if first_error is not None:

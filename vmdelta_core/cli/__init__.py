@@ -29,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"vmdelta: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (`vmdelta inspect --json | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("vmdelta: interrupted; no output was written", file=sys.stderr)
         return 130
