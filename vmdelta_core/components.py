@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -109,11 +110,12 @@ class SourceImage:
 class RebuiltImage:
     """The rebuilt image handed to :meth:`Source.materialize` at apply time.
 
-    ``path`` is a raw file of ``size`` bytes (sparse where zero) in the output's folder; a source
-    whose artifact *is* the raw image may simply rename it to the output. ``changed`` holds the
-    indices of the units that differ from the base image (the units the overlay wrote or zeroed),
-    ``base`` the opened base artifact and ``base_path`` its file, for outputs that refer to it
-    (a qcow2 backed by the base).
+    ``path`` is a raw file of ``size`` bytes (sparse where zero) in the output's folder; it may
+    have no name of its own (an unnamed temporary reached through ``/proc/self/fd``), so open it
+    by this path but never rename it: a source whose artifact *is* the raw image calls
+    :meth:`move_to` instead. ``changed`` holds the indices of the units that differ from the base
+    image (the units the overlay wrote or zeroed), ``base`` the opened base artifact and
+    ``base_path`` its file, for outputs that refer to it (a qcow2 backed by the base).
     """
 
     path: Path
@@ -125,6 +127,16 @@ class RebuiltImage:
     base: SourceImage
     base_path: Path
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: set by ``apply``: makes the rebuilt file the output in place of what ``materialize`` got
+    adopt: Callable[[Path], None] | None = attrs.field(default=None, repr=False)
+
+    def move_to(self, output: Path) -> None:
+        """Make the rebuilt raw image the artifact at ``output`` without copying a byte (for a
+        source whose artifact is the raw image); ``path`` must not be used afterwards."""
+        if self.adopt is not None:
+            self.adopt(Path(output))
+        else:
+            os.replace(self.path, output)
 
 
 class Source:
@@ -132,13 +144,16 @@ class Source:
 
     :cvar name: unique component name (``--format NAME``).
     :cvar kinds: the image kinds it can read (``{"memory"}``, ``{"disk"}`` or both).
-    :cvar extensions: the output kinds ``materialize`` can write besides the input format, as
+    :cvar output_formats: the output kinds ``materialize`` can write besides the input format, as
         accepted by ``apply --disk-format`` (for example ``("qcow2",)``).
+    :cvar option_names: the ``base_options`` / ``modified_options`` keys ``open`` understands;
+        the core refuses any other key before opening anything.
     """
 
     name: ClassVar[str]
     kinds: ClassVar[frozenset[str]] = frozenset({"memory", "disk"})
     output_formats: ClassVar[tuple[str, ...]] = ()
+    option_names: ClassVar[frozenset[str]] = frozenset()
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         """Open ``path`` read-only and present its image.
@@ -151,10 +166,15 @@ class Source:
         raise NotImplementedError
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
-        """Write the artifact for ``rebuilt`` at ``output`` (a temporary path the core renames).
+        """Write the artifact for ``rebuilt`` at ``output``.
+
+        ``output`` is an empty temporary file the core puts in place once every image of the
+        overlay has been written and checked; like ``rebuilt.path`` it may have no name of its
+        own, so write it by opening this path (never rename onto it or create files beside it).
+        Side outputs named in ``rebuilt.options`` (``ram_output``) are such files too.
 
         :param rebuilt: the rebuilt image, its envelope and layout.
-        :param output: where to write; it does not exist yet.
+        :param output: where to write.
         """
         raise NotImplementedError
 
@@ -194,11 +214,14 @@ class Filter:
     :cvar name: unique component name (``--filter NAME``).
     :cvar kinds: image kinds it applies to.
     :cvar needs_input: whether ``--filter NAME:INPUT`` must name an input file.
+    :cvar option_names: the ``--filter-option NAME.KEY=VALUE`` keys the filter understands; the
+        core refuses any other key before work starts (the filter still checks the values).
     """
 
     name: ClassVar[str]
     kinds: ClassVar[frozenset[str]] = frozenset({"memory", "disk"})
     needs_input: ClassVar[bool] = False
+    option_names: ClassVar[frozenset[str]] = frozenset()
 
     def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
         """Decide, in one call per image, which candidate units to drop.
@@ -261,10 +284,14 @@ class Codec:
 
     :cvar name: unique component name (``--codec NAME``).
     :cvar default_level: level used when the config names none.
+    :cvar level_range: the lowest and highest level ``compress`` accepts, both included, or
+        ``None`` for a codec without levels; the core refuses any other level (``--level``)
+        before work starts, so ``compress`` only ever sees ``None`` or a level in range.
     """
 
     name: ClassVar[str]
     default_level: ClassVar[int | None] = None
+    level_range: ClassVar[tuple[int, int] | None] = None
 
     def compress(self, data: bytes, level: int | None) -> bytes:
         raise NotImplementedError

@@ -6,7 +6,6 @@ artifact, so core works with no plugin installed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ class FileSource(Source):
         return open_file_image(path, kind)
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
-        os.replace(rebuilt.path, output)
+        rebuilt.move_to(output)
 
 
 @hookimpl

@@ -165,7 +165,7 @@ class RawSource(Source):
             write_thin_qcow2(rebuilt, output, cluster_bits=_cluster_bits(rebuilt.options, 16))
             return
         sparsify(rebuilt.path, rebuilt.changed, rebuilt.unit_size)
-        os.replace(rebuilt.path, output)
+        rebuilt.move_to(output)
 
 
 class Qcow2Source(Source):
@@ -222,7 +222,7 @@ class Qcow2Source(Source):
         _no_envelope(rebuilt, self.name)
         if _output_format(rebuilt, "qcow2") == "raw":
             sparsify(rebuilt.path, rebuilt.changed, rebuilt.unit_size)
-            os.replace(rebuilt.path, output)
+            rebuilt.move_to(output)
             return
         version, layout_bits, backed = _qcow2_layout(rebuilt)
         bits = _cluster_bits(rebuilt.options, layout_bits)
