@@ -190,7 +190,7 @@ def test_side_outputs_never_overwrite_inputs(pair, tmp_path, capsys, monkeypatch
     code, _, err = run(
         capsys, "apply", str(overlay), "--memory", str(b), str(tmp_path / "out.mem"), "--memory-ram", str(ram), str(ram)
     )
-    assert code == 2 and "would overwrite an input" in err and ram.read_bytes() == b"base RAM"
+    assert code == 2 and "same file as an input" in err and ram.read_bytes() == b"base RAM"
     code, _, err = run(
         capsys,
         "apply",

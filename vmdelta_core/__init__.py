@@ -19,6 +19,7 @@ from vmdelta_core.errors import (
     FormatError,
     IntegrityError,
     PluginError,
+    StorageError,
     VmdeltaError,
 )
 from vmdelta_core.hookspecs import hookimpl
@@ -40,6 +41,7 @@ __all__ = [
     "Registry",
     "Source",
     "SourceImage",
+    "StorageError",
     "VmdeltaError",
     "default_registry",
     "hookimpl",

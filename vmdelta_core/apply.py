@@ -1,14 +1,17 @@
 """``apply`` (VM synthesis): base + overlay -> the customized VM, verified before it appears.
 
-Order of trust: the overlay's checksums are verified first, then every base is checked against
-the fingerprint recorded at create time — all before a single output byte is written. Each image
-is rebuilt in a temporary file beside its output, checked against the recorded digest, turned into
-its artifact by the source, and only then renamed into place.
+Order of trust: every output is checked (never an input, never a non-regular file, its folder
+writable), the overlay's checksums are verified, then every base is checked against the
+fingerprint recorded at create time — all before a single output byte is written. Each image is
+rebuilt in an unnamed file beside its output and checked against the recorded digest; only when
+every image has been rebuilt, checked and turned into its artifact by the source are the outputs
+put in place, together (:mod:`vmdelta_core.outputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Mapping
@@ -16,17 +19,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import zstandard
 
 from vmdelta_core.components import Codec, Encoder, RebuiltImage, SourceImage
-from vmdelta_core.config import PATH_OPTIONS, ApplyConfig
+from vmdelta_core.config import PATH_OPTIONS, ApplyConfig, ApplyImageSpec
 from vmdelta_core.container import KIND_ENVELOPE, OverlayReader
 from vmdelta_core.dedup import split_address
-from vmdelta_core.errors import BaseMismatchError, ConfigError, FormatError, IntegrityError, PluginError
-from vmdelta_core.fileio import AtomicOutput, copy_range, data_extents, punch_hole, punch_zero_runs
+from vmdelta_core.errors import (
+    BaseMismatchError,
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    PluginError,
+    StorageError,
+)
+from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.metadata import OverlayMetadata, read_metadata
+from vmdelta_core.outputs import OutputSet, PendingFile, storage_error
 from vmdelta_core.pipeline import file_digest
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
 from vmdelta_core.registry import Registry, default_registry
@@ -36,6 +48,7 @@ __all__ = ["apply_overlay"]
 
 _DECODE_BATCH = 256
 _VALUE_REFS = {int(Ref.BASE_MEM): "memory", int(Ref.BASE_DISK): "disk"}
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def apply_overlay(
@@ -47,6 +60,9 @@ def apply_overlay(
     progress = progress or NullProgress()
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(OverlayReader(config.overlay))
+        # every output checked and its file made (proving its folder writable) before any work
+        outputs = stack.enter_context(OutputSet(_inputs(config)))
+        targets = [_Targets.make(outputs, spec) for spec in config.images]
         reader.verify(progress.start("verify overlay", reader.size))
         meta = read_metadata(reader.metadata, reader.frames)
         _match_images(meta, config)
@@ -56,143 +72,197 @@ def apply_overlay(
                 dropped = ", ".join(f"{n} dropped {c}" for n, c in lossy.items())
                 raise ConfigError(f"--strict: this overlay rebuilds some units from the base ({dropped})")
         codecs, encoders = _components(meta, registry)
-
-        # open and check every base before writing anything
-        bases: list[SourceImage] = []
-        for image, spec in zip(meta.images, config.images, strict=True):
-            source = registry.source(image["base_source"])
-            if not spec.base.is_file():
-                raise ConfigError(f"base {spec.base} does not exist or is not a file")
-            base = stack.enter_context(source.open(spec.base, kind=image["kind"], options=dict(spec.base_options)))
-            expected = image["base"]
-            if base.size != expected["size"]:
-                raise BaseMismatchError(
-                    f"{spec.base} is not the base this overlay was made from: "
-                    f"{base.size} bytes, expected {expected['size']} ({expected['name']})"
-                )
-            advance = progress.start(f"check base {spec.base.name}", base.size)
-            index, _ = load_or_build_index(
-                spec.base,
-                base,
-                source=image["base_source"],
-                unit=meta.unit_size,
-                options=dict(spec.base_options),
-                cache_dir=config.cache_dir,
-                progress=advance,
-            )
-            if index.fingerprint != expected["fingerprint"]:
-                raise BaseMismatchError(
-                    f"{spec.base} is not the base this overlay was made from "
-                    f"(fingerprint differs from {expected['name']})"
-                )
-            bases.append(base)
-        _check_outputs(config)
         for number, image in enumerate(meta.images):
             if image["kind"] not in registry.source(image["source"]).kinds:
                 raise FormatError(
                     f"overlay metadata: images[{number}] names source {image['source']!r}, "
                     f"which does not write {image['kind']} images"
                 )
+        bases = [
+            _open_base(stack, registry, meta, number, spec, config, progress)
+            for number, spec in enumerate(config.images)
+        ]
+        for number, (image, base) in enumerate(zip(meta.images, bases, strict=True)):
+            _check_claimed_size(reader, number, image, base)
 
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
-        rebuilt_files: list[tuple[AtomicOutput, int]] = []
-        outputs: list[AtomicOutput] = []
-        reports = []
-        for number, (image, spec) in enumerate(zip(meta.images, config.images, strict=True)):
-            tmp = stack.enter_context(AtomicOutput(spec.output, suffix=".rebuilt"))
-            fd = os.open(tmp.path, os.O_RDWR)
-            stack.callback(os.close, fd)
-            rebuilt_files.append((tmp, fd))
-            _copy_base(
-                bases[number],
-                fd,
-                image["size"],
-                meta.unit_size,
-                progress.start(f"copy base {spec.base.name}", image["size"]),
-            )
-            changed = _apply_items(number, image, reader, meta, codecs, encoders, bases, rebuilt_files, pool, progress)
-            for base in bases:  # base and self references read anywhere: drop those pages
-                base.release(0, base.size)
-            if image.get("artifact_digest") and not spec.output_format:
-                digest = image["digest"]  # the artifact's own digest, checked below, covers the image
-            else:
-                progress.start(f"verify {image['name']}", image["size"])
-                digest = file_digest(tmp.path)
-                if digest != image["digest"]:
-                    raise IntegrityError(f"rebuilt {image['name']} does not match the digest recorded at create time")
-            envelope = _envelope(reader, number, bases[number].envelope)
-            out = stack.enter_context(AtomicOutput(spec.output))
-            outputs.append(out)
-            # files besides the artifact (an x-ignore-shared RAM file) appear with it, or not at all
-            extra = {}
-            for key, value in spec.output_options.items():
-                if key in PATH_OPTIONS and key.endswith("_output") and value:
-                    side = stack.enter_context(AtomicOutput(Path(value)))
-                    outputs.append(side)
-                    extra[key] = str(side.path)
-            rebuilt = RebuiltImage(
-                path=tmp.path,
-                size=image["size"],
-                unit_size=meta.unit_size,
-                envelope=envelope,
-                layout=image["layout"],
-                changed=changed,
-                base=bases[number],
-                base_path=spec.base,
-                options={
-                    **dict(spec.output_options),
-                    **extra,
-                    **({"output_format": spec.output_format} if spec.output_format else {}),
-                },
-            )
-            reports.append((image, spec, rebuilt, out, digest))
-
-        # materialize only once every image verified, so a failure leaves no output behind
-        results = []
-        for image, spec, rebuilt, out, digest in reports:
-            registry.source(image["source"]).materialize(rebuilt, out.path)
-            identical = False
-            if image.get("artifact_digest") and not spec.output_format:
-                if file_digest(out.path) != image["artifact_digest"]:
-                    raise IntegrityError(
-                        f"rebuilt artifact {spec.output} differs from the one the overlay was made from"
-                    )
-                identical = True
-            results.append(
-                RebuiltReport(
-                    image["name"],
-                    image["kind"],
-                    spec.output,
-                    image["size"],
-                    digest,
-                    identical,
-                    {f["name"]: f["dropped"] for f in image["filters"]},
-                )
-            )
-        for out in outputs:
-            out.commit()
+        try:
+            results = _rebuild_all(stack, reader, meta, config, registry, codecs, encoders, bases, targets, progress)
+        except OSError as exc:
+            raise _storage_error(exc, outputs, config) from None
+        outputs.commit()
     return ApplyReport(overlay=config.overlay, seconds=time.monotonic() - started, images=tuple(results))
 
 
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_outputs(config: ApplyConfig) -> None:
-    """No output, side output (a RAM file) or pair of them may be an input or each other."""
-    inputs = {config.overlay.resolve()}
+@attrs.frozen
+class _Targets:
+    """One image's files: the artifact, side outputs (an x-ignore-shared RAM file), and the
+    scratch file the image is rebuilt in."""
+
+    output: PendingFile
+    sides: dict[str, PendingFile]
+    scratch: PendingFile
+
+    @classmethod
+    def make(cls, outputs: OutputSet, spec: ApplyImageSpec) -> _Targets:
+        output = outputs.add(spec.output)
+        sides = {
+            key: outputs.add(Path(value))
+            for key, value in spec.output_options.items()
+            if key in PATH_OPTIONS and key.endswith("_output") and value
+        }
+        return cls(output, sides, outputs.scratch(spec.output))
+
+    def adopt(self, path: Path) -> None:
+        """``RebuiltImage.move_to``: the scratch file becomes the output it names."""
+        for pending in (self.output, *self.sides.values()):
+            if Path(path) == pending.path:
+                pending.take(self.scratch)
+                return
+        raise PluginError(f"a source moved the rebuilt image to {path}, which is not an output it was given")
+
+
+def _inputs(config: ApplyConfig) -> list[Path]:
+    inputs = [config.overlay]
     for spec in config.images:
-        inputs.add(spec.base.resolve())
-        inputs.update(Path(v).resolve() for k, v in spec.base_options.items() if k in PATH_OPTIONS and v)
-    seen: set[Path] = set()
-    for spec in config.images:
-        targets = [spec.output] + [Path(v) for k, v in spec.output_options.items() if k in PATH_OPTIONS and v]
-        for target in targets:
-            where = target.resolve()
-            if where in inputs:
-                raise ConfigError(f"output {target} would overwrite an input")
-            if where in seen:
-                raise ConfigError(f"output {target} is named twice")
-            seen.add(where)
+        inputs.append(spec.base)
+        inputs += [Path(v) for k, v in spec.base_options.items() if k in PATH_OPTIONS and v]
+    return inputs
+
+
+def _storage_error(exc: OSError, outputs: OutputSet, config: ApplyConfig) -> StorageError:
+    named = outputs.user_path(exc.filename)
+    if named is not None and named != exc.filename:
+        return storage_error(exc, named)
+    if exc.filename:
+        return storage_error(exc, exc.filename, "reading" if exc.errno not in _WRITE_ERRORS else "writing")
+    where = ", ".join(str(spec.output) for spec in config.images)
+    return storage_error(exc, where)
+
+
+def _open_base(
+    stack: contextlib.ExitStack,
+    registry: Registry,
+    meta: OverlayMetadata,
+    number: int,
+    spec: ApplyImageSpec,
+    config: ApplyConfig,
+    progress: Progress,
+) -> SourceImage:
+    """Open a base and prove it is the one the overlay was made from."""
+    image = meta.images[number]
+    source = registry.source(image["base_source"])
+    if not spec.base.is_file():
+        raise ConfigError(f"base {spec.base} does not exist or is not a file")
+    base = stack.enter_context(source.open(spec.base, kind=image["kind"], options=dict(spec.base_options)))
+    expected = image["base"]
+    if base.size != expected["size"]:
+        raise BaseMismatchError(
+            f"{spec.base} is not the base this overlay was made from: "
+            f"{base.size} bytes, expected {expected['size']} ({expected['name']})"
+        )
+    index, _ = load_or_build_index(
+        spec.base,
+        base,
+        source=image["base_source"],
+        unit=meta.unit_size,
+        options=dict(spec.base_options),
+        cache_dir=config.cache_dir,
+        progress=progress.start(f"check base {spec.base.name}", base.size),
+    )
+    if index.fingerprint != expected["fingerprint"]:
+        raise BaseMismatchError(
+            f"{spec.base} is not the base this overlay was made from (fingerprint differs from {expected['name']})"
+        )
+    return base
+
+
+def _check_claimed_size(reader: OverlayReader, number: int, image: Mapping[str, Any], base: SourceImage) -> None:
+    """An image may be larger than its base only as far as its items reach: a claimed size
+    beyond that would cost time (hashing zeros) for data that is not there."""
+    reach = max((f.end_offset for f in reader.frames_of(number)), default=0)
+    if image["size"] > max(base.size, reach):
+        raise FormatError(
+            f"overlay claims {image['name']} is {image['size']} bytes, but its base holds {base.size} and its "
+            f"items reach only byte {reach}: refusing an implausible size"
+        )
+
+
+def _rebuild_all(
+    stack: contextlib.ExitStack,
+    reader: OverlayReader,
+    meta: OverlayMetadata,
+    config: ApplyConfig,
+    registry: Registry,
+    codecs: Mapping[int, Codec],
+    encoders: Mapping[int, Encoder],
+    bases: list[SourceImage],
+    targets: list[_Targets],
+    progress: Progress,
+) -> list[RebuiltReport]:
+    """Rebuild and verify every image, then write every artifact: all into pending files."""
+    pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
+    scratch_fds = [t.scratch.fd for t in targets]
+    prepared = []
+    for number, (image, spec, files) in enumerate(zip(meta.images, config.images, targets, strict=True)):
+        _copy_base(
+            bases[number],
+            files.scratch.fd,
+            image["size"],
+            meta.unit_size,
+            progress.start(f"copy base {spec.base.name}", image["size"]),
+        )
+        changed = _apply_items(number, image, reader, meta, codecs, encoders, bases, scratch_fds, pool, progress)
+        for base in bases:  # base and self references read anywhere: drop those pages
+            base.release(0, base.size)
+        if image.get("artifact_digest") and not spec.output_format:
+            digest = image["digest"]  # the artifact's own digest, checked below, covers the image
+        else:
+            progress.start(f"verify {image['name']}", image["size"])
+            digest = file_digest(files.scratch.path)
+            if digest != image["digest"]:
+                raise IntegrityError(f"rebuilt {image['name']} does not match the digest recorded at create time")
+        rebuilt = RebuiltImage(
+            path=files.scratch.path,
+            size=image["size"],
+            unit_size=meta.unit_size,
+            envelope=_envelope(reader, number, bases[number].envelope),
+            layout=image["layout"],
+            changed=changed,
+            base=bases[number],
+            base_path=spec.base,
+            options={
+                **dict(spec.output_options),
+                **{key: str(side.path) for key, side in files.sides.items()},
+                **({"output_format": spec.output_format} if spec.output_format else {}),
+            },
+            adopt=files.adopt,
+        )
+        prepared.append((image, spec, rebuilt, files, digest))
+
+    # materialize only once every image verified, so a failure leaves no output behind
+    results = []
+    for image, spec, rebuilt, files, digest in prepared:
+        registry.source(image["source"]).materialize(rebuilt, files.output.path)
+        identical = False
+        if image.get("artifact_digest") and not spec.output_format:
+            if file_digest(files.output.path) != image["artifact_digest"]:
+                raise IntegrityError(f"rebuilt artifact {spec.output} differs from the one the overlay was made from")
+            identical = True
+        results.append(
+            RebuiltReport(
+                image["name"],
+                image["kind"],
+                spec.output,
+                image["size"],
+                digest,
+                identical,
+                {f["name"]: f["dropped"] for f in image["filters"]},
+            )
+        )
+    return results
 
 
 def _match_images(meta: OverlayMetadata, config: ApplyConfig) -> None:
@@ -265,13 +335,13 @@ def _apply_items(
     codecs: Mapping[int, Codec],
     encoders: Mapping[int, Encoder],
     bases: list[SourceImage],
-    rebuilt: list[tuple[AtomicOutput, int]],
+    rebuilt: list[int],
     pool: ThreadPoolExecutor,
     progress: Progress,
 ) -> np.ndarray:
     unit = meta.unit_size
     size = int(image["size"])
-    fd = rebuilt[number][1]
+    fd = rebuilt[number]
     kind = image["kind"]
     allowed_types = (
         {int(ItemType.MEMORY), int(ItemType.MEMORY_LIVE)}
@@ -303,6 +373,8 @@ def _apply_items(
                 raise FormatError(f"{where}: an item lies outside {image['name']} or off the unit grid")
             if (lengths != np.minimum(unit, size - offsets)).any():
                 raise FormatError(f"{where}: an item's length does not match its unit")
+            if offsets[0] < frame.first_offset or int(offsets[-1]) + int(lengths[-1]) > frame.end_offset:
+                raise FormatError(f"{where}: items lie outside the range the index gives the frame")
             # address order: strictly increasing, except a live item may repeat the unit before it
             steps = np.diff(np.concatenate(([previous], offsets)))
             if ((steps < 0) | ((steps == 0) & (cols.live_seqs < 0))).any():
@@ -330,7 +402,7 @@ def _apply_items(
                     here = (number, int(offsets[row]))
                     if (target, at) >= here or at + n > int(meta.images[target]["size"]):
                         raise FormatError(f"{where}: a self reference does not point to an earlier unit")
-                    data = os.pread(rebuilt[target][1], n, at)
+                    data = os.pread(rebuilt[target], n, at)
                     os.pwrite(fd, data, int(offsets[row]))
             elif ref == Ref.SELF_HASH:
                 raise FormatError(f"{where}: SELF_HASH items are not used by overlay v1")

@@ -23,6 +23,7 @@ import attrs
 import zstandard
 
 from vmdelta_core.components import Encoder
+from vmdelta_core.errors import PluginError
 
 __all__ = ["EncoderChoice", "EncodingPolicy"]
 
@@ -94,4 +95,31 @@ class EncodingPolicy:
             raw = self.raw.encoder.encode([bases[i] for i in missing], [targets[i] for i in missing])
             for i, payload in zip(missing, raw, strict=True):
                 refs[i], payloads[i] = self.raw.ref, payload  # type: ignore[assignment]
+        self._check_decodes(bases, targets, refs, payloads)  # type: ignore[arg-type]
         return refs, payloads  # type: ignore[return-value]
+
+    def _check_decodes(
+        self, bases: Sequence[memoryview], targets: Sequence[memoryview], refs: list[int], payloads: list[bytes]
+    ) -> None:
+        """Decode every chosen payload and compare it with its unit, so that an encoder that gets a
+        unit wrong fails here, naming itself, and never writes an overlay ``apply`` refuses."""
+        for choice in (*self.encoders, self.raw):
+            rows = [i for i, ref in enumerate(refs) if ref == choice.ref]
+            if not rows:
+                continue
+            try:
+                decoded = choice.encoder.decode(
+                    [bases[i] for i in rows],
+                    [memoryview(payloads[i]) for i in rows],
+                    [len(targets[i]) for i in rows],
+                )
+            except Exception as exc:
+                raise PluginError(f"encoder {choice.name!r} cannot decode its own payload: {exc}") from None
+            if len(decoded) != len(rows):
+                raise PluginError(f"encoder {choice.name!r} decoded {len(decoded)} units of {len(rows)}")
+            for i, data in zip(rows, decoded, strict=True):
+                if data != targets[i]:
+                    raise PluginError(
+                        f"encoder {choice.name!r} wrote a payload that does not decode to its unit "
+                        f"({len(targets[i])} bytes); the overlay was not written"
+                    )

@@ -13,6 +13,7 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "PluginError",
+    "StorageError",
     "VmdeltaError",
 ]
 
@@ -51,3 +52,10 @@ class ConfigError(VmdeltaError):
     """A pipeline configuration or a command line asks for something impossible."""
 
     exit_code = 2
+
+
+class StorageError(VmdeltaError):
+    """The system refused to read or write a file: no space, no permission, a read-only file
+    system, an I/O error. The message names the user's path."""
+
+    exit_code = 7

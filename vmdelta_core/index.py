@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ import numpy as np
 import xxhash
 
 from vmdelta_core.components import SourceImage
+from vmdelta_core.errors import VmdeltaError
+from vmdelta_core.outputs import OutputSet
 
 __all__ = ["BaseIndex", "ImageDigest", "cache_folder", "image_digest", "load_or_build_index", "unit_hashes"]
 
@@ -232,17 +233,13 @@ class BaseIndex:
             sort_keys=True,
         ).encode()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        with OutputSet([]) as outputs:
+            pending = outputs.add(path)
+            with open(pending.path, "wb") as f:
                 f.write(_MAGIC + struct.pack("<I", len(header)) + header)
                 f.write(self.units.astype("<i8").tobytes())
                 f.write(self.hashes.astype("<u8").tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            outputs.commit()
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any]) -> BaseIndex | None:
@@ -299,12 +296,21 @@ def index_key(path: Path, source: str, unit: int, options: dict[str, Any]) -> di
         "ino": st.st_ino,
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
+        # a file edited in place with its mtime put back still has a new ctime, which no user
+        # can set: the cached index is then rebuilt and a changed base is caught
+        "ctime_ns": st.st_ctime_ns,
     }
     # files an option names (a raw RAM file) are part of the base too
     for name, value in sorted(options.items()):
         if isinstance(value, str) and os.path.exists(value):
             sub = os.stat(value)
-            key[f"option:{name}"] = [str(Path(value).resolve()), sub.st_size, sub.st_mtime_ns, sub.st_ino]
+            key[f"option:{name}"] = [
+                str(Path(value).resolve()),
+                sub.st_size,
+                sub.st_mtime_ns,
+                sub.st_ctime_ns,
+                sub.st_ino,
+            ]
         else:
             key[f"option:{name}"] = value
     return key
@@ -338,6 +344,6 @@ def load_or_build_index(
             return index, True
     index = BaseIndex.build(image, unit, progress=progress)
     target = beside_path(path) if beside else candidates[1]
-    with contextlib.suppress(OSError):  # a read-only cache only costs speed
+    with contextlib.suppress(OSError, VmdeltaError):  # a read-only cache only costs speed
         index.save(target, key)
     return index, False

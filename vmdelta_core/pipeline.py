@@ -16,16 +16,17 @@ import zstandard
 
 from vmdelta_core.changes import changed_units, unit_bytes
 from vmdelta_core.components import FilterContext, FilterResult, SourceImage
-from vmdelta_core.config import CreateConfig, ImageSpec, describe_config
+from vmdelta_core.config import PATH_OPTIONS, CreateConfig, ImageSpec, describe_config
 from vmdelta_core.container import FORMAT_VERSION, OverlayWriter
 from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
 from vmdelta_core.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.errors import ConfigError, PluginError
-from vmdelta_core.fileio import AtomicOutput, data_extents
+from vmdelta_core.fileio import data_extents
 from vmdelta_core.index import ImageDigest, image_digest, load_or_build_index
+from vmdelta_core.outputs import OutputSet
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
-from vmdelta_core.registry import ComponentInfo, Registry, default_registry
+from vmdelta_core.registry import FALLBACK_SOURCE, ComponentInfo, Registry, default_registry
 from vmdelta_core.schema import ItemType, Ref
 
 __all__ = ["create_overlay", "file_digest", "image_names"]
@@ -150,7 +151,7 @@ def create_overlay(
     registry = registry or default_registry()
     progress = progress or NullProgress()
     unit = config.unit_size
-    _check_paths(config)
+    _check_inputs(config)
     codec_info = registry.info("codec", config.codec)
     choices = {id(spec): resolve_encoders(registry, spec.encoders, spec.policy) for spec in config.images}
     encoder_names = sorted({name for names, _ in choices.values() for name in names})
@@ -166,15 +167,11 @@ def create_overlay(
                 raise ConfigError(f"filter {f.name!r}: input {f.input} does not exist")
 
     with contextlib.ExitStack() as stack:
+        # the output is checked, and its file made, before anything is read
+        outputs = stack.enter_context(OutputSet(_inputs(config)))
+        pending = outputs.add(config.output)
         names = image_names([spec.kind for spec in config.images])
-        sources = []
-        for spec in config.images:
-            base_source = spec.format or registry.detect_source(spec.base, spec.kind)
-            source = spec.format or registry.detect_source(spec.modified, spec.kind)
-            for src in (base_source, source):
-                if spec.kind not in registry.source(src).kinds:
-                    raise ConfigError(f"source {src!r} does not read {spec.kind} images")
-            sources.append((base_source, source))
+        sources = [_sources_of(registry, spec) for spec in config.images]
         # parsing an artifact is mostly I/O and numpy: open them all at once
         jobs = [
             (registry.source(src), path, spec.kind, options)
@@ -221,8 +218,7 @@ def create_overlay(
 
         dedup = Deduplicator(unit, bases, [item.modified for item in opened])
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
-        out = stack.enter_context(AtomicOutput(config.output))
-        with open(out.path, "wb") as f:
+        with open(pending.path, "wb") as f:
             writer = OverlayWriter(
                 f,
                 codec=codec_info.component,
@@ -247,8 +243,7 @@ def create_overlay(
             metadata = _metadata(config, registry, codec_info, refs, opened, images_meta, writer)
             size = writer.finish(metadata)
             f.flush()
-            os.fsync(f.fileno())
-        out.commit()
+        outputs.commit()
     return CreateReport(
         output=config.output,
         size=size,
@@ -281,14 +276,43 @@ def _open_all(
     return images
 
 
-def _check_paths(config: CreateConfig) -> None:
-    output = config.output.resolve()
+def _check_inputs(config: CreateConfig) -> None:
     for spec in config.images:
         for path in (spec.base, spec.modified):
             if not path.is_file():
                 raise ConfigError(f"{path} does not exist or is not a file")
-            if path.resolve() == output:
-                raise ConfigError(f"the overlay would overwrite its own input {path}")
+
+
+def _inputs(config: CreateConfig) -> list[Path]:
+    """Every file ``create`` reads: the overlay may be none of them."""
+    inputs: list[Path] = []
+    for spec in config.images:
+        inputs += [spec.base, spec.modified]
+        for options in (spec.base_options, spec.modified_options):
+            inputs += [Path(v) for k, v in options.items() if k in PATH_OPTIONS and isinstance(v, str | Path)]
+        inputs += [f.input for f in spec.filters if f.input is not None]
+    return inputs
+
+
+def _sources_of(registry: Registry, spec: ImageSpec) -> tuple[str, str]:
+    """The sources that read the base and the modified artifact of ``spec``.
+
+    A modified artifact no plugin recognises beside a base one does (an empty file, a QEMU stream
+    with a damaged magic) would be diffed as plain bytes against a parsed image: refused.
+    """
+    base_source = spec.format or registry.detect_source(spec.base, spec.kind)
+    source = spec.format or registry.detect_source(spec.modified, spec.kind)
+    if base_source != source and FALLBACK_SOURCE in (base_source, source):
+        plain, parsed = (spec.base, spec.modified) if base_source == FALLBACK_SOURCE else (spec.modified, spec.base)
+        raise ConfigError(
+            f"{parsed} is read by the {source if plain == spec.base else base_source} source but {plain} is not "
+            f"recognised (empty or damaged?); base and modified must be the same kind of artifact "
+            f"(--{spec.kind}-format forces one)"
+        )
+    for src in (base_source, source):
+        if spec.kind not in registry.source(src).kinds:
+            raise ConfigError(f"source {src!r} does not read {spec.kind} images")
+    return base_source, source
 
 
 def _encode_image(
@@ -334,6 +358,15 @@ def _encode_image(
         )
         kept = kept[~drop]
     dropped = np.sort(np.concatenate(dropped_all)) if dropped_all else np.zeros(0, dtype=np.int64)
+    last = -(-modified.size // unit) - 1
+    if modified.size > base.size and (not kept.size or kept[-1] != last):
+        # an image larger than its base carries its last unit, zero or not (a filter may not drop
+        # it): apply believes a size past the base only as far as the items reach
+        kept = np.append(kept, np.int64(last))
+        for meta, gone in zip(filters_meta, dropped_all, strict=True):
+            if last in gone:
+                meta["dropped"] -= 1
+        dropped = dropped[dropped != last]
     stats["dropped"] = {m["name"]: m["dropped"] for m in filters_meta}
 
     encoder_names, policy_name = encoding

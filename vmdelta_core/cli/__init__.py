@@ -6,14 +6,43 @@ would be a bug (set ``VMDELTA_DEBUG=1`` to see one anyway).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from vmdelta_core.cli.parser import build_parser
-from vmdelta_core.errors import VmdeltaError
+from vmdelta_core.errors import StorageError, VmdeltaError
 
 __all__ = ["main"]
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C, so that nothing half-written remains."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stopping_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the command as SIGINT does (outputs discarded, one line, 128+N)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,7 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args) or 0)
+        with _stopping_signals():
+            return int(args.handler(args) or 0)
+    except _Stopped as stopped:
+        name = signal.Signals(stopped.signum).name
+        print(f"vmdelta: stopped by {name}; no output was written", file=sys.stderr)
+        return 128 + stopped.signum
     except VmdeltaError as exc:
         if os.environ.get("VMDELTA_DEBUG"):
             raise
@@ -42,6 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if os.environ.get("VMDELTA_DEBUG"):
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"vmdelta: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vmdelta: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return StorageError.exit_code
