@@ -132,3 +132,15 @@ def simple_stream(*, vmdesc: bool = True, version: int = 3) -> bytes:
     b.eos_footer()
     b.devices()
     return b.finish(vmdesc)
+
+
+def ignore_shared_stream() -> tuple[bytes, bytes]:
+    """An x-ignore-shared stream whose main RAM is in a RAM file, and that RAM file."""
+    b = StreamBuilder([("pc.ram", 2 * PAGE), ("pc.bios", PAGE)], capabilities=["x-ignore-shared"], addresses=[0, 0])
+    b.start()
+    b.eos_footer()
+    b.part(end=True)
+    b.page("pc.bios", 0, pattern(3))
+    b.eos_footer()
+    b.devices()
+    return b.finish(), pattern(1) + bytes(PAGE)

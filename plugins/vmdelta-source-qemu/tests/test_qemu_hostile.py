@@ -20,7 +20,7 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qemu_stream_builder import PAGE, StreamBuilder, pattern, simple_stream
+from qemu_stream_builder import PAGE, StreamBuilder, ignore_shared_stream, pattern, simple_stream
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.envelope import MAX_BLOCKS, Envelope, Mapped, Run, read_envelope
 
@@ -32,18 +32,6 @@ from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
 from vmdelta_core.testing import rewrite_overlay
 
 MIB = 1 << 20
-
-
-def ignore_shared_stream() -> tuple[bytes, bytes]:
-    """An x-ignore-shared stream whose main RAM is in a RAM file, and that RAM file."""
-    b = StreamBuilder([("pc.ram", 2 * PAGE), ("pc.bios", PAGE)], capabilities=["x-ignore-shared"], addresses=[0, 0])
-    b.start()
-    b.eos_footer()
-    b.part(end=True)
-    b.page("pc.bios", 0, pattern(3))
-    b.eos_footer()
-    b.devices()
-    return b.finish(), pattern(1) + bytes(PAGE)
 
 
 def mapped_envelope(image_size: int) -> bytes:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import vmdelta_source_qemu
-from qemu_stream_builder import simple_stream
+from qemu_stream_builder import ignore_shared_stream, simple_stream
+from vmdelta_source_qemu import QemuRamSource, QemuSource
 
+from vmdelta_core.components import RebuiltImage
 from vmdelta_core.registry import default_registry
 
 
@@ -28,3 +32,49 @@ def test_detection_by_magic(tmp_path: Path) -> None:
     registry = default_registry()
     assert registry.detect_source(stream, "memory") == "qemu"
     assert registry.detect_source(other, "memory") != "qemu"
+
+
+def test_declared_option_names() -> None:
+    assert QemuSource.option_names == {"ram", "tmpdir"}
+    assert QemuRamSource.option_names == {"block", "guest_address"}
+
+
+def _unnamed(folder: Path) -> tuple[int, Path]:
+    fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+    return fd, Path(f"/proc/self/fd/{fd}")
+
+
+def test_outputs_may_be_unnamed_files(tmp_path: Path) -> None:
+    """apply hands materialize unnamed files (O_TMPFILE through /proc/self/fd): the stream and the
+    x-ignore-shared RAM file are written through those paths, and nothing appears beside them."""
+    stream, ram = ignore_shared_stream()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/s.mem").write_bytes(stream)
+    (tmp_path / "in/ram.raw").write_bytes(ram)
+    image = QemuSource().open(tmp_path / "in/s.mem", kind="memory", options={"ram": str(tmp_path / "in/ram.raw")})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    raw_fd, raw = _unnamed(out_dir)
+    out_fd, out = _unnamed(out_dir)
+    ram_fd, ram_out = _unnamed(out_dir)
+    try:
+        os.write(raw_fd, image.data.tobytes())
+        rebuilt = RebuiltImage(
+            path=raw,
+            size=image.size,
+            unit_size=4096,
+            envelope=image.envelope,
+            layout=image.layout,
+            changed=np.zeros(0, np.int64),
+            base=image,
+            base_path=raw,
+            options={"ram_output": str(ram_out)},
+        )
+        QemuSource().materialize(rebuilt, out)
+        assert list(out_dir.iterdir()) == []
+        assert os.pread(out_fd, len(stream) + 1, 0) == stream
+        assert os.pread(ram_fd, len(ram) + 1, 0) == ram
+    finally:
+        image.close()
+        for fd in (raw_fd, out_fd, ram_fd):
+            os.close(fd)

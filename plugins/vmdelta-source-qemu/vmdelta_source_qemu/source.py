@@ -18,7 +18,7 @@ import numpy as np
 
 from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
 from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.fileio import AtomicOutput, hole_extents, map_readonly, punch_zero_runs
+from vmdelta_core.fileio import hole_extents, map_readonly, punch_zero_runs
 from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import read_envelope
@@ -36,10 +36,12 @@ def _memory_only(name: str, kind: str) -> None:
 
 class QemuSource(Source):
     """QEMU migration streams and mapped-ram files; options: ``ram`` (x-ignore-shared RAM file),
-    and at apply ``ram_output`` (where the rebuilt RAM file goes)."""
+    ``tmpdir`` (where the image file goes), and at apply ``ram_output`` (where the rebuilt RAM file
+    goes)."""
 
     name = "qemu"
     kinds = frozenset({"memory"})
+    option_names = frozenset({"ram", "tmpdir"})
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         _memory_only(self.name, kind)
@@ -85,21 +87,24 @@ class QemuSource(Source):
 
 
 def _write_ram_file(target: Path, image: np.ndarray, block: RamBlock, release: Callable[[int, int], None]) -> None:
-    """The RAM file of an x-ignore-shared snapshot (``block`` of ``image``), sparse, replacing
-    ``target`` only when whole; written a chunk at a time, each released once written."""
+    """The RAM file of an x-ignore-shared snapshot (``block`` of ``image``), sparse, written a
+    chunk at a time, each released once written.
+
+    ``target`` is the side output the core gave: it makes it atomic, and it may be an unnamed
+    file reached through ``/proc/self/fd``, so it is opened by that path and nothing is created
+    beside it.
+    """
     step = CHUNK_PAGES * PAGE_SIZE
-    with AtomicOutput(target) as tmp:
-        fd = os.open(tmp.path, os.O_WRONLY)
-        try:
-            os.ftruncate(fd, block.length)
-            for first in range(0, block.length, step):
-                at = block.offset + first
-                stop = min(first + step, block.length)
-                punch_zero_runs(fd, first, image[at : block.offset + stop], PAGE_SIZE)
-                release(at, block.offset + stop)
-        finally:
-            os.close(fd)
-        tmp.commit()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.ftruncate(fd, block.length)
+        for first in range(0, block.length, step):
+            at = block.offset + first
+            stop = min(first + step, block.length)
+            punch_zero_runs(fd, first, image[at : block.offset + stop], PAGE_SIZE)
+            release(at, block.offset + stop)
+    finally:
+        os.close(fd)
 
 
 class QemuRamSource(Source):
@@ -108,6 +113,7 @@ class QemuRamSource(Source):
 
     name = "qemu-ram"
     kinds = frozenset({"memory"})
+    option_names = frozenset({"block", "guest_address"})
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         _memory_only(self.name, kind)
@@ -128,4 +134,4 @@ class QemuRamSource(Source):
         )
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
-        os.replace(rebuilt.path, output)
+        rebuilt.move_to(output)
