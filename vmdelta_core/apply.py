@@ -11,7 +11,6 @@ put in place, together (:mod:`vmdelta_core.outputs`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 from collections.abc import Mapping
@@ -33,12 +32,11 @@ from vmdelta_core.errors import (
     FormatError,
     IntegrityError,
     PluginError,
-    StorageError,
 )
 from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.metadata import OverlayMetadata, read_metadata
-from vmdelta_core.outputs import OutputSet, PendingFile, storage_error
+from vmdelta_core.outputs import OutputSet, PendingFile
 from vmdelta_core.pipeline import file_digest
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
 from vmdelta_core.registry import Registry, default_registry
@@ -48,7 +46,6 @@ __all__ = ["apply_overlay"]
 
 _DECODE_BATCH = 256
 _VALUE_REFS = {int(Ref.BASE_MEM): "memory", int(Ref.BASE_DISK): "disk"}
-_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def apply_overlay(
@@ -88,7 +85,7 @@ def apply_overlay(
         try:
             results = _rebuild_all(stack, reader, meta, config, registry, codecs, encoders, bases, targets, progress)
         except OSError as exc:
-            raise _storage_error(exc, outputs, config) from None
+            raise outputs.explain(exc, ", ".join(str(spec.output) for spec in config.images)) from None
         outputs.commit()
     return ApplyReport(overlay=config.overlay, seconds=time.monotonic() - started, images=tuple(results))
 
@@ -130,16 +127,6 @@ def _inputs(config: ApplyConfig) -> list[Path]:
         inputs.append(spec.base)
         inputs += [Path(v) for k, v in spec.base_options.items() if k in PATH_OPTIONS and v]
     return inputs
-
-
-def _storage_error(exc: OSError, outputs: OutputSet, config: ApplyConfig) -> StorageError:
-    named = outputs.user_path(exc.filename)
-    if named is not None and named != exc.filename:
-        return storage_error(exc, named)
-    if exc.filename:
-        return storage_error(exc, exc.filename, "reading" if exc.errno not in _WRITE_ERRORS else "writing")
-    where = ", ".join(str(spec.output) for spec in config.images)
-    return storage_error(exc, where)
 
 
 def _open_base(

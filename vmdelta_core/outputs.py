@@ -35,6 +35,8 @@ from vmdelta_core.errors import ConfigError, StorageError
 __all__ = ["OutputSet", "PendingFile", "describe_file_type", "storage_error"]
 
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+#: failures that can only come from writing
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def _umask() -> int:
@@ -240,6 +242,16 @@ class OutputSet:
             if pending.fd >= 0 and os.fspath(path) in (os.fspath(pending.path), f"/proc/self/fd/{pending.fd}"):
                 return pending.target
         return path
+
+    def explain(self, exc: OSError, default: Path | str) -> StorageError:
+        """The one-line error for an OS failure while the outputs were being written: named by
+        the user's path of the file it concerns, or ``default`` when the system did not say."""
+        named = self.user_path(exc.filename)
+        if named is not None and named != exc.filename:
+            return storage_error(exc, named)
+        if exc.filename and exc.errno not in _WRITE_ERRORS:
+            return storage_error(exc, exc.filename, "reading")
+        return storage_error(exc, default)
 
     def commit(self) -> None:
         """Put every output in place: all get a hidden name first, then each is renamed."""

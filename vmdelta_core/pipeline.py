@@ -218,31 +218,12 @@ def create_overlay(
 
         dedup = Deduplicator(unit, bases, [item.modified for item in opened])
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
-        with open(pending.path, "wb") as f:
-            writer = OverlayWriter(
-                f,
-                codec=codec_info.component,
-                codec_id=0,
-                level=config.level,
-                frame_size=config.frame_size,
-                pool=pool,
-                in_flight=config.threads * 2,
+        try:
+            size, metadata, images_meta = _write_overlay(
+                pending.path, config, registry, codec_info, refs, choices, opened, base_meta, dedup, pool, progress
             )
-            images_meta = []
-            try:
-                for number, item in enumerate(opened):
-                    meta = _encode_image(
-                        number, item, config, registry, refs, choices[id(item.spec)], dedup, writer, pool, progress
-                    )
-                    meta["base"] = base_meta[number]
-                    images_meta.append(meta)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.flush()
-            metadata = _metadata(config, registry, codec_info, refs, opened, images_meta, writer)
-            size = writer.finish(metadata)
-            f.flush()
+        except OSError as exc:
+            raise outputs.explain(exc, config.output) from None
         outputs.commit()
     return CreateReport(
         output=config.output,
@@ -251,6 +232,48 @@ def create_overlay(
         images=tuple(ImageReport.from_metadata(image) for image in images_meta),
         metadata=metadata,
     )
+
+
+def _write_overlay(
+    path: Path,
+    config: CreateConfig,
+    registry: Registry,
+    codec_info: ComponentInfo,
+    refs: Mapping[str, EncoderChoice],
+    choices: Mapping[int, tuple[tuple[str, ...], str]],
+    opened: list[_Opened],
+    base_meta: list[dict[str, Any]],
+    dedup: Deduplicator,
+    pool: ThreadPoolExecutor,
+    progress: Progress,
+) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """Encode every image into the overlay file at ``path``: its size, metadata and images."""
+    with open(path, "wb") as f:
+        writer = OverlayWriter(
+            f,
+            codec=codec_info.component,
+            codec_id=0,
+            level=config.level,
+            frame_size=config.frame_size,
+            pool=pool,
+            in_flight=config.threads * 2,
+        )
+        images_meta = []
+        try:
+            for number, item in enumerate(opened):
+                meta = _encode_image(
+                    number, item, config, registry, refs, choices[id(item.spec)], dedup, writer, pool, progress
+                )
+                meta["base"] = base_meta[number]
+                images_meta.append(meta)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.flush()
+        metadata = _metadata(config, registry, codec_info, refs, opened, images_meta, writer)
+        size = writer.finish(metadata)
+        f.flush()
+    return size, metadata, images_meta
 
 
 def _open_all(

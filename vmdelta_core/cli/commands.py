@@ -22,6 +22,7 @@ from vmdelta_core.cli.output import console, print_json, progress_for, render_ov
 from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter, parse_option
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.index import load_or_build_index
+from vmdelta_core.outputs import OutputSet
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import ApplyReport, CreateReport
 from vmdelta_core.registry import default_registry
@@ -132,8 +133,10 @@ def create(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_pipeline(Path(args.pipeline))
+    pipeline = Path(args.pipeline)
+    config = load_pipeline(pipeline)
     config = attrs.evolve(config, **_threads(args))
+    OutputSet([pipeline]).check(config.output)  # the pipeline is an input too
     with progress_for(args.quiet or args.json) as progress:
         report = create_overlay(config, progress=progress)
     _show_create(report, args)
