@@ -1,4 +1,6 @@
-"""Files as the pipeline needs them: read-only maps, sparse extents, atomic outputs."""
+"""Files as the pipeline needs them: read-only maps, sparse extents, kernel copies, holes.
+
+Outputs are written through :mod:`vmdelta_core.outputs`."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import contextlib
 import errno
 import mmap
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from vmdelta_core.components import SourceImage
 from vmdelta_core.errors import ConfigError
 
 __all__ = [
-    "AtomicOutput",
     "copy_range",
     "data_extents",
     "hole_extents",
@@ -142,62 +141,6 @@ def punch_zero_runs(fd: int, start: int, data: np.ndarray, unit: int) -> None:
     tail = data[n * unit :]
     if tail.shape[0] and tail.any():
         os.pwrite(fd, tail, start + n * unit)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class AtomicOutput:
-    """A temporary file beside ``target`` that replaces it only on :meth:`commit`.
-
-    If anything fails before that, the temporary file is removed and ``target`` is untouched.
-    """
-
-    def __init__(self, target: Path, suffix: str = ".part") -> None:
-        self.target = Path(target)
-        folder = self.target.parent
-        if not folder.is_dir():
-            raise ConfigError(f"cannot write {self.target}: folder {folder} does not exist")
-        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=suffix, dir=folder)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # as an ordinary new file would be
-        finally:
-            os.close(fd)
-        self.path = Path(name)
-        self._done = False
-
-    def commit(self) -> None:
-        os.replace(self.path, self.target)
-        self._done = True
-
-    def discard(self) -> None:
-        if not self._done:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self._done = True
-
-    def __enter__(self) -> AtomicOutput:
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is not None or not self._done:
-            self.discard()
-
-
-@contextlib.contextmanager
-def atomic_outputs(targets: list[Path]) -> Iterator[list[AtomicOutput]]:
-    """Several outputs that appear together or not at all (best effort: renames are per file)."""
-    outputs: list[AtomicOutput] = []
-    try:
-        for target in targets:
-            outputs.append(AtomicOutput(target))
-        yield outputs
-    finally:
-        for output in outputs:
-            output.discard()
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01
