@@ -150,7 +150,7 @@ def big_pair(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_leaves_nothing_behind(big_pair, tmp_path: Path, capsys, signum: int) -> None:
-    b, m = big_pair
+    b = big_pair[0]
     overlay = tmp_path / "vm.overlay"
     create(capsys, overlay, [big_pair])
     out = tmp_path / "out"
