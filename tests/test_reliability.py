@@ -259,3 +259,22 @@ def test_disk_full_names_the_users_path(disks, tmp_path: Path, capsys) -> None:
         assert code == 7 and str(small / "o") in err and list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_folder_refusing_writes_is_named_by_the_users_path(disks, tmp_path: Path, capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # an immutable folder refuses new files even to root, as a folder of another user does
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        overlay = tmp_path / "vm.overlay"
+        create(capsys, overlay, disks[:1])
+        out = locked / "rebuilt.img"
+        code, _, err = run(capsys, *apply_argv(overlay, [(disks[0][0], out)]))
+        assert code == 7 and err == f"vmdelta: error: cannot write {out}: operation not permitted\n"
+        code, _, err = run(capsys, "create", "-q", "-o", str(locked / "o"), "--disk", *map(str, disks[0]))
+        assert code == 7 and err == f"vmdelta: error: cannot write {locked / 'o'}: operation not permitted\n"
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert list(locked.iterdir()) == []
