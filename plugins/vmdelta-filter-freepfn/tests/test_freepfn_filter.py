@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from freepfn_helpers import huge_zero_image, memory_context
-from vmdelta_filter_freepfn import FOUR_GIB, FreePfnFilter
+from vmdelta_filter_freepfn import FOUR_GIB, KPF_BUDDY, FreePfnFilter
 
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.testing import check_filter
 
 MIB = 1 << 20
@@ -53,8 +53,57 @@ def test_unit_larger_than_a_page_needs_every_page_free(tmp_path: Path) -> None:
 def test_pfns_beyond_ram_are_refused(tmp_path: Path) -> None:
     image = np.zeros(MIB, dtype=np.uint8)
     ctx = memory_context(image, image, write(tmp_path, "2 3\n250 10\n"))
-    with pytest.raises(ConfigError, match="250\\+10 is not guest RAM"):
+    with pytest.raises(ConfigError, match=r"free.txt line 2: free PFN range 250\+10 is not guest RAM"):
         drop(ctx, [2])
+
+
+def test_a_pfn_whose_address_wraps_64_bits_is_refused(tmp_path: Path) -> None:
+    # (2^52 + 8) x 4096 is 2^64 + 32768: in 64-bit arithmetic that was page 8 of this small guest
+    image = np.zeros(MIB, dtype=np.uint8)
+    ctx = memory_context(image, image, write(tmp_path, f"{2**52 + 8} 1\n"))
+    with pytest.raises(ConfigError, match=f"line 1: free PFN range {2**52 + 8}\\+1 is not guest RAM"):
+        drop(ctx, [8])
+
+
+@pytest.mark.parametrize("count", [2**60, 2**52, 2**63, 2**64 + 1, 257])
+def test_a_huge_count_is_refused(tmp_path: Path, count: int) -> None:
+    image = np.zeros(MIB, dtype=np.uint8)
+    with pytest.raises(ConfigError, match=f"range 0\\+{count} is not guest RAM"):
+        drop(memory_context(image, image, write(tmp_path, f"0 {count}\n")), [0])
+
+
+@pytest.mark.parametrize("start", [str(2**63), hex(2**63), str(2**64 - 1), str(2**64), str(10**30)])
+def test_a_start_past_int64_is_a_config_error(tmp_path: Path, start: str) -> None:
+    image = np.zeros(MIB, dtype=np.uint8)
+    with pytest.raises(ConfigError, match=f"line 1: free PFN range {int(start, 0)}\\+1 is not guest RAM"):
+        drop(memory_context(image, image, write(tmp_path, f"{start} 1\n")), [0])
+
+
+def test_random_bytes_with_a_nul_are_not_taken_for_kpageflags(tmp_path: Path) -> None:
+    image = np.zeros(16 * MIB, dtype=np.uint8)  # room for all 512 entries of the 4 KiB
+    path = tmp_path / "random.bin"
+    path.write_bytes(np.random.default_rng(48).bytes(4096))
+    with pytest.raises(FormatError, match=r"neither a text PFN list .* nor a kpageflags dump"):
+        drop(memory_context(image, image, path), np.arange(4096))
+
+
+def test_the_format_option_forces_the_reader(tmp_path: Path) -> None:
+    assert "format" in FreePfnFilter.option_names
+    image = np.zeros(MIB, dtype=np.uint8)
+    flags = np.zeros(256, dtype="<u8")
+    flags[[2, 3]] = 1 << KPF_BUDDY
+    dump = tmp_path / "kpageflags"
+    dump.write_bytes(flags.tobytes())
+    result = FreePfnFilter().select(memory_context(image, image, dump, format="kpageflags"), np.arange(5))
+    assert result.drop.tolist() == [False, False, True, True, False]
+    assert result.details["input_format"] == "kpageflags"
+    with pytest.raises(FormatError, match="not a text PFN list"):
+        drop(memory_context(image, image, dump, format="ranges"), [0])
+    with pytest.raises(FormatError, match="not a kpageflags dump"):
+        drop(memory_context(image, image, write(tmp_path, "2 2\n"), format="kpageflags"), [0])
+    for bad in ("bitmap", 3, True):
+        with pytest.raises(ConfigError, match=r"option format=.* must be auto, ranges or kpageflags"):
+            drop(memory_context(image, image, write(tmp_path, "2 2\n"), format=bad), [0])
 
 
 def test_without_input_or_on_disk(tmp_path: Path) -> None:
@@ -101,10 +150,47 @@ def test_big_guest_needs_the_pci_hole_split(tmp_path: Path) -> None:
 def test_bad_options(tmp_path: Path) -> None:
     image = np.zeros(MIB, dtype=np.uint8)
     free = write(tmp_path, "1 1\n")
-    with pytest.raises(ConfigError, match="page_size"):
-        drop(memory_context(image, image, free, page_size=3000), [0])
+    for page_size in (3000, 1 << 40, 2048, True, "4096"):
+        with pytest.raises(ConfigError, match=r"page_size=.* must be a power of two from 4096 to 1048576"):
+            drop(memory_context(image, image, free, page_size=page_size), [0])
     with pytest.raises(ConfigError, match="below_4g"):
         drop(memory_context(image, image, free, below_4g=123), [0])
+
+
+def test_options_are_declared_and_unknown_ones_refused(tmp_path: Path) -> None:
+    assert FreePfnFilter.option_names == {"format", "page_size", "below_4g"}
+    image = np.zeros(MIB, dtype=np.uint8)
+    with pytest.raises(ConfigError, match="unknown option 'pagesize' \\(known: below_4g, format, page_size\\)"):
+        drop(memory_context(image, image, write(tmp_path, "1 1\n"), pagesize=4096), [0])
+    # below_4g is checked even when no pc.ram needs splitting
+    layout = {"blocks": [{"name": "ram", "offset": 0, "length": MIB, "guest_address": 0}]}
+    with pytest.raises(ConfigError, match="below_4g"):
+        drop(memory_context(image, image, write(tmp_path, "1 1\n"), layout, below_4g=-1), [0])
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"blocks": [{"name": "pc.ram", "offset": 0, "length": MIB, "guest_address": 2**63}]}, "address space"),
+        ({"blocks": [{"name": "dimm", "offset": 0, "length": MIB, "guest_address": -4096}]}, "address space"),
+        ({"blocks": [{"name": "dimm", "offset": 0, "length": MIB, "guest_address": 2**56 - 4096}]}, "address space"),
+        ({"blocks": "pc.ram"}, "block table is a str"),
+        ({"blocks": [["pc.ram", 0, MIB]]}, "holds a list"),
+    ],
+)
+def test_block_tables_beyond_any_address_space_are_refused(tmp_path: Path, layout: dict, message: str) -> None:
+    image = np.zeros(MIB, dtype=np.uint8)
+    with pytest.raises(ConfigError, match=message):
+        drop(memory_context(image, image, write(tmp_path, "1 1\n"), layout), [0])
+
+
+def test_ram_high_up_maps_without_overflow(tmp_path: Path) -> None:
+    # a block just under 2^56: its PFNs times the page size are still far from 2^63
+    image = np.zeros(MIB, dtype=np.uint8)
+    base = 2**56 - MIB
+    layout = {"blocks": [{"name": "dimm", "offset": 0, "length": MIB, "guest_address": base}]}
+    ctx = memory_context(image, image, write(tmp_path, f"{base // 4096 + 3} 2\n"), layout)
+    assert drop(ctx, [2, 3, 4, 5]) == [False, True, True, False]
 
 
 def test_registered_through_the_entry_point() -> None:

@@ -7,17 +7,28 @@ from collections.abc import Callable
 from vmdelta_core.components import Filter
 from vmdelta_core.hookspecs import hookimpl
 from vmdelta_filter_freepfn.filter import FreePfnFilter, free_image_ranges
-from vmdelta_filter_freepfn.frames import KPF_BUDDY, FreeFrames, parse_kpageflags, parse_ranges, read_free_frames
-from vmdelta_filter_freepfn.ramlayout import FOUR_GIB, ram_segments
+from vmdelta_filter_freepfn.frames import (
+    FORMATS,
+    KPF_BUDDY,
+    FreeFrames,
+    detect_format,
+    parse_kpageflags,
+    parse_ranges,
+    read_free_frames,
+)
+from vmdelta_filter_freepfn.ramlayout import FOUR_GIB, ram_pages, ram_segments
 
 __all__ = [
+    "FORMATS",
     "FOUR_GIB",
     "KPF_BUDDY",
     "FreeFrames",
     "FreePfnFilter",
+    "detect_format",
     "free_image_ranges",
     "parse_kpageflags",
     "parse_ranges",
+    "ram_pages",
     "ram_segments",
     "read_free_frames",
 ]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from vmdelta_core.components import Filter, FilterContext, FilterResult
 from vmdelta_core.errors import ConfigError
-from vmdelta_filter_freepfn.frames import FreeFrames, read_free_frames
-from vmdelta_filter_freepfn.ramlayout import RamSegments, ram_segments
+from vmdelta_filter_freepfn.frames import FORMATS, FreeFrames, read_free_frames
+from vmdelta_filter_freepfn.ramlayout import RamSegments, below_4g_option, inside_ram, ram_pages, ram_segments
 
-__all__ = ["FreePfnFilter", "free_image_ranges", "units_covered"]
+__all__ = ["FreePfnFilter", "filter_options", "free_image_ranges", "units_covered"]
+
+#: option ``page_size`` bounds: Linux pages are 4 KiB (x86) up to 256 KiB (hexagon)
+MIN_PAGE_SIZE = 4096
+MAX_PAGE_SIZE = 1 << 20
 
 
 class FreePfnFilter(Filter):
@@ -26,6 +31,7 @@ class FreePfnFilter(Filter):
     name = "freepfn"
     kinds: ClassVar[frozenset[str]] = frozenset({"memory"})
     needs_input = True
+    option_names: ClassVar[frozenset[str]] = frozenset({"format", "page_size", "below_4g"})
 
     def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
         if context.kind != "memory":
@@ -33,12 +39,10 @@ class FreePfnFilter(Filter):
         if context.input is None:
             raise ConfigError("freepfn needs the free page frames: --filter freepfn:FREE-PFNS.txt")
         options = context.options
-        page_size = options.get("page_size", 4096)
-        if not isinstance(page_size, int) or page_size <= 0 or page_size & (page_size - 1):
-            raise ConfigError(f"freepfn: option page_size={page_size!r} must be a power of two")
-        frames = read_free_frames(context.input, str(options.get("format", "auto")))
+        fmt, page_size = filter_options(options)
         size = context.modified.size
         segments, described = ram_segments(context.modified.layout, size, options)
+        frames = read_free_frames(context.input, ram_pages(segments, page_size), fmt)
         starts, ends = free_image_ranges(frames, segments, page_size, context)
         candidates = np.asarray(candidates, dtype=np.int64)
         drop = units_covered(starts, ends, candidates, context.unit_size, size)
@@ -55,6 +59,30 @@ class FreePfnFilter(Filter):
         return FilterResult(drop=drop, reason="free-page", details=details)
 
 
+def filter_options(options: Mapping[str, Any]) -> tuple[str, int]:
+    """Check every option before any file is read; returns ``format`` and ``page_size``.
+
+    :raises ConfigError: an option the filter does not know, or a value out of its range.
+    """
+    known = FreePfnFilter.option_names
+    unknown = sorted(str(key) for key in options if key not in known)
+    if unknown:
+        raise ConfigError(f"freepfn: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    fmt = options.get("format", "auto")
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ConfigError(f"freepfn: option format={fmt!r} must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+    page_size = options.get("page_size", 4096)
+    if (
+        isinstance(page_size, bool)
+        or not isinstance(page_size, int)
+        or not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE
+        or page_size & (page_size - 1)
+    ):
+        raise ConfigError(f"freepfn: option page_size={page_size!r} must be a power of two from 4096 to 1048576")
+    below_4g_option(options)
+    return fmt, page_size
+
+
 def free_image_ranges(
     frames: FreeFrames, segments: RamSegments, page_size: int, context: FilterContext | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -63,17 +91,9 @@ def free_image_ranges(
     :raises ConfigError: a free frame lies outside every RAM segment (a list of another VM, or
         of a guest with more RAM than this image holds).
     """
-    lo = frames.starts * page_size
-    hi = (frames.starts + frames.counts) * page_size
-    mapped = np.zeros(lo.shape, dtype=np.int64)
-    pieces: list[tuple[np.ndarray, np.ndarray]] = []
-    for address, length, offset in segments.tolist():
-        s = np.maximum(lo, address)
-        e = np.minimum(hi, address + length)
-        inside = s < e
-        mapped += np.where(inside, e - s, 0)
-        pieces.append((s[inside] - address + offset, e[inside] - address + offset))
-    outside = np.flatnonzero(mapped < hi - lo)
+    # checked here too, for frames not from read_free_frames: after this every PFN is at most
+    # 2^56 / page_size, so the byte addresses below cannot overflow int64
+    outside = np.flatnonzero(~inside_ram(ram_pages(segments, page_size), frames.starts, frames.counts))
     if outside.size:
         first = int(outside[0])
         where = f" for {context.image_name}" if context is not None else ""
@@ -82,6 +102,14 @@ def free_image_ranges(
             f"freepfn: free PFN range {int(frames.starts[first])}+{int(frames.counts[first])} is not guest RAM"
             f"{where} ({ram // (1 << 20)} MiB mapped): the list is of another VM or of a bigger guest"
         )
+    lo = frames.starts * page_size
+    hi = (frames.starts + frames.counts) * page_size
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    for address, length, offset in segments.tolist():
+        s = np.maximum(lo, address)
+        e = np.minimum(hi, address + length)
+        inside = s < e
+        pieces.append((s[inside] - address + offset, e[inside] - address + offset))
     starts = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, dtype=np.int64)
     ends = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, dtype=np.int64)
     order = np.argsort(starts, kind="stable")
