@@ -13,7 +13,7 @@ from make_golden import golden_inputs, golden_overlay
 
 from vmdelta_core.api import ApplyConfig, ApplyImageSpec, ImageSpec, apply_overlay, inspect_overlay
 from vmdelta_core.container import ENTRY_SIZE, TRAILER_SIZE, OverlayReader
-from vmdelta_core.errors import FormatError, IntegrityError, VmdeltaError
+from vmdelta_core.errors import BaseMismatchError, FormatError, IntegrityError, VmdeltaError
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
@@ -38,10 +38,18 @@ def _apply_golden(folder: Path, overlay: Path) -> list[bytes]:
     return [o.read_bytes() for o in outputs]
 
 
-@pytest.mark.parametrize("codec", ["none", "zstd"])
-def test_golden_overlays_still_apply(codec: str, golden_dir: Path, tmp_path: Path) -> None:
-    rebuilt = _apply_golden(tmp_path, golden_dir / f"overlay-{codec}.vmdo")
+@pytest.mark.parametrize("name", ["none", "zstd", "zstd-whole-digest"])
+def test_golden_overlays_still_apply(name: str, golden_dir: Path, tmp_path: Path) -> None:
+    # zstd-whole-digest: written before digests were chunked; its XXH3-128 digests still verify
+    rebuilt = _apply_golden(tmp_path, golden_dir / f"overlay-{name}.vmdo")
     assert rebuilt == [s.modified.read_bytes() for s in golden_inputs(tmp_path)]
+
+
+def test_a_whole_digest_overlay_still_refuses_a_wrong_base(golden_dir: Path, tmp_path: Path) -> None:
+    specs = golden_inputs(tmp_path)
+    specs[1].base.write_bytes(specs[1].base.read_bytes()[::-1])
+    with pytest.raises(BaseMismatchError, match="fingerprint differs"):
+        _apply_golden(tmp_path, golden_dir / "overlay-zstd-whole-digest.vmdo")
 
 
 def test_golden_overlay_is_reproduced_byte_for_byte(golden_dir: Path, tmp_path: Path) -> None:

@@ -147,6 +147,14 @@ def big_pair(tmp_path: Path) -> tuple[Path, Path]:
     return b, m
 
 
+def holds_files_in(pid: int, folder: Path) -> bool:
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except OSError:
+        return False
+    return any(link.startswith(f"{folder}/") for link in links)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_leaves_nothing_behind(big_pair, tmp_path: Path, capsys, signum: int) -> None:
@@ -160,7 +168,10 @@ def test_a_signal_leaves_nothing_behind(big_pair, tmp_path: Path, capsys, signum
     env = {**os.environ, "VMDELTA_CACHE_DIR": str(tmp_path / "cache2")}  # an uncached base: more work
     argv = [sys.executable, "-m", "vmdelta_core.cli", *apply_argv(overlay, [(b, rebuilt)]), "--threads", "1"]
     process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.6)  # somewhere inside the work; which step does not matter
+    # wait until apply holds its (unnamed) output files, then stop it wherever it is
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline and not holds_files_in(process.pid, out):
+        time.sleep(0.01)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     if process.returncode == 0:

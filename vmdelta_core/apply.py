@@ -34,10 +34,9 @@ from vmdelta_core.errors import (
     PluginError,
 )
 from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs
-from vmdelta_core.index import load_or_build_index
+from vmdelta_core.index import ImageDigest, digest_kind, file_digest, image_digest, load_or_build_index
 from vmdelta_core.metadata import OverlayMetadata, read_metadata
 from vmdelta_core.outputs import OutputSet, PendingFile
-from vmdelta_core.pipeline import file_digest
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
 from vmdelta_core.registry import Registry, default_registry
 from vmdelta_core.schema import ItemType, Ref
@@ -150,16 +149,21 @@ def _open_base(
             f"{spec.base} is not the base this overlay was made from: "
             f"{base.size} bytes, expected {expected['size']} ({expected['name']})"
         )
-    index, _ = load_or_build_index(
-        spec.base,
-        base,
-        source=image["base_source"],
-        unit=meta.unit_size,
-        options=dict(spec.base_options),
-        cache_dir=config.cache_dir,
-        progress=progress.start(f"check base {spec.base.name}", base.size),
-    )
-    if index.fingerprint != expected["fingerprint"]:
+    advance = progress.start(f"check base {spec.base.name}", base.size)
+    kind = digest_kind(expected["fingerprint"])
+    if kind is ImageDigest:
+        fingerprint = load_or_build_index(
+            spec.base,
+            base,
+            source=image["base_source"],
+            unit=meta.unit_size,
+            options=dict(spec.base_options),
+            cache_dir=config.cache_dir,
+            progress=advance,
+        )[0].fingerprint
+    else:  # an overlay from before the chunked digest: its base's digest as it was taken then
+        fingerprint = image_digest(base, meta.unit_size, advance, kind=kind)
+    if fingerprint != expected["fingerprint"]:
         raise BaseMismatchError(
             f"{spec.base} is not the base this overlay was made from (fingerprint differs from {expected['name']})"
         )
@@ -208,7 +212,7 @@ def _rebuild_all(
             digest = image["digest"]  # the artifact's own digest, checked below, covers the image
         else:
             progress.start(f"verify {image['name']}", image["size"])
-            digest = file_digest(files.scratch.path)
+            digest = file_digest(files.scratch.path, digest_kind(image["digest"]))
             if digest != image["digest"]:
                 raise IntegrityError(f"rebuilt {image['name']} does not match the digest recorded at create time")
         rebuilt = RebuiltImage(
@@ -235,7 +239,7 @@ def _rebuild_all(
         registry.source(image["source"]).materialize(rebuilt, files.output.path)
         identical = False
         if image.get("artifact_digest") and not spec.output_format:
-            if file_digest(files.output.path) != image["artifact_digest"]:
+            if file_digest(files.output.path, digest_kind(image["artifact_digest"])) != image["artifact_digest"]:
                 raise IntegrityError(f"rebuilt artifact {spec.output} differs from the one the overlay was made from")
             identical = True
         results.append(

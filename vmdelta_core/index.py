@@ -1,8 +1,9 @@
 """Base indexes: per-unit hashes and the fingerprint of a base image, computed once and cached.
 
 An index proposes dedup matches (``np.searchsorted`` over the sorted hashes); the pipeline then
-compares bytes, so a hash collision can never corrupt a VM. The fingerprint (XXH3-128 of the whole
-image) is what ``apply`` checks a base against before it writes anything.
+compares bytes, so a hash collision can never corrupt a VM. The fingerprint (the
+:class:`ImageDigest` of the whole image) is what ``apply`` checks a base against before it writes
+anything.
 
 Indexes are cached in ``BASE.vmdidx`` beside the base when that file exists (``vmdelta index
 --beside``), else in the cache folder (``--cache-dir``, ``$VMDELTA_CACHE_DIR``,
@@ -25,13 +26,24 @@ import numpy as np
 import xxhash
 
 from vmdelta_core.components import SourceImage
-from vmdelta_core.errors import VmdeltaError
+from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
+from vmdelta_core.fileio import data_extents
 from vmdelta_core.outputs import OutputSet
 
-__all__ = ["BaseIndex", "ImageDigest", "cache_folder", "image_digest", "load_or_build_index", "unit_hashes"]
+__all__ = [
+    "BaseIndex",
+    "ImageDigest",
+    "WholeImageDigest",
+    "cache_folder",
+    "digest_kind",
+    "file_digest",
+    "image_digest",
+    "load_or_build_index",
+    "unit_hashes",
+]
 
 _MAGIC = b"VMDIDX01"
-_VERSION = 2
+_VERSION = 3  # 3: fingerprints are chunked digests
 _CHUNK_UNITS = 4096  # 16 MiB of 4 KiB units per step
 ProgressFn = Callable[[int], None]
 
@@ -57,9 +69,70 @@ def _nonzero_rows(units: np.ndarray) -> np.ndarray:
 
 
 class ImageDigest:
-    """XXH3-128 over an image, fed in order; holes are fed from a shared zero buffer."""
+    """The digest of an image, fed in order: XXH3-128 over the XXH3-128 digests of its 16 MiB
+    chunks and its length.
 
-    _zeros = np.zeros(16 << 20, dtype=np.uint8)
+    A chunk of zeros has one known digest, so a run of zero chunks (a hole, or the sparse tail an
+    overlay claims) costs 16 bytes of hashing per chunk instead of 16 MiB: verifying an image
+    takes time in proportion to the data it holds, not to the size it claims.
+    """
+
+    ALGORITHM = "xxh3-128-chunked"
+    CHUNK = 16 << 20
+    _zeros = np.zeros(CHUNK, dtype=np.uint8)
+    _zero_chunk = xxhash.xxh3_128_digest(_zeros)
+
+    def __init__(self) -> None:
+        self._outer = xxhash.xxh3_128()
+        self._inner = xxhash.xxh3_128()
+        self._fill = 0
+        self._length = 0
+
+    def update(self, data: np.ndarray | bytes | memoryview) -> None:
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        pos, n = 0, len(view)
+        while pos < n:
+            take = min(n - pos, self.CHUNK - self._fill)
+            self._inner.update(view[pos : pos + take])
+            self._advance(take)
+            pos += take
+
+    def update_zeros(self, count: int) -> None:
+        if self._fill and count:
+            take = min(count, self.CHUNK - self._fill)
+            self._inner.update(self._zeros[:take])
+            self._advance(take)
+            count -= take
+        whole, rest = divmod(count, self.CHUNK)
+        step = 1 << 16
+        for done in range(0, whole, step):
+            self._outer.update(self._zero_chunk * min(step, whole - done))
+        self._length += whole * self.CHUNK
+        if rest:
+            self._inner.update(self._zeros[:rest])
+            self._advance(rest)
+
+    def _advance(self, count: int) -> None:
+        self._fill += count
+        self._length += count
+        if self._fill == self.CHUNK:
+            self._outer.update(self._inner.digest())
+            self._inner.reset()
+            self._fill = 0
+
+    def hexdigest(self) -> str:
+        outer = self._outer.copy()
+        if self._fill:
+            outer.update(self._inner.digest())
+        outer.update(self._length.to_bytes(8, "big"))
+        return f"{self.ALGORITHM}:{outer.hexdigest()}"
+
+
+class WholeImageDigest(ImageDigest):
+    """XXH3-128 of the image's bytes in one stream: what overlays written before the chunked
+    digest record. Still verified; zeros cost their full length to hash."""
+
+    ALGORITHM = "xxh3-128"
 
     def __init__(self) -> None:
         self._h = xxhash.xxh3_128()
@@ -74,7 +147,42 @@ class ImageDigest:
             count -= step
 
     def hexdigest(self) -> str:
-        return "xxh3-128:" + self._h.hexdigest()
+        return f"{self.ALGORITHM}:{self._h.hexdigest()}"
+
+
+_DIGESTS: dict[str, type[ImageDigest]] = {d.ALGORITHM: d for d in (ImageDigest, WholeImageDigest)}
+
+
+def digest_kind(recorded: str) -> type[ImageDigest]:
+    """The digest class that made ``recorded`` (``"ALGORITHM:hex"``), to check against it.
+
+    :raises FormatError: an algorithm this version does not know.
+    """
+    algorithm = recorded.partition(":")[0]
+    kind = _DIGESTS.get(algorithm)
+    if kind is None:
+        raise FormatError(f"overlay metadata names a digest algorithm {algorithm[:40]!r} this version does not know")
+    return kind
+
+
+def file_digest(path: Path, kind: type[ImageDigest] = ImageDigest) -> str:
+    """The digest of a file's bytes; holes are hashed as zeros without being read."""
+    digest = kind()
+    pos = 0
+    with open(path, "rb") as f:
+        for start, length in data_extents(path).tolist():
+            digest.update_zeros(start - pos)
+            f.seek(start)
+            remaining = length
+            while remaining:
+                chunk = f.read(min(remaining, 8 << 20))
+                if not chunk:
+                    raise ConfigError(f"{path} changed while it was read")
+                digest.update(chunk)
+                remaining -= len(chunk)
+            pos = start + length
+        digest.update_zeros(os.fstat(f.fileno()).st_size - pos)
+    return digest.hexdigest()
 
 
 def hole_units(image: SourceImage, unit: int, count: int) -> np.ndarray:
@@ -113,6 +221,7 @@ def image_digest(
     progress: ProgressFn | None = None,
     *,
     replaced: tuple[SourceImage, np.ndarray] | None = None,
+    kind: type[ImageDigest] = ImageDigest,
 ) -> str:
     """Digest of an opened image (holes are not read).
 
@@ -120,7 +229,7 @@ def image_digest(
         from ``base`` instead (zero-padded past its end): the image apply rebuilds when filters
         dropped them.
     """
-    return _scan(image, unit, want_hashes=False, progress=progress, replaced=replaced)[0]
+    return _scan(image, unit, want_hashes=False, progress=progress, replaced=replaced, kind=kind)[0]
 
 
 def _scan(
@@ -130,12 +239,13 @@ def _scan(
     want_hashes: bool,
     progress: ProgressFn | None = None,
     replaced: tuple[SourceImage, np.ndarray] | None = None,
+    kind: type[ImageDigest] = ImageDigest,
 ) -> tuple[str, np.ndarray, np.ndarray]:
     size = image.size
     count = -(-size // unit)
     full = size // unit
     holes = hole_units(image, unit, count)
-    digest = ImageDigest()
+    digest = kind()
     # only units with data are indexed: zero units are found by looking, and a mostly empty
     # 64 GiB disk then costs an index of what it holds, not of its size
     found_units: list[np.ndarray] = []

@@ -21,15 +21,14 @@ from vmdelta_core.container import FORMAT_VERSION, OverlayWriter
 from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
 from vmdelta_core.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.errors import ConfigError, PluginError
-from vmdelta_core.fileio import data_extents
-from vmdelta_core.index import ImageDigest, image_digest, load_or_build_index
+from vmdelta_core.index import ImageDigest, file_digest, image_digest, load_or_build_index
 from vmdelta_core.outputs import OutputSet
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
 from vmdelta_core.registry import FALLBACK_SOURCE, ComponentInfo, Registry, default_registry
 from vmdelta_core.schema import ItemType, Ref
 
-__all__ = ["create_overlay", "file_digest", "image_names"]
+__all__ = ["create_overlay", "image_names"]
 
 BATCH_UNITS = 4096
 _FREE_REFS = (0xA, 0xB, 0xC, 0xD, 0xE, 0xF, 0x0)
@@ -46,26 +45,6 @@ def image_names(kinds: list[str]) -> list[str]:
             names.append(f"disk{disks}")
             disks += 1
     return names
-
-
-def file_digest(path: Path) -> str:
-    """XXH3-128 of a file's bytes; holes are hashed as zeros without being read."""
-    digest = ImageDigest()
-    pos = 0
-    with open(path, "rb") as f:
-        for start, length in data_extents(path).tolist():
-            digest.update_zeros(start - pos)
-            f.seek(start)
-            remaining = length
-            while remaining:
-                chunk = f.read(min(remaining, 8 << 20))
-                if not chunk:
-                    raise ConfigError(f"{path} changed while it was read")
-                digest.update(chunk)
-                remaining -= len(chunk)
-            pos = start + length
-        digest.update_zeros(os.fstat(f.fileno()).st_size - pos)
-    return digest.hexdigest()
 
 
 def _component(info: ComponentInfo, **extra: Any) -> dict[str, Any]:
