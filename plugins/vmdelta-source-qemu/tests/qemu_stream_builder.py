@@ -46,6 +46,7 @@ class StreamBuilder:
                 self.out += name(cap)
         self.addresses = addresses
         self.last: str | None = None
+        self.device_sections: list[dict[str, object]] = []
 
     def bytes(self) -> bytes:
         return bytes(self.out)
@@ -88,17 +89,28 @@ class StreamBuilder:
     def command(self, command: int = 11, data: bytes = b"") -> None:
         self.out += b"\x08" + struct.pack(">HH", command, len(data)) + data
 
+    def device(self, section_id: int, idstr: str, payload: bytes, instance: int = 0) -> None:
+        """One opaque device section (FULL, payload, footer), listed in the VM description."""
+        self.out += b"\x04" + struct.pack(">I", section_id) + name(idstr) + struct.pack(">II", instance, 1)
+        self.out += payload + b"\x7e" + struct.pack(">I", section_id)
+        self.device_sections.append(
+            {"name": idstr, "instance_id": instance, "vmsd_name": idstr, "version": 1, "fields": []}
+        )
+
     def devices(self) -> None:
-        """Two opaque device sections (a FULL section with its footer each)."""
-        for sid, dev in ((3, "timer"), (4, "cpu")):
-            self.out += b"\x04" + struct.pack(">I", sid) + name(dev) + struct.pack(">II", 0, 1)
-            self.out += bytes(range(40)) + b"\x7e" + struct.pack(">I", sid)
+        """Two opaque device sections, their payloads full of zero bytes and footer look-alikes."""
+        self.device(3, "timer", bytes(range(40)) + b"\x7e\x00\x00\x00\x03\x00")
+        self.device(4, "cpu", bytes(range(40)) + b"\x7e\x00\x00\x00\x04\x04" + bytes(8))
+
+    def description(self) -> bytes:
+        """The VM description QEMU writes after the EOF byte: VMDESCRIPTION, length, JSON."""
+        desc = json.dumps({"page_size": PAGE, "devices": self.device_sections}).encode()
+        return b"\x06" + struct.pack(">I", len(desc)) + desc
 
     def finish(self, vmdesc: bool = True) -> bytes:
         self.out += b"\x00"
         if vmdesc:
-            desc = json.dumps({"page_size": PAGE, "devices": [{"name": "timer"}, {"name": "cpu"}]}).encode()
-            self.out += b"\x06" + struct.pack(">I", len(desc)) + desc
+            self.out += self.description()
         return self.bytes()
 
 

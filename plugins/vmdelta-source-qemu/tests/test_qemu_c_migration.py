@@ -108,7 +108,8 @@ def test_simple_stream_parses_with_every_section_kind() -> None:
     parsed.image.close()
     assert parsed.fmt == "stream" and parsed.machine == "pc-i440fx-7.2"
     assert parsed.rewritten
-    assert parsed.vmdesc is not None and parsed.vmdesc["page_size"] == PAGE
+    assert parsed.description.page_size == PAGE
+    assert parsed.description.devices == (("timer", 0), ("cpu", 0))
 
 
 def test_scanner_agrees_with_the_schema_on_a_real_stream(fixture_set: Path) -> None:

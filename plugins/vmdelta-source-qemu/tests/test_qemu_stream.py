@@ -49,12 +49,6 @@ def test_stream_rebuilds_byte_for_byte(tmp_path: Path) -> None:
     assert sum(isinstance(op, Run) for op in env.ops) >= 3
 
 
-def test_stream_without_vmdesc(tmp_path: Path) -> None:
-    original = simple_stream(vmdesc=False)
-    image = open_stream(tmp_path, original)
-    assert rebuild(image, tmp_path).read_bytes() == original
-
-
 def test_zero_data_page_and_filled_zero_record_rebuild_exactly(tmp_path: Path) -> None:
     b = StreamBuilder([("pc.ram", 4 * PAGE)])
     b.start()

@@ -5,13 +5,14 @@ Headers, sections and the block table are read with the construct schemas of
 :class:`~vmdelta_source_qemu.scan.RecordScanner`. Device sections cannot be walked without the
 device models QEMU has, and need not be: a stopped-VM save writes every RAM section (START,
 PART..., END) before the first device section (FULL), so everything from there to the end of the
-file is kept as it is, after a check that the file ends where a whole stream ends.
+file is kept as it is. The end of the stream is checked first (:mod:`~vmdelta_source_qemu.vmdesc`):
+a file that does not end as QEMU ends a stream is refused before any page is read, and the device
+sections are then checked against the VM description.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import struct
 from typing import Any
 
@@ -25,12 +26,12 @@ from vmdelta_source_qemu.blocks import MappedBlock, RamBlock, image_size, place_
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag, SectionType
 from vmdelta_source_qemu.imagefile import ImageFile
 from vmdelta_source_qemu.scan import RecordScanner, RecordTable
+from vmdelta_source_qemu.vmdesc import VmDescription, find_description, walk_devices
 
 __all__ = ["ParsedStream", "parse_stream"]
 
 _MAPPED_ALIGN = 1 << 20
 _MAX_BLOCKS = 4096
-_VMDESC_MAX = 16 << 20
 
 
 @attrs.define(eq=False)
@@ -48,7 +49,9 @@ class ParsedStream:
     size: int
     flushes: int
     rewritten: bool
-    vmdesc: dict[str, Any] | None
+    description: VmDescription
+    #: offset of the first device section (after the RAM END section)
+    devices_at: int
 
     @property
     def ignore_shared(self) -> bool:
@@ -110,6 +113,12 @@ class _Walker:
                 f"QEMU migration stream version {header.version} at offset 4; "
                 f"only version {c.STREAM_VERSION} is supported"
             )
+        # a cut or padded file is refused before any page is read; sections end at the EOF byte
+        description = find_description(self.view, self.size, pos)
+        whole = self.view
+        self.size = description.eof
+        self.buf = self.buf[: self.size]
+        self.view = memoryview(self.buf)  # type: ignore[arg-type]
         machine = ""
         if self.byte(pos, "a section") == SectionType.CONFIGURATION:
             config, pos = self.parse(c.CONFIGURATION, pos, "configuration section")
@@ -119,7 +128,8 @@ class _Walker:
             pos = self.section(pos)
         if self.scanner is None:
             raise FormatError("stream has no RAM section")
-        vmdesc = self.check_tail(pos)
+        assert self.ram_id is not None
+        walk_devices(whole, pos, description, {self.ram_id})
         scanner = self.scanner
         scanner.table.freeze()
         mapped = "mapped-ram" in self.capabilities
@@ -136,10 +146,11 @@ class _Walker:
             image=scanner.image,
             table=scanner.table,
             last_write=scanner.last_write,
-            size=self.size,
+            size=len(whole),
             flushes=scanner.flushes,
             rewritten=scanner.rewritten,
-            vmdesc=vmdesc,
+            description=description,
+            devices_at=pos,
         )
 
     def subsections(self, pos: int) -> int:
@@ -264,30 +275,3 @@ class _Walker:
                 f"the file has {self.size} bytes"
             )
         return MappedBlock(m.bitmap_offset, m.pages_offset)
-
-    def check_tail(self, pos: int) -> dict[str, Any] | None:
-        """Device sections run from ``pos`` to an EOF byte, then the optional VM description."""
-        if pos >= self.size:
-            raise FormatError(f"stream truncated at offset {pos}: no device state and no EOF after the RAM")
-        if self.view[pos] not in (SectionType.FULL, SectionType.EOF):
-            raise FormatError(f"unknown section type {self.view[pos]:#04x} at offset {pos} after the RAM section")
-        raw = self.view
-        start = max(pos, self.size - _VMDESC_MAX)
-        tail = bytes(raw[start:])
-        end = len(tail)
-        # JSON holds no NUL byte: the EOF marker before it is one of the last "00 06" pairs
-        for _ in range(4):
-            at = tail.rfind(b"\x00\x06", 0, end)
-            if at < 0:
-                break
-            if at + 6 <= len(tail):
-                length = c.VMDESC_HEADER.parse(tail[at + 1 : at + 6]).length
-                if start + at + 6 + length == self.size:
-                    try:
-                        return dict(json.loads(tail[at + 6 :]))
-                    except (ValueError, TypeError):
-                        raise FormatError(f"VM description at offset {start + at + 6} is not valid JSON") from None
-            end = at + 1
-        if raw[self.size - 1] == SectionType.EOF:
-            return None
-        raise FormatError("stream truncated: it does not end with an EOF marker and a VM description")
