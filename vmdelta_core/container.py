@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import xxhash
 
 from vmdelta_core.components import Codec
-from vmdelta_core.errors import FormatError, IntegrityError
+from vmdelta_core.errors import ConfigError, FormatError, IntegrityError
 from vmdelta_core.items import ItemColumns, pack_items, unpack_items
 from vmdelta_core.schema import FRAME_INDEX_ENTRY, HEADER, LIVE_TYPES, OVERLAY_MAGIC, TRAILER, TRAILER_MAGIC, Ref
 
@@ -39,6 +40,7 @@ MAX_FRAME = 64 << 20  # no frame, stored or decompressed, may be larger (untrust
 MAX_METADATA = 64 << 20
 KIND_ITEMS = "items"
 KIND_ENVELOPE = "envelope"
+_MIN_ITEM = 11  # bytes of the smallest item (a ZEROS record)
 _VALUE_REFS = frozenset(int(r) for r in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM))
 _LIVE = frozenset(int(t) for t in LIVE_TYPES)
 
@@ -254,15 +256,51 @@ class OverlayWriter:
         self._pending.clear()
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open an overlay for reading; only a regular file will do.
+
+    Overlays are read from the back and more than once, which a pipe cannot do: a FIFO would
+    block forever. It is opened without blocking and refused after ``fstat``, so a FIFO costs
+    nothing and the check looks at the very file that was opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"overlay {path} does not exist") from None
+    except OSError as exc:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if stat.S_ISREG(mode):
+            raise ConfigError(f"cannot open overlay {path}: {exc.strerror}") from None
+        fd = -1
+    else:
+        mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        if fd >= 0:
+            os.close(fd)
+        what = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ConfigError(f"overlay {path} is {what}; overlays are read from regular files only")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 class OverlayReader:
     """Reads and checks an overlay. Opening it checks structure; :meth:`verify` checks all bytes."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            self.file = open(self.path, "rb")  # noqa: SIM115 - closed by close()
-        except OSError as exc:
-            raise FormatError(f"cannot open overlay {path}: {exc.strerror}") from None
+        self.file = _open_regular(self.path)
         try:
             self._read_structure()
         except BaseException:
@@ -324,6 +362,10 @@ class OverlayReader:
             self.metadata: dict[str, Any] = json.loads(meta_bytes)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"{self.path}: overlay metadata is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise FormatError(f"{self.path}: overlay metadata at byte {m_off} nests too deeply") from None
+        except ValueError as exc:  # an integer of more digits than Python converts
+            raise FormatError(f"{self.path}: overlay metadata at byte {m_off} is not usable JSON: {exc}") from None
         if not isinstance(self.metadata, dict):
             raise FormatError(f"{self.path}: overlay metadata is not a JSON object")
         index_bytes = self._pread(i_off, i_count * ENTRY_SIZE)
@@ -350,10 +392,24 @@ class OverlayReader:
             )
             if entry.file_offset != pos or entry.stored_length > MAX_FRAME or entry.length > MAX_FRAME:
                 raise FormatError(f"{self.path}: frame {k} lies outside its place in the file")
+            self._check_entry(k, entry, i_off + k * ENTRY_SIZE)
             pos += entry.stored_length
             self.frames.append(entry)
         if pos != m_off:
             raise FormatError(f"{self.path}: frames do not fill the space before the metadata")
+
+    def _check_entry(self, k: int, entry: FrameEntry, at: int) -> None:
+        """What one index entry says must be possible, before anything trusts it."""
+        where = f"{self.path}: frame index entry {k} (at byte {at})"
+        if entry.kind == KIND_ENVELOPE:
+            if entry.item_count or entry.first_offset or entry.end_offset:
+                raise FormatError(f"{where}: an envelope frame with items")
+        elif entry.kind != KIND_ITEMS:
+            raise FormatError(f"{where}: unknown frame kind {entry.kind}")
+        elif not 0 < entry.item_count <= entry.length // _MIN_ITEM:
+            raise FormatError(f"{where}: {entry.item_count} items cannot fill {entry.length} bytes")
+        elif entry.first_offset >= entry.end_offset:
+            raise FormatError(f"{where}: its items end at {entry.end_offset}, before they start")
 
     # ----------------------------------------------------------------------------------------
 
@@ -381,13 +437,32 @@ class OverlayReader:
         return data
 
     def items(self, entry: FrameEntry, codec: Codec) -> ItemColumns:
-        """The items of one frame, decompressed and parsed."""
+        """The items of one frame, decompressed and parsed; they lie where the index says.
+
+        Memory: the stored frame, its ``entry.length`` decompressed bytes (at most
+        :data:`MAX_FRAME`) and the columns, about four times that.
+        """
+        where = f"{self.path}: frame at byte {entry.file_offset}"
         data = codec.decompress(self.stored(entry), entry.length)
-        columns = unpack_items(data, base_offset=entry.file_offset)
+        if len(data) != entry.length:
+            raise FormatError(f"{where} decompresses to {len(data)} bytes, the index says {entry.length}")
+        try:
+            columns = unpack_items(data)
+        except FormatError as exc:
+            raise FormatError(f"{where} (decompressed): {exc}") from None
         if len(columns) != entry.item_count:
+            raise FormatError(f"{where} holds {len(columns)} items, the index says {entry.item_count}")
+        ends = columns.offsets + columns.lengths.astype(np.uint64)
+        if (
+            columns.offsets[0] != entry.first_offset
+            or ends[-1] != entry.end_offset
+            or (columns.offsets < entry.first_offset).any()
+            or (ends > entry.end_offset).any()
+            or (ends < columns.offsets).any()
+        ):
             raise FormatError(
-                f"{self.path}: frame at byte {entry.file_offset} holds {len(columns)} items, "
-                f"the index says {entry.item_count}"
+                f"{where}: its items reach outside the range the index gives it "
+                f"({entry.first_offset} to {entry.end_offset})"
             )
         return columns
 
