@@ -7,10 +7,13 @@ anything it likes in between: refused flags, truncations, tables that do not add
 
 from __future__ import annotations
 
+import io
 import json
 import struct
+from typing import BinaryIO
 
 PAGE = 4096
+MIB = 1 << 20
 ZERO, MEM_SIZE, PAGE_FLAG, EOS, CONTINUE = 0x02, 0x04, 0x08, 0x10, 0x20
 XBZRLE, HOOK, COMPRESS, FLUSH = 0x40, 0x80, 0x100, 0x200
 
@@ -156,3 +159,48 @@ def ignore_shared_stream() -> tuple[bytes, bytes]:
     b.eos_footer()
     b.devices()
     return b.finish(), pattern(1) + bytes(PAGE)
+
+
+def write_mapped_ram(
+    out: BinaryIO, blocks: list[tuple[str, int]], pages: dict[tuple[str, int], bytes], *, devices: bool = True
+) -> None:
+    """A mapped-ram file (QEMU 9.0+, ``file:`` URI) as QEMU lays it out, written with seeks so that
+    unwritten pages stay holes: each block's table entry with its header, its bitmap right after,
+    its pages at the next 1 MiB boundary; then the RAM sections' ends, device state, EOF, description.
+
+    :param pages: page data by (block name, page number); those pages get their bitmap bit.
+    """
+    b = StreamBuilder(blocks, capabilities=["mapped-ram"])
+    b.raw(b"\x01" + struct.pack(">I", 2) + name("ram") + struct.pack(">II", 0, 4))
+    b.raw(be64(sum(length for _, length in blocks) | MEM_SIZE))
+    out.write(b.bytes())
+    for block, length in blocks:
+        out.write(name(block) + be64(length))
+        bitmap_at = out.tell() + 28
+        npages = length // PAGE
+        bitmap = bytearray((npages + 63) // 64 * 8)
+        pages_at = -(-(bitmap_at + len(bitmap)) // MIB) * MIB
+        out.write(struct.pack(">IQQQ", 1, PAGE, bitmap_at, pages_at))
+        for (owner, page), data in sorted(pages.items()):
+            if owner == block:
+                bitmap[page // 8] |= 1 << page % 8
+                out.seek(pages_at + page * PAGE)
+                out.write(data)
+        out.seek(bitmap_at)
+        out.write(bitmap)
+        out.seek(pages_at + length)
+    tail = StreamBuilder([])
+    tail.out.clear()
+    tail.eos_footer()
+    tail.part(end=True)
+    tail.eos_footer()
+    if devices:
+        tail.devices()
+    out.write(tail.finish())
+
+
+def mapped_ram_stream(blocks: list[tuple[str, int]], pages: dict[tuple[str, int], bytes]) -> bytes:
+    """:func:`write_mapped_ram` into memory."""
+    out = io.BytesIO()
+    write_mapped_ram(out, blocks, pages)
+    return out.getvalue()

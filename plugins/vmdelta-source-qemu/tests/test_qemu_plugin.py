@@ -35,7 +35,7 @@ def test_detection_by_magic(tmp_path: Path) -> None:
 
 
 def test_declared_option_names() -> None:
-    assert QemuSource.option_names == {"ram", "tmpdir"}
+    assert QemuSource.option_names == {"ram", "tmpdir", "max_ram"}
     assert QemuRamSource.option_names == {"block", "guest_address"}
 
 

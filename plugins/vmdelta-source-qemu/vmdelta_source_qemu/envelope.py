@@ -28,7 +28,7 @@ from vmdelta_core.errors import FormatError
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 
-__all__ = ["CheckedEnvelope", "Envelope", "Mapped", "Op", "Run", "read_envelope"]
+__all__ = ["CheckedEnvelope", "Envelope", "Mapped", "Op", "Run", "pack_forced", "read_envelope"]
 
 MAGIC = b"QEMUENV1"
 _OP_END, _OP_BYTES, _OP_RUN, _OP_MAPPED = 0, 1, 2, 3

@@ -3,10 +3,11 @@
 An image is as large as the guest's RAM. Held in an anonymous buffer, every page with data stays
 in the process's memory until the image is closed; written into a file with ``pwrite``, pages go
 to the page cache, and the read-only map handed to the core drops what the core has finished
-reading (``SourceImage.release``). Pages never written stay holes and cost nothing. Pages are
-gathered from the snapshot a bounded chunk at a time, so the writer never holds more than one
-chunk, and it notes per page whether it holds data while the chunk is at hand (the envelope needs
-that, and the image is then not read a second time).
+reading (``SourceImage.release``). Pages never written stay holes and cost nothing, in the file
+and here: nothing is kept per page of the image, so a snapshot that claims far more RAM than it
+holds costs what it holds. Pages are gathered from the snapshot a bounded chunk at a time, so the
+writer never holds more than one chunk, and it tells per page written whether it holds data while
+the chunk is at hand (the envelope needs that, and the image is then not read a second time).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from vmdelta_core.errors import StorageError
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 
 __all__ = ["CHUNK_PAGES", "ImageFile", "page_nonzero", "release_range"]
@@ -95,25 +97,31 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
 
 class ImageFile:
     """A memory image of ``size`` bytes under construction in ``folder`` (default: the system's
-    temporary folder); ``nonzero`` says, per page written so far, whether it holds data."""
+    temporary folder), sparse: only the pages written take room."""
 
     def __init__(self, size: int, folder: str | os.PathLike[str] | None = None) -> None:
         self.size = size
-        self.nonzero = np.zeros(size // PAGE_SIZE, bool)
         self._file = tempfile.TemporaryFile(dir=folder, prefix="vmdelta-qemu-")  # noqa: SIM115 - closed by close()
         self.fd = self._file.fileno()
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            self._file.close()
+            where = folder or tempfile.gettempdir()
+            raise StorageError(f"cannot make a {size}-byte sparse image file in {where}: {exc.strerror}") from None
         self._scratch = np.empty((0, PAGE_SIZE), np.uint8)
         self._overlays: list[tuple[int, int, int, np.ndarray]] = []
 
-    def write_pages(self, first_page: int, pages: np.ndarray) -> None:
+    def write_pages(self, first_page: int, pages: np.ndarray) -> np.ndarray:
         """Write ``pages`` (``(n, PAGE_SIZE)``, any row stride, e.g. the pages of a run of records
-        in a stream) at page ``first_page`` of the image, a chunk at a time."""
+        in a stream) at page ``first_page`` of the image, a chunk at a time; returns whether each
+        holds a non-zero byte."""
         n = pages.shape[0]
+        nonzero = np.empty(n, bool)
         for a in range(0, n, CHUNK_PAGES):
             b = min(a + CHUNK_PAGES, n)
             chunk = pages[a:b]
-            self.nonzero[first_page + a : first_page + b] = page_nonzero(chunk)
+            nonzero[a:b] = page_nonzero(chunk)
             offset = (first_page + a) * PAGE_SIZE
             if chunk.flags.c_contiguous:
                 pwrite_all(self.fd, chunk, offset)
@@ -123,6 +131,7 @@ class ImageFile:
                 gathered = self._scratch[: b - a]
                 gathered[:] = chunk
                 pwrite_all(self.fd, gathered, offset)
+        return nonzero
 
     def _write_strided(self, pages: np.ndarray, offset: int) -> bool:
         """One ``pwritev`` of rows that each are contiguous: the kernel gathers them. False when
@@ -138,7 +147,6 @@ class ImageFile:
 
     def fill_pages(self, image_pages: np.ndarray, fill: np.ndarray) -> None:
         """Set each page of ``image_pages`` (sorted page numbers) to its byte of ``fill``."""
-        self.nonzero[image_pages] = fill != 0
         cuts = np.flatnonzero((np.diff(image_pages) != 1) | (np.diff(fill.astype(np.int16)) != 0)) + 1
         for a, b in zip(np.append(0, cuts).tolist(), np.append(cuts, image_pages.shape[0]).tolist(), strict=True):
             count = b - a
@@ -181,7 +189,11 @@ class ImageFile:
         try:
             if self.size == 0:
                 return np.zeros(0, np.uint8), None
-            mapping = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+            try:
+                mapping = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+            except (OSError, OverflowError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise StorageError(f"cannot map the {self.size}-byte image file: {reason}") from None
             data = np.frombuffer(mapping, np.uint8)
             for src, offset, length, extents in self._overlays:
                 if not _map_over(data.ctypes.data + offset, length, src):

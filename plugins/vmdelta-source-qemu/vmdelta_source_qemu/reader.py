@@ -19,15 +19,16 @@ import attrs
 import numpy as np
 
 from vmdelta_core.errors import ConfigError
-from vmdelta_core.fileio import data_extents, hole_extents, map_readonly
-from vmdelta_source_qemu.blocks import RamBlock, layout_of
+from vmdelta_core.fileio import data_extents, map_readonly
+from vmdelta_source_qemu.blocks import layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Op, Run, pack_forced
-from vmdelta_source_qemu.imagefile import CHUNK_PAGES, ImageFile, page_nonzero, release_range
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES, page_nonzero, release_range
+from vmdelta_source_qemu.pageruns import bitmap_runs, intersect, merge, pack_runs, runs_of, subtract, uncovered
 from vmdelta_source_qemu.scan import KIND_PAGE
-from vmdelta_source_qemu.stream import ParsedStream, parse_stream
+from vmdelta_source_qemu.stream import DEFAULT_MAX_RAM, ParsedStream, parse_stream
 
-__all__ = ["Snapshot", "page_runs", "read_snapshot"]
+__all__ = ["Snapshot", "ram_limit", "read_snapshot"]
 
 
 @attrs.define(eq=False)
@@ -42,19 +43,27 @@ class Snapshot:
     closers: list[Any]
 
 
-def page_runs(mask: np.ndarray) -> np.ndarray:
-    """``(n, 2)`` start/stop pairs of the runs of True in ``mask``."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
-    return edges.reshape(-1, 2)
+def ram_limit(options: Mapping[str, Any]) -> int:
+    """The ``max_ram`` option: the most RAM a block table may claim, in bytes."""
+    value = options.get("max_ram", DEFAULT_MAX_RAM)
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        limit = 0
+    if isinstance(value, bool | float) or limit <= 0:
+        raise ConfigError(f"max_ram {value!r} is not a positive whole number of bytes")
+    return limit
 
 
 def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
     """Open a QEMU migration stream or mapped-ram file; ``options["ram"]`` names the RAM file of an
-    x-ignore-shared stream, ``options["tmpdir"]`` where the image file goes."""
+    x-ignore-shared stream, ``options["tmpdir"]`` where the image file goes, ``options["max_ram"]``
+    the most RAM its block table may claim."""
+    max_ram = ram_limit(options)
     buf, stream_closers = map_readonly(path)
     stream_map = stream_closers[0] if stream_closers else None
     try:
-        parsed = parse_stream(buf, stream_map, options.get("tmpdir"))
+        parsed = parse_stream(buf, stream_map, options.get("tmpdir"), max_ram)
         try:
             snap = _snapshot(path, buf, stream_map, parsed, options)
         except BaseException:
@@ -71,27 +80,20 @@ def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
 def _snapshot(
     path: Path, buf: np.ndarray, stream_map: Any, parsed: ParsedStream, options: Mapping[str, Any]
 ) -> Snapshot:
+    """Everything is kept per record or per run of pages, never per page of the image: a stream
+    whose block table claims terabytes costs what it holds."""
     image = parsed.image
     exact = True
-    known_zero = np.ones(image.size // PAGE_SIZE, bool)
-    mapped_bits: dict[int, np.ndarray] = {}
+    # per block: runs of pages (block-relative) that may hold data, the rest are known zero
+    data: dict[int, np.ndarray] = {}
+    # mapped-ram, per block: runs of pages its bitmap marks though they are all zero
+    forced: dict[int, np.ndarray] = {}
     if parsed.fmt == "mapped-ram":
-        exact = _fill_mapped(path, buf, stream_map, parsed, mapped_bits, known_zero)
+        exact = _fill_mapped(path, buf, stream_map, parsed, data, forced)
     else:
-        t = parsed.table
-        written = parsed.last_write >= 0
-        data_pages = np.zeros_like(known_zero)
-        if len(t):
-            lw = parsed.last_write[written]
-            data_pages[written] = (t.kind[lw] == KIND_PAGE) | (t.fill[lw] != 0)
-        known_zero = ~data_pages
-    external = _fill_external(parsed, options, known_zero)
-    nonzero = image.nonzero
-    ops = (
-        _mapped_ops(parsed, buf, mapped_bits, nonzero)
-        if parsed.fmt == "mapped-ram"
-        else _stream_ops(parsed, buf, nonzero)
-    )
+        _stream_data(parsed, data)
+    external = _fill_external(parsed, options, data, forced)
+    ops = _mapped_ops(parsed, buf, forced) if parsed.fmt == "mapped-ram" else _stream_ops(parsed, buf)
     meta = {
         "format": parsed.fmt,
         "blocks": [[b.name, b.offset, b.length] for b in parsed.blocks],
@@ -105,11 +107,25 @@ def _snapshot(
         capabilities=parsed.capabilities,
         ram_file_blocks=external,
     )
-    runs = page_runs(known_zero) * PAGE_SIZE
-    holes = np.stack([runs[:, 0], runs[:, 1] - runs[:, 0]], axis=1).astype(np.int64).reshape(-1, 2)
-    data, mapping = image.finish()
+    in_image = [data[i] + parsed.blocks[i].first_page for i in sorted(data)]
+    runs = np.concatenate(in_image) if in_image else np.zeros((0, 2), np.int64)
+    zero = uncovered(runs, 0, image.size // PAGE_SIZE) * PAGE_SIZE
+    holes = np.stack([zero[:, 0], zero[:, 1] - zero[:, 0]], axis=1).astype(np.int64).reshape(-1, 2)
+    pages, mapping = image.finish()
     closers = [] if mapping is None else [mapping]
-    return Snapshot(data, holes, Envelope(meta, ops), layout, exact, mapping, closers)
+    return Snapshot(pages, holes, Envelope(meta, ops), layout, exact, mapping, closers)
+
+
+def _stream_data(parsed: ParsedStream, data: dict[int, np.ndarray]) -> None:
+    """The pages whose last record is a PAGE record or a filled ZERO record, per block."""
+    t = parsed.table
+    keep = t.final & ((t.kind == KIND_PAGE) | (t.fill != 0))
+    first_pages = np.array([b.first_page for b in parsed.blocks], np.int64)
+    pages = np.sort(first_pages[t.block[keep]] + t.page[keep])
+    bounds = np.searchsorted(pages, np.append(first_pages, np.iinfo(np.int64).max)).tolist()
+    for index, block in enumerate(parsed.blocks):
+        if bounds[index + 1] > bounds[index]:
+            data[index] = runs_of(pages[bounds[index] : bounds[index + 1]] - block.first_page)
 
 
 def _fill_mapped(
@@ -117,54 +133,65 @@ def _fill_mapped(
     buf: np.ndarray,
     stream_map: Any,
     parsed: ParsedStream,
-    bits_out: dict[int, np.ndarray],
-    known_zero: np.ndarray,
+    data: dict[int, np.ndarray],
+    forced: dict[int, np.ndarray],
 ) -> bool:
     """Copy the pages a mapped-ram file marks as written; tell whether the file is canonical
-    (nothing outside the bitmap, the bitmap padding and the gaps all zero)."""
+    (nothing outside the bitmap, the bitmap padding and the gaps all zero).
+
+    Only what the file holds is read: marked pages in holes of the file are zero without reading
+    them, and unmarked pages are checked for stale data only where the file has data.
+    """
     exact = True
     for index, block in enumerate(parsed.blocks):
         assert block.mapped is not None
-        npages = block.pages
-        nbytes = (npages + 63) // 64 * 8
-        raw_bits = np.unpackbits(
-            buf[block.mapped.bitmap_offset : block.mapped.bitmap_offset + nbytes], bitorder="little"
-        )
-        bits = raw_bits[:npages].astype(bool)
-        exact &= not raw_bits[npages:].any()
-        exact &= not buf[block.mapped.bitmap_offset + nbytes : block.mapped.pages_offset].any()
-        release_range(stream_map, block.mapped.bitmap_offset, block.mapped.pages_offset)
-        bits_out[index] = bits
+        nbytes = (block.pages + 63) // 64 * 8
+        at = block.mapped.bitmap_offset
+        marked, padding_clear = bitmap_runs(buf[at : at + nbytes], block.pages)
+        exact &= padding_clear
+        exact &= not buf[at + nbytes : block.mapped.pages_offset].any()
+        release_range(stream_map, at, block.mapped.pages_offset)
+        data[index] = marked
         pages_at = block.mapped.pages_offset
-        for start, stop in page_runs(bits).tolist():
+        stored = _page_extents(data_extents(path, pages_at, pages_at + block.length) - [pages_at, 0])
+        zero = [subtract(marked, stored)]
+        for start, stop in intersect(marked, stored).tolist():
             for first in range(start, stop, CHUNK_PAGES):
                 last = min(first + CHUNK_PAGES, stop)
                 at = pages_at + first * PAGE_SIZE
                 pages = buf[at : pages_at + last * PAGE_SIZE].reshape(-1, PAGE_SIZE)
-                parsed.image.write_pages(block.first_page + first, pages)
+                nonzero = parsed.image.write_pages(block.first_page + first, pages)
+                if not nonzero.all():
+                    zero.append(runs_of(first + np.flatnonzero(~nonzero)))
                 release_range(stream_map, at, pages_at + last * PAGE_SIZE)
-        known_zero[block.first_page : block.first_page + npages] = ~bits
+        forced[index] = merge(np.concatenate(zero))
         # data QEMU left in pages it did not mark (it never does after a single save) is lost
-        for start, length in data_extents(path, pages_at, pages_at + block.length).tolist():
-            first, last = (start - pages_at) // PAGE_SIZE, -(-(start + length - pages_at) // PAGE_SIZE)
-            stale = ~bits[first:last]
-            if stale.any():
-                pages = buf[pages_at + first * PAGE_SIZE : pages_at + last * PAGE_SIZE].reshape(-1, PAGE_SIZE)
-                exact &= not pages[stale].any()
-                release_range(stream_map, pages_at + first * PAGE_SIZE, pages_at + last * PAGE_SIZE)
+        for start, stop in subtract(stored, marked).tolist():
+            for first in range(start, stop, CHUNK_PAGES):
+                lo, hi = pages_at + first * PAGE_SIZE, pages_at + min(first + CHUNK_PAGES, stop) * PAGE_SIZE
+                exact &= not buf[lo:hi].any()
+                release_range(stream_map, lo, hi)
     return bool(exact)
 
 
-def _fill_external(parsed: ParsedStream, options: Mapping[str, Any], known_zero: np.ndarray) -> list[str]:
+def _page_extents(extents: np.ndarray) -> np.ndarray:
+    """The runs of pages that byte extents ``(start, length)`` touch."""
+    return merge(np.stack([extents[:, 0] // PAGE_SIZE, -(-(extents[:, 0] + extents[:, 1]) // PAGE_SIZE)], axis=1))
+
+
+def _fill_external(
+    parsed: ParsedStream, options: Mapping[str, Any], data: dict[int, np.ndarray], forced: dict[int, np.ndarray]
+) -> list[str]:
     """x-ignore-shared: the blocks the stream holds no page of come from the user's RAM file."""
     if not parsed.ignore_shared:
         if options.get("ram"):
             raise ConfigError("a RAM file was given (--memory-ram), but the stream was not saved with x-ignore-shared")
         return []
-    empty = [b for b in parsed.blocks if not (parsed.last_write[b.first_page : b.first_page + b.pages] >= 0).any()]
+    sent = np.bincount(parsed.table.block, minlength=len(parsed.blocks))
+    empty = [i for i in range(len(parsed.blocks)) if not sent[i]]
     if not empty:
         return []
-    names = [b.name for b in empty]
+    names = [parsed.blocks[i].name for i in empty]
     ram = options.get("ram")
     if not ram:
         raise ConfigError(
@@ -175,12 +202,15 @@ def _fill_external(parsed: ParsedStream, options: Mapping[str, Any], known_zero:
         raise ConfigError(
             f"the stream leaves several shared RAM blocks out ({', '.join(names)}); one RAM file is supported"
         )
-    _copy_raw(Path(ram), empty[0], parsed.image, known_zero, parsed.fmt == "mapped-ram")
+    _copy_raw(Path(ram), empty[0], parsed, data, forced)
     return names
 
 
-def _copy_raw(path: Path, block: RamBlock, image: ImageFile, known_zero: np.ndarray, mapped: bool) -> None:
+def _copy_raw(
+    path: Path, index: int, parsed: ParsedStream, data: dict[int, np.ndarray], forced: dict[int, np.ndarray]
+) -> None:
     """The RAM file becomes the block's range of the image (mapped there, or copied in)."""
+    block = parsed.blocks[index]
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -190,40 +220,36 @@ def _copy_raw(path: Path, block: RamBlock, image: ImageFile, known_zero: np.ndar
         if size != block.length:
             raise ConfigError(f"RAM file {path} is {size} bytes, but block {block.name!r} is {block.length}")
         extents = data_extents(path)
-        image.map_file(fd, block.offset, block.length, extents)
-        if mapped:
-            _raw_nonzero(fd, extents, block, image)
+        parsed.image.map_file(fd, block.offset, block.length, extents)
+        stored = _page_extents(extents)
+        if parsed.fmt == "mapped-ram" and index in data:
+            # the pages its bitmap marks are now the RAM file's: which of them are all zero
+            forced[index] = _zero_pages(fd, data[index], stored)
     finally:
         os.close(fd)
-    zero = np.zeros(block.pages, bool)
-    for start, length in hole_extents(path).tolist():
-        zero[-(-start // PAGE_SIZE) : (start + length) // PAGE_SIZE] = True
-    known_zero[block.first_page : block.first_page + block.pages] = zero
+    data[index] = stored
 
 
-def _raw_nonzero(fd: int, extents: np.ndarray, block: RamBlock, image: ImageFile) -> None:
-    """Which pages of a block copied from a RAM file hold data (a mapped-ram envelope needs it;
-    a stream's does not, as no record names the block)."""
-    image.nonzero[block.first_page : block.first_page + block.pages] = False
-    step = CHUNK_PAGES * PAGE_SIZE
-    for start, length in extents.tolist():
-        first, stop = start - start % PAGE_SIZE, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE
-        for at in range(first, stop, step):
-            chunk = np.frombuffer(os.pread(fd, min(step, stop - at), at), np.uint8)
-            page = block.first_page + at // PAGE_SIZE
-            image.nonzero[page : page + chunk.shape[0] // PAGE_SIZE] |= page_nonzero(chunk.reshape(-1, PAGE_SIZE))
+def _zero_pages(fd: int, marked: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """The runs of ``marked`` that are all zero in file ``fd`` (whose data runs are ``stored``),
+    read a chunk at a time."""
+    zero = [subtract(marked, stored)]
+    for start, stop in intersect(marked, stored).tolist():
+        for first in range(start, stop, CHUNK_PAGES):
+            count = min(CHUNK_PAGES, stop - first)
+            chunk = np.frombuffer(os.pread(fd, count * PAGE_SIZE, first * PAGE_SIZE), np.uint8)
+            pages = chunk[: chunk.shape[0] // PAGE_SIZE * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+            zero.append(runs_of(first + np.flatnonzero(~page_nonzero(pages))))
+    return merge(np.concatenate(zero))
 
 
-def _stream_ops(parsed: ParsedStream, buf: np.ndarray, nonzero: np.ndarray) -> list[Op]:
+def _stream_ops(parsed: ParsedStream, buf: np.ndarray) -> list[Op]:
     """Runs for every record the image stands for, the bytes in between verbatim."""
     t = parsed.table
     n = len(t)
     specials: list[tuple[int, int, Op]] = []
     if n:
-        first_pages = np.array([b.first_page for b in parsed.blocks], np.int64)
-        gpage = first_pages[t.block] + t.page
-        final = parsed.last_write[gpage] == np.arange(n)
-        fits = final & ((t.kind == KIND_PAGE) | (t.fill == 0))
+        fits = t.final & ((t.kind == KIND_PAGE) | (t.fill == 0))
         cont = np.zeros(n, bool)
         cont[1:] = (
             fits[1:]
@@ -233,7 +259,7 @@ def _stream_ops(parsed: ParsedStream, buf: np.ndarray, nonzero: np.ndarray) -> l
             & (t.page[1:] == t.page[:-1] + 1)
             & (t.pos[1:] == t.end[:-1])
         )
-        forced = (t.kind == KIND_PAGE) & ~nonzero[gpage]
+        forced = (t.kind == KIND_PAGE) & ~t.data
         fit_idx = np.flatnonzero(fits)
         heads = np.flatnonzero(~cont[fit_idx])
         bounds = np.append(heads, fit_idx.shape[0])
@@ -250,14 +276,12 @@ def _stream_ops(parsed: ParsedStream, buf: np.ndarray, nonzero: np.ndarray) -> l
     return _fill_gaps(specials, buf)
 
 
-def _mapped_ops(parsed: ParsedStream, buf: np.ndarray, bits: dict[int, np.ndarray], nonzero: np.ndarray) -> list[Op]:
+def _mapped_ops(parsed: ParsedStream, buf: np.ndarray, forced: dict[int, np.ndarray]) -> list[Op]:
     specials: list[tuple[int, int, Op]] = []
     for index, block in enumerate(parsed.blocks):
         assert block.mapped is not None
-        forced = bits[index] & ~nonzero[block.first_page : block.first_page + block.pages]
-        specials.append(
-            (block.mapped.bitmap_offset, block.mapped.pages_offset + block.length, Mapped(index, pack_forced(forced)))
-        )
+        bits = pack_runs(forced.get(index), block.pages)
+        specials.append((block.mapped.bitmap_offset, block.mapped.pages_offset + block.length, Mapped(index, bits)))
     return _fill_gaps(specials, buf)
 
 

@@ -7,7 +7,9 @@ the image with one strided copy each; only records that break a stretch (a block
 of kind) go through ``struct``. Nothing is created per page except array elements. A stretch is
 taken at most :data:`~vmdelta_source_qemu.imagefile.CHUNK_PAGES` records at a time, and the
 stream's pages are released once their records are in the image, so the scan holds a bounded
-part of the stream.
+part of the stream. Nothing is kept per page of the image either, only per record: which record
+wrote a page last is found once the scan is done, so memory follows the records a stream holds,
+not the RAM its block table claims.
 """
 
 from __future__ import annotations
@@ -47,29 +49,43 @@ _REFUSED = (
 
 
 class RecordTable:
-    """Columns of every ZERO/PAGE record in stream order (numpy arrays, one element a record)."""
+    """Columns of every ZERO/PAGE record in stream order (numpy arrays, one element a record).
+
+    ``data`` tells whether the page holds a non-zero byte once the record is applied (PAGE: its
+    data, ZERO: its fill byte); ``final`` (set by :meth:`RecordScanner.finish`) whether no later
+    record writes the same page.
+    """
 
     def __init__(self) -> None:
         self._chunks: list[tuple[np.ndarray, ...]] = []
         self.pos = self.end = self.page = np.zeros(0, np.int64)
         self.block = np.zeros(0, np.int32)
         self.kind = self.fill = np.zeros(0, np.uint8)
-        self.named = np.zeros(0, bool)
+        self.named = self.data = self.final = np.zeros(0, bool)
 
     def add(
-        self, pos: np.ndarray, end: np.ndarray, block: int, page: np.ndarray, kind: int, fill: np.ndarray, named: bool
+        self,
+        pos: np.ndarray,
+        end: np.ndarray,
+        block: int,
+        page: np.ndarray,
+        kind: int,
+        fill: np.ndarray,
+        named: bool,
+        data: np.ndarray,
     ) -> None:
         n = pos.shape[0]
         flag = np.zeros(n, bool)
         flag[0] = named
-        self._chunks.append((pos, end, np.full(n, block, np.int32), page, np.full(n, kind, np.uint8), fill, flag))
+        self._chunks.append((pos, end, np.full(n, block, np.int32), page, np.full(n, kind, np.uint8), fill, flag, data))
 
     def freeze(self) -> None:
         if self._chunks:
             cols = [np.concatenate(c) for c in zip(*self._chunks, strict=True)]
-            self.pos, self.end, self.block, self.page, self.kind, self.fill, self.named = cols
+            self.pos, self.end, self.block, self.page, self.kind, self.fill, self.named, self.data = cols
             self.fill = self.fill.astype(np.uint8)
         self._chunks = []
+        self.final = np.ones(len(self), bool)
 
     def __len__(self) -> int:
         return int(self.pos.shape[0])
@@ -83,8 +99,10 @@ class RecordScanner:
     :param mapping: the read-only map ``buf`` views, if any: records are released from it once
         their pages are in the image.
 
-    ``last_write`` holds, per image page, the index of the record that wrote it last (``-1``:
-    none), so that re-sent pages are told apart from the final ones.
+    Records are applied in stream order, except that a ZERO record does not write zeros over an
+    earlier record's page as it is read (the image is zero where nothing was written, and which
+    pages were written is not kept per page): :meth:`finish` clears the pages whose last record
+    is such a ZERO record.
     """
 
     def __init__(self, buf: np.ndarray, blocks: Sequence[RamBlock], image: ImageFile, mapping: Any = None) -> None:
@@ -95,8 +113,6 @@ class RecordScanner:
         self.by_name = {b.name: i for i, b in enumerate(self.blocks)}
         self.image = image
         self.table = RecordTable()
-        self.count = 0
-        self.last_write = np.full(image.size // PAGE_SIZE, -1, np.int64)
         self.rewritten = False  # some page written by more than one record
         self.flushes = 0
         self.current: int | None = None  # block of the previous record, for CONTINUE
@@ -188,24 +204,46 @@ class RecordScanner:
             pos[0] = start
         end = data + index * stride + stride - 8
         pages = page + index
-        image_pages = block.first_page + pages
-        previous = self.last_write[image_pages]
-        if (previous >= 0).any():
-            self.rewritten = True
         if kind == KIND_PAGE:
             pages_in = as_strided(self.buf[data:], shape=(count, PAGE_SIZE), strides=(stride, 1))
-            self.image.write_pages(block.first_page + page, pages_in)
+            nonzero = self.image.write_pages(block.first_page + page, pages_in)
             fill = np.zeros(count, np.uint8)
         else:
             fill = as_strided(self.buf[data:], shape=(count,), strides=(stride,)).copy()
-            # a fresh image is zero already: write only what a ZERO record really changes
-            touch = (previous >= 0) | (fill != 0)
-            if touch.any():
-                self.image.fill_pages(image_pages[touch], fill[touch])
+            nonzero = fill != 0
+            # a fresh image is zero already: pages written before are cleared by finish()
+            if nonzero.any():
+                self.image.fill_pages(block.first_page + pages[nonzero], fill[nonzero])
         done = data + count * stride - 8
         if done - self.released >= _RELEASE_STEP:
             release_range(self.mapping, self.released, done)
             self.released = done
-        self.last_write[image_pages] = self.count + index
-        self.count += count
-        self.table.add(pos, end, block_index, pages, kind, fill, named)
+        self.table.add(pos, end, block_index, pages, kind, fill, named, nonzero)
+
+    def finish(self) -> RecordTable:
+        """The table of every record read, with ``final`` set; pages whose last record is a ZERO
+        record after an earlier write are cleared in the image."""
+        t = self.table
+        t.freeze()
+        if len(t) < 2:
+            return t
+        first_pages = np.array([b.first_page for b in self.blocks], np.int64)
+        image_pages = first_pages[t.block] + t.page
+        # a stopped VM's save sends each page once, in image order: nothing to sort
+        if (np.diff(image_pages) > 0).all():
+            return t
+        order = np.argsort(image_pages, kind="stable")
+        ordered = image_pages[order]
+        new = ordered[1:] != ordered[:-1]
+        first = np.concatenate(([True], new))
+        last = np.concatenate((new, [True]))
+        t.final[:] = False
+        t.final[order[last]] = True
+        resent = np.zeros(len(t), bool)
+        resent[order[last & ~first]] = True
+        self.rewritten = bool(resent.any())
+        cleared = resent & (t.kind == KIND_ZERO) & (t.fill == 0)
+        if cleared.any():
+            targets = np.sort(image_pages[cleared])
+            self.image.fill_pages(targets, np.zeros(targets.shape[0], np.uint8))
+        return t

@@ -36,12 +36,12 @@ def _memory_only(name: str, kind: str) -> None:
 
 class QemuSource(Source):
     """QEMU migration streams and mapped-ram files; options: ``ram`` (x-ignore-shared RAM file),
-    ``tmpdir`` (where the image file goes), and at apply ``ram_output`` (where the rebuilt RAM file
-    goes)."""
+    ``tmpdir`` (where the image file goes), ``max_ram`` (the most RAM a block table may claim, in
+    bytes; default 1 TiB), and at apply ``ram_output`` (where the rebuilt RAM file goes)."""
 
     name = "qemu"
     kinds = frozenset({"memory"})
-    option_names = frozenset({"ram", "tmpdir"})
+    option_names = frozenset({"ram", "tmpdir", "max_ram"})
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         _memory_only(self.name, kind)

@@ -28,8 +28,11 @@ from vmdelta_source_qemu.imagefile import ImageFile
 from vmdelta_source_qemu.scan import RecordScanner, RecordTable
 from vmdelta_source_qemu.vmdesc import VmDescription, find_description, walk_devices
 
-__all__ = ["ParsedStream", "parse_stream"]
+__all__ = ["DEFAULT_MAX_RAM", "ParsedStream", "parse_stream"]
 
+#: the most RAM a block table may claim unless the ``max_ram`` option says otherwise: 1 TiB, all
+#: the physical address space of QEMU's default x86 CPU models (40 bits)
+DEFAULT_MAX_RAM = 1 << 40
 _MAPPED_ALIGN = 1 << 20
 _MAX_BLOCKS = 4096
 
@@ -44,8 +47,8 @@ class ParsedStream:
     capabilities: list[str]
     blocks: list[RamBlock]
     image: ImageFile
+    #: every ZERO/PAGE record, ``final`` set
     table: RecordTable
-    last_write: np.ndarray
     size: int
     flushes: int
     rewritten: bool
@@ -58,11 +61,14 @@ class ParsedStream:
         return "x-ignore-shared" in self.capabilities
 
 
-def parse_stream(buf: np.ndarray, mapping: Any = None, tmpdir: str | None = None) -> ParsedStream:
+def parse_stream(
+    buf: np.ndarray, mapping: Any = None, tmpdir: str | None = None, max_ram: int = DEFAULT_MAX_RAM
+) -> ParsedStream:
     """Read a whole stream held in ``buf`` (a ``uint8`` array, usually a view of ``mapping``, a
     read-only map of the file, whose pages are released as they are read). The image file goes
-    to ``tmpdir`` (default: the system's temporary folder); the caller closes it on error too."""
-    walker = _Walker(buf, mapping, tmpdir)
+    to ``tmpdir`` (default: the system's temporary folder); the caller closes it on error too.
+    A block table claiming more than ``max_ram`` bytes is refused before anything is made for it."""
+    walker = _Walker(buf, mapping, tmpdir, max_ram)
     try:
         return walker.run()
     except BaseException:
@@ -72,10 +78,11 @@ def parse_stream(buf: np.ndarray, mapping: Any = None, tmpdir: str | None = None
 
 
 class _Walker:
-    def __init__(self, buf: np.ndarray, mapping: Any, tmpdir: str | None) -> None:
+    def __init__(self, buf: np.ndarray, mapping: Any, tmpdir: str | None, max_ram: int) -> None:
         self.buf = buf
         self.mapping = mapping
         self.tmpdir = tmpdir
+        self.max_ram = max_ram
         self.view = memoryview(buf)  # type: ignore[arg-type]
         self.size = int(buf.shape[0])
         self.capabilities: list[str] = []
@@ -131,7 +138,7 @@ class _Walker:
         assert self.ram_id is not None
         walk_devices(whole, pos, description, {self.ram_id})
         scanner = self.scanner
-        scanner.table.freeze()
+        table = scanner.finish()
         mapped = "mapped-ram" in self.capabilities
         if scanner.flushes and not mapped:
             raise FormatError(
@@ -144,8 +151,7 @@ class _Walker:
             capabilities=self.capabilities,
             blocks=self.blocks,
             image=scanner.image,
-            table=scanner.table,
-            last_write=scanner.last_write,
+            table=table,
             size=len(whole),
             flushes=scanner.flushes,
             rewritten=scanner.rewritten,
@@ -226,6 +232,11 @@ class _Walker:
                 f"RAM section at offset {pos} does not start with its block table (flags {header & 0xFFF:#x})"
             )
         total, table_at = header & ~0xFFF, pos
+        if total > self.max_ram:
+            raise FormatError(
+                f"RAM block table at offset {table_at} claims {total} bytes of RAM, more than max_ram "
+                f"({self.max_ram}); if the VM has that much, raise the qemu source's max_ram option"
+            )
         pos += 8
         ignore_shared = "x-ignore-shared" in self.capabilities
         mapped = "mapped-ram" in self.capabilities
