@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qemu_stream_builder import PAGE, StreamBuilder, pattern, simple_stream
+from qemu_stream_builder import PAGE, StreamBuilder, mapped_ram_stream, pattern, simple_stream
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.stream import ParsedStream, parse_stream
 from vmdelta_source_qemu.vmdesc import VmDescription, find_description, walk_devices
@@ -64,6 +64,22 @@ def test_every_cut_is_refused() -> None:
     for cut in range(len(data)):
         with pytest.raises(FormatError, match=rf"{REFUSED_END}|QEVM magic"):
             parse(data[:cut])
+
+
+def test_every_cut_of_a_mapped_ram_file_is_refused() -> None:
+    """A mapped-ram file ends where the stream after its last block's pages ends: cut in its
+    header, block table, bitmap, page area, RAM section ends, device state or description, it is
+    refused."""
+    data = mapped_ram_stream([("pc.ram", 16 * PAGE), ("vga.vram", 4 * PAGE)], {("pc.ram", 5): pattern(5)})
+    parse(data)
+    second = data.index(b"vga.vram")  # the second block's entry, header and bitmap
+    tail = (2 << 20) + 4 * PAGE - 64  # the end of its pages, the RAM sections' ends, device state
+    pages = range(200, tail, 7919)
+    cuts = [*range(200), *pages, *range(second - 50, second + 100), *range(tail, len(data))]
+    view = np.frombuffer(data, np.uint8)
+    for cut in cuts:
+        with pytest.raises(FormatError, match=rf"{REFUSED_END}|QEVM magic"):
+            parse(view[:cut])
 
 
 def test_a_cut_after_a_zero_byte_with_the_description_put_back_is_refused() -> None:

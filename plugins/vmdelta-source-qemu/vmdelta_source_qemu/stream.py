@@ -101,7 +101,10 @@ class _Walker:
         except ConstructError as exc:
             if pos + chunk.tell() >= self.size or "stream read less than specified" in str(exc):
                 raise FormatError(f"stream truncated in the {what} at offset {pos}") from None
-            raise FormatError(f"bad {what} at offset {pos}: {exc}") from None
+            # construct's message spans lines: the field's path, then what went wrong
+            field = str(getattr(exc, "path", None) or "").split(" -> ")[-1]
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise FormatError(f"bad {what} at offset {pos}: field {field or '?'}: {reason}") from None
         return value, pos + chunk.tell()
 
     def byte(self, pos: int, what: str) -> int:
