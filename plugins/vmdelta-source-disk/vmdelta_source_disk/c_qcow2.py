@@ -9,6 +9,7 @@ tables are derived from the same widths, and a test checks that the two agree.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,11 @@ from construct import (
 
 __all__ = [
     "COMPRESSION_TYPES",
+    "EXTENSION_HEAD",
     "EXT_BACKING_FORMAT",
     "EXT_END",
     "EXT_FEATURE_NAMES",
+    "FEATURE_NAME_TABLE",
     "INCOMPAT_KNOWN",
     "L1_OFFSET_MASK",
     "L2_COMPRESSED",
@@ -121,6 +124,13 @@ HeaderExtension = Struct(
 
 #: the extensions follow the header, up to and including the end marker
 HeaderExtensions = RepeatUntil(lambda obj, lst, ctx: obj["type"] == EXT_END, HeaderExtension)
+
+#: the fixed start of a :data:`HeaderExtension` (type, length), for walking many of them fast: a
+#: damaged header cluster of 2 MiB may hold 262144 of them
+EXTENSION_HEAD = struct.Struct(">II")
+
+#: the feature name table extension as a whole, one record per 48 bytes
+FEATURE_NAME_TABLE = np.dtype([("type", "u1"), ("bit", "u1"), ("name", "S46")])
 
 #: one entry of the feature name table extension
 FeatureNameEntry = Struct(

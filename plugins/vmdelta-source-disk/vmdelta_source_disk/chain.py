@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -70,19 +71,46 @@ class ComposedImage:
     closers: list[object]
 
 
-def _open(path: Path) -> int:
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _open(path: Path, role: str = "") -> int:
+    """Open a layer of the chain; only a regular file will do.
+
+    Opened without blocking and checked with ``fstat``: a backing file name is untrusted, and a
+    FIFO it names would block ``open`` forever.
+    """
     try:
-        return os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
+        raise ConfigError(f"{role}cannot open {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ConfigError(f"{role}{path} is {what}; disk images are read from regular files only")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _resolve_backing(top: Path, name: str) -> Path:
+    if "\0" in name:
+        raise FormatError(f"{top}: the backing file name {name!r} holds a NUL byte")
     if ":" in name.split("/", 1)[0] or name.startswith("json:"):
         raise ConfigError(f"{top}: backing file {name!r} is not a local file; only local files are supported")
     backing = Path(name) if os.path.isabs(name) else top.parent / name
-    if not backing.exists():
-        raise ConfigError(f"{top}: its backing file {backing} does not exist")
+    try:
+        os.stat(backing)
+    except FileNotFoundError:
+        raise ConfigError(f"{top}: its backing file {backing} does not exist") from None
+    except OSError as exc:  # a name too long, a loop of symbolic links, a path through a file
+        raise ConfigError(f"{top}: cannot use its backing file {name!r}: {exc.strerror}") from None
     return backing
 
 
@@ -97,7 +125,8 @@ def open_chain(path: Path) -> Chain:
             if real in seen or len(chain.layers) >= MAX_DEPTH:
                 raise FormatError(f"{path}: the backing chain loops or is deeper than {MAX_DEPTH}")
             seen.add(real)
-            fd = _open(current)
+            role = f"{chain.layers[-1].info.path}: its backing file " if chain.layers else ""
+            fd = _open(current, role)
             try:
                 info = read_info(current, fd)
                 chain.layers.append(Layer(info=info, fd=fd, clusters=read_cluster_map(info, fd)))
@@ -108,12 +137,14 @@ def open_chain(path: Path) -> Chain:
                 return chain
             backing = _resolve_backing(current, info.backing_file)
             fmt = info.backing_format
-            if fmt is None:  # no format extension: probe like QEMU does
-                with open(backing, "rb") as f:
-                    fmt = "qcow2" if f.read(4) == c.MAGIC else "raw"
-            if fmt == "raw":
-                chain.raw, chain.raw_fd = backing, _open(backing)
-                return chain
+            if fmt is None or fmt == "raw":
+                fd = _open(backing, role=f"{current}: its backing file ")
+                if fmt is None:  # no format extension: probe like QEMU does
+                    fmt = "qcow2" if os.pread(fd, 4, 0) == c.MAGIC else "raw"
+                if fmt == "raw":
+                    chain.raw, chain.raw_fd = backing, fd
+                    return chain
+                os.close(fd)
             if fmt != "qcow2":
                 raise ConfigError(
                     f"{current}: backing file {backing} is in format {fmt!r}; only raw and qcow2 are read"

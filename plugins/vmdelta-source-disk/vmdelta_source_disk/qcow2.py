@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -112,15 +113,14 @@ def read_info(path: Path, fd: int) -> Qcow2Info:
             compression = c.COMPRESSION_TYPES[v3.compression_type]
         elif incompatible & c.INCOMPAT_COMPRESSION:
             raise _fail(path, 72, "the compression-type feature is set but the header has no such field")
-    extensions = _parse(c.HeaderExtensions, first[header_length:cluster_size], path, header_length, "header extensions")
     backing_format, names = None, {}
-    for ext in extensions:  # type: ignore[attr-defined]
-        if ext.type == c.EXT_BACKING_FORMAT:
-            backing_format = ext.data.decode("utf-8", "replace")
-        elif ext.type == c.EXT_FEATURE_NAMES:
-            for i in range(len(ext.data) // 48):
-                entry = c.FeatureNameEntry.parse(ext.data[i * 48 : i * 48 + 48])
-                names[entry.type, entry.bit] = entry.name.rstrip(b"\0").decode("ascii", "replace")
+    for kind, data in _extensions(path, first[:cluster_size], header_length):
+        if kind == c.EXT_BACKING_FORMAT:
+            backing_format = data.decode("utf-8", "replace")
+        elif kind == c.EXT_FEATURE_NAMES:
+            table = np.frombuffer(data, dtype=c.FEATURE_NAME_TABLE, count=len(data) // 48)
+            for feature, bit, name in table.tolist():
+                names[feature, bit] = name.rstrip(b"\0").decode("ascii", "replace")
     _check_features(path, incompatible, names)
     backing_file = None
     if h.backing_file_offset:  # type: ignore[attr-defined]
@@ -152,6 +152,29 @@ def read_info(path: Path, fd: int) -> Qcow2Info:
     )
 
 
+def _extensions(path: Path, cluster: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+    """The header extensions this reader uses, as (type, data), up to the end marker.
+
+    Walked with a plain ``struct`` rather than parsed into one object each: the extension area
+    is the rest of the first cluster, up to 2 MiB of them when damaged.
+    """
+    head = c.EXTENSION_HEAD
+    pos = start
+    while True:
+        if pos + head.size > len(cluster):
+            raise _fail(path, pos, "the header extensions run past the first cluster without an end marker")
+        kind, length = head.unpack_from(cluster, pos)
+        if kind == c.EXT_END:
+            return
+        data = pos + head.size
+        if length > len(cluster) - data:
+            what = f"header extensions: one of type {kind:#010x} and {length} bytes runs past the first cluster"
+            raise _fail(path, pos, what)
+        if kind in (c.EXT_BACKING_FORMAT, c.EXT_FEATURE_NAMES):
+            yield kind, cluster[data : data + length]
+        pos = data + length + (-length % 8)
+
+
 def _check_features(path: Path, incompatible: int, names: dict[tuple[int, int], str]) -> None:
     """Refuse incompatible features this reader does not implement, naming them."""
     supported = c.INCOMPAT_DIRTY | c.INCOMPAT_COMPRESSION
@@ -168,7 +191,14 @@ def _check_features(path: Path, incompatible: int, names: dict[tuple[int, int], 
 
 
 def read_cluster_map(info: Qcow2Info, fd: int) -> ClusterMap:
-    """Every L2 entry of the active L1 table that is not "unallocated", classified."""
+    """Every L2 entry of the active L1 table that is not "unallocated", classified.
+
+    Each cluster of the file serves once: as the header, the L1 table, one L2 table or the data
+    of one guest cluster. QEMU never shares them in the active tables, and a shared one would let
+    a small file stand for an image of any size (one L2 table of 64 KiB clusters, listed by every
+    L1 entry, maps 512 MiB each time); refusing it keeps the cluster map, and the work of
+    presenting the image, proportional to the file.
+    """
     path, cs, n2 = info.path, info.cluster_size, info.l2_entries
     l1 = c.Table(info.l1_size).parse(os.pread(fd, info.l1_size * 8, info.l1_offset)) if info.l1_size else []
     l1 = np.asarray(l1, dtype=np.uint64)
@@ -176,20 +206,35 @@ def read_cluster_map(info: Qcow2Info, fd: int) -> ClusterMap:
     if bad.size:
         raise _fail(path, info.l1_offset + 8 * int(bad[0]), "an L1 entry has reserved bits set")
     l2_offsets = (l1 & np.uint64(c.L1_OFFSET_MASK)).astype(np.int64)
-    guests, entries = [], []
-    for index in np.flatnonzero(l2_offsets).tolist():
+    listed = np.flatnonzero(l2_offsets)
+    offsets = l2_offsets[listed]
+    bad = np.flatnonzero((offsets % cs != 0) | (offsets > info.file_size - cs))
+    if bad.size:
+        at = info.l1_offset + 8 * int(listed[bad[0]])
+        raise _fail(path, at, f"L2 table offset {int(offsets[bad[0]])} is unaligned or past the end")
+    uses = _ClusterUses(path)
+    uses.claim(np.zeros(1, dtype=np.int64), lambda k: (0, "the header"))
+    if info.l1_size:
+        first, end = info.l1_offset // cs, -(-(info.l1_offset + 8 * info.l1_size) // cs)
+        uses.claim(np.arange(first, end, dtype=np.int64), lambda k: (info.l1_offset, "the L1 table"))
+    uses.claim(
+        offsets // cs,
+        lambda k: (info.l1_offset + 8 * int(listed[k]), f"the L2 table of L1 entry {listed[k]} (byte {offsets[k]})"),
+    )
+    guests, entries, places = [], [], []
+    for index in listed.tolist():
         offset = int(l2_offsets[index])
-        if offset % cs or offset + cs > info.file_size:
-            raise _fail(path, info.l1_offset + 8 * index, f"L2 table offset {offset} is unaligned or past the end")
         table = c.Table(n2).parse(os.pread(fd, cs, offset))
         used = np.flatnonzero(table & np.uint64(~c.L2_COPIED & (2**64 - 1)))
         guest = (np.int64(index) * n2 + used.astype(np.int64)) * cs
         keep = guest < info.size
         guests.append(guest[keep])
         entries.append(table[used[keep]])
+        places.append(offset + 8 * used[keep])
         _check_l2(info, offset, used[keep], table[used[keep]])
     guest = np.concatenate(guests) if guests else np.zeros(0, dtype=np.int64)
     entry = np.concatenate(entries) if entries else np.zeros(0, dtype=np.uint64)
+    place = np.concatenate(places) if places else np.zeros(0, dtype=np.int64)
     compressed = (entry & np.uint64(c.L2_COMPRESSED)) != 0
     zero = ~compressed & ((entry & np.uint64(c.L2_ZERO)) != 0)
     kind = np.where(compressed, ClusterMap.COMPRESSED, np.where(zero, ClusterMap.ZERO, ClusterMap.DATA)).astype(
@@ -205,17 +250,72 @@ def read_cluster_map(info: Qcow2Info, fd: int) -> ClusterMap:
     if late.size:
         i = int(late[0])
         raise _fail(path, int(host[i]), f"the cluster at guest offset {int(guest[i])} lies past the end of the file")
+    data = np.flatnonzero(kind == ClusterMap.DATA)
+    uses.claim(
+        host[data] // cs,
+        lambda k: (int(place[data[k]]), f"the data of guest offset {guest[data[k]]} (byte {host[data[k]]})"),
+    )
+    packed = np.flatnonzero(compressed)
+    again = _first_repeat(host[packed])
+    if again is not None:
+        i = int(packed[again])
+        what = f"the compressed data of guest offset {guest[i]} (byte {host[i]}) serves another cluster too"
+        raise _fail(path, int(place[i]), what)
     return ClusterMap(guest=guest, kind=kind, host=host, length=length)
+
+
+def _first_repeat(values: np.ndarray) -> int | None:
+    """The first position whose value came earlier in ``values``, or ``None``."""
+    order = np.argsort(values, kind="stable")
+    repeat = np.flatnonzero(values[order][1:] == values[order][:-1])
+    return int(order[repeat + 1].min()) if repeat.size else None
+
+
+class _ClusterUses:
+    """The clusters of a file claimed so far and what for, so that none serves twice."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.parts: list[tuple[np.ndarray, Callable[[int], tuple[int, str]]]] = []
+
+    def claim(self, clusters: np.ndarray, describe: Callable[[int], tuple[int, str]]) -> None:
+        """Claim ``clusters``; ``describe(k)`` gives the file offset to blame and the name of the
+        k-th, for the error when one is taken already."""
+        before = [part for part, _ in self.parts]
+        taken = np.concatenate([*before, clusters])
+        again = _first_repeat(taken)
+        if again is not None:
+            first = int(np.flatnonzero(taken == taken[again])[0])
+            _, owner = self._describe(first, [*self.parts, (clusters, describe)])
+            at, what = describe(again - (taken.shape[0] - clusters.shape[0]))
+            raise _fail(self.path, at, f"{what} is also {owner}")
+        self.parts.append((clusters, describe))
+
+    @staticmethod
+    def _describe(position: int, parts: list[tuple[np.ndarray, Callable[[int], tuple[int, str]]]]) -> tuple[int, str]:
+        for clusters, describe in parts:
+            if position < clusters.shape[0]:
+                return describe(position)
+            position -= clusters.shape[0]
+        raise IndexError(position)
 
 
 def _check_l2(info: Qcow2Info, table_offset: int, slots: np.ndarray, entries: np.ndarray) -> None:
     standard = (entries & np.uint64(c.L2_COMPRESSED)) == 0
     reserved = standard & ((entries & np.uint64(c.L2_STANDARD_RESERVED)) != 0)
     unaligned = standard & ((entries & np.uint64(c.L2_OFFSET_MASK)) % np.uint64(info.cluster_size) != 0)
-    bad = np.flatnonzero(reserved | unaligned)
+    # version 2 has no zero clusters; QEMU calls the flag there corruption, and so does this reader
+    zero_v2 = standard & ((entries & np.uint64(c.L2_ZERO)) != 0) if info.version < 3 else np.zeros_like(standard)
+    bad = np.flatnonzero(reserved | unaligned | zero_v2)
     if bad.size:
         i = int(bad[0])
-        what = "has reserved bits set" if reserved[i] else "points to an unaligned cluster"
+        what = (
+            "has reserved bits set"
+            if reserved[i]
+            else "is a zero cluster, which version 2 does not have"
+            if zero_v2[i]
+            else "points to an unaligned cluster"
+        )
         raise _fail(info.path, table_offset + 8 * int(slots[i]), f"L2 entry {int(entries[i]):#018x} {what}")
 
 
