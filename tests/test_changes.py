@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmdelta_core import SourceImage, hookimpl
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
@@ -107,3 +109,86 @@ def test_the_digest_taken_while_comparing_is_the_image_digest() -> None:
         running = ImageDigest()
         changed_units(image(base), image(modified, holes), 4096, digest=running)
         assert running.hexdigest() == image_digest(image(modified, holes), 4096)
+
+
+@st.composite
+def sparse_pairs(draw) -> tuple[np.ndarray, list, np.ndarray, list]:
+    """A base and a modified image of a few units each (the sizes differ), with zero runs that
+    are declared holes, some of them not unit-aligned."""
+    unit = 512
+
+    def one(size: int) -> tuple[np.ndarray, list]:
+        data = np.frombuffer(draw(st.binary(min_size=size, max_size=size)), dtype=np.uint8).copy()
+        holes = []
+        for start, length in draw(st.lists(st.tuples(st.integers(0, size), st.integers(1, 6 * unit)), max_size=4)):
+            length = min(length, size - start)
+            if length > 0:
+                data[start : start + length] = 0
+                holes.append((start, length))
+        holes.sort()
+        merged: list[list[int]] = []
+        for start, length in holes:
+            if merged and start <= merged[-1][0] + merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], start + length - merged[-1][0])
+            else:
+                merged.append([start, length])
+        return data, [tuple(h) for h in merged]
+
+    base, base_holes = one(draw(st.integers(0, 12 * unit)))
+    modified, holes = one(draw(st.integers(0, 12 * unit)))
+    if draw(st.booleans()):  # share content, so that unchanged units occur
+        n = min(base.size, modified.size)
+        modified[:n] = np.where(modified[:n] == 0, 0, base[:n])
+    return base, base_holes, modified, holes
+
+
+@settings(max_examples=300, deadline=None)
+@given(sparse_pairs())
+def test_holes_skip_exactly_what_is_zero_on_both_sides(pair) -> None:
+    """With holes stepped around at any length (the chunk made tiny), the changed units and the
+    digest are the ones a plain comparison of the bytes gives."""
+    from vmdelta_core import index
+    from vmdelta_core.index import ImageDigest
+
+    base, base_holes, modified, holes = pair
+    unit = 512
+    count = -(-modified.size // unit)
+    padded_m = np.zeros(count * unit, dtype=np.uint8)
+    padded_m[: modified.size] = modified
+    padded_b = np.zeros(count * unit, dtype=np.uint8)
+    padded_b[: min(base.size, count * unit)] = base[: count * unit]
+    padded_b[modified.size :] = 0  # the rebuilt image ends where the modified does
+    truth = np.flatnonzero((padded_m.reshape(-1, unit) != padded_b.reshape(-1, unit)).any(axis=1))
+    plain = ImageDigest()
+    plain.update(modified)
+    saved = index._CHUNK_UNITS
+    index._CHUNK_UNITS = 1
+    try:
+        running = ImageDigest()
+        found = changed_units(image(base, base_holes), image(modified, holes), unit, digest=running)
+    finally:
+        index._CHUNK_UNITS = saved
+    assert found.tolist() == truth.tolist()
+    assert running.hexdigest() == plain.hexdigest()
+
+
+def test_a_huge_claimed_sparse_tail_costs_nothing_per_unit(tmp_path: Path) -> None:
+    """A modified image claiming a terabyte past a small base (a sparse, grown disk) is compared
+    in memory that follows its data: no array of one entry per unit is made."""
+    import tracemalloc
+
+    from vmdelta_core.fileio import open_file_image
+
+    path = tmp_path / "grown.img"
+    with open(path, "wb") as f:
+        f.write(b"data" * 1024)
+        f.truncate(1 << 40)
+    base = np.zeros(4096 * 4, dtype=np.uint8)
+    with open_file_image(path, "disk") as modified:
+        tracemalloc.start()
+        try:
+            found = changed_units(image(base), modified, 4096)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert found.tolist() == [0] and peak < 16 << 20

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from vmdelta_core.components import SourceImage
-from vmdelta_core.index import ImageDigest, hole_units, iter_chunks
+from vmdelta_core.index import ImageDigest, hole_runs, intersect_runs, iter_chunks
 
 __all__ = ["changed_units", "unit_bytes"]
 
@@ -57,13 +57,13 @@ def changed_units(
         return _changed_among(base, modified, unit, np.asarray(modified.hints, dtype=np.int64), progress)
 
     common = min(msize, bsize) // unit  # units wholly inside both images
-    both_holes = hole_units(modified, unit, count)
-    base_holes = hole_units(base, unit, -(-bsize // unit))
-    shared = min(count, base_holes.shape[0])  # past the base's end it reads as zeros: a hole
-    both_holes[:shared] &= base_holes[:shared]
+    ends = -(-bsize // unit)  # units from here on lie past the base's end: it reads as zeros there
+    holes = hole_runs(modified, unit, count)
+    beyond_base = np.array([[ends, max(ends, count)]], dtype=np.int64)
+    both_holes = intersect_runs(holes, np.concatenate([hole_runs(base, unit, ends), beyond_base]))
     found: list[np.ndarray] = []
     mdata, bdata = modified.data, base.data
-    for first, end, is_hole in iter_chunks(modified, unit, both_holes[:common]):
+    for first, end, is_hole in iter_chunks(modified, unit, both_holes, 0, common):
         lo, hi = first * unit, end * unit
         if not is_hole:
             diff = _differ(mdata[lo:hi], bdata[lo:hi], unit)
@@ -76,16 +76,20 @@ def changed_units(
             digest.update_zeros(hi - lo)  # a hole in the modified image reads as zeros
         if progress is not None:
             progress((end - first) * unit)
-    # the tail: units past the end of the base (compared with zeros) and partial units
-    tail = np.arange(common, count, dtype=np.int64)
-    if tail.size:
-        found.append(_changed_among(base, modified, unit, tail, None))
-        if digest is not None:
-            for lo in range(common * unit, msize, 16 << 20):
-                digest.update(mdata[lo : min(lo + (16 << 20), msize)])
-                modified.release(lo, lo + (16 << 20))
+    # the tail: units past the end of the base (compared with zeros; holes there are zeros on
+    # both sides) and partial units
+    for first, end, is_hole in iter_chunks(modified, unit, intersect_runs(holes, beyond_base), common, count):
+        lo, hi = first * unit, min(end * unit, msize)
+        if is_hole:
+            if digest is not None:
+                digest.update_zeros(hi - lo)
+        else:
+            found.append(_changed_among(base, modified, unit, np.arange(first, end, dtype=np.int64), None))
+            if digest is not None:
+                digest.update(mdata[lo:hi])
+            modified.release(lo, hi)
         if progress is not None:
-            progress(msize - common * unit)
+            progress(hi - lo)
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
