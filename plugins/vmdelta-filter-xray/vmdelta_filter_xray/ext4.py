@@ -35,6 +35,7 @@ RO_COMPAT_BIGALLOC = 0x200
 RO_COMPAT_METADATA_CSUM = 0x400
 BG_BLOCK_UNINIT = 0x2
 EXTENTS_FL = 0x80000
+MIN_BLOCKS_PER_GROUP = 256  # mke2fs's lower limit
 
 
 class Unsupported(Exception):
@@ -87,6 +88,10 @@ class Ext4:
         if sb.s_log_block_size > 6:
             raise FormatError(f"xray: {volume.name}: block size 1024 << {sb.s_log_block_size} at byte {at + 24}")
         self.block_size = 1024 << sb.s_log_block_size
+        # revision 0 has no inode size field: its inodes are 128 bytes
+        self.inode_size = sb.s_inode_size if sb.s_rev_level else 128
+        if self.inode_size < 128 or self.inode_size & (self.inode_size - 1) or self.inode_size > self.block_size:
+            raise FormatError(f"xray: {volume.name}: inode size {self.inode_size} at byte {at + 88}")
         is64 = bool(sb.s_feature_incompat & INCOMPAT_64BIT)
         self.blocks_count = sb.s_blocks_count_lo | ((sb.s_blocks_count_hi << 32) if is64 else 0)
         self.desc_size = max(sb.s_desc_size, 64) if is64 else 32
@@ -97,7 +102,7 @@ class Ext4:
             self.blocks_per_group == 0
             or self.blocks_per_group > 8 * bs
             or self.desc_size > bs
-            or sb.s_inodes_per_group == 0
+            or not 0 < sb.s_inodes_per_group <= 8 * bs
             or self.blocks_count <= self.first_data_block
         ):
             raise FormatError(f"xray: {volume.name}: inconsistent ext superblock geometry at byte {at}")
@@ -106,6 +111,10 @@ class Ext4:
                 f"xray: {volume.name}: ext filesystem of {self.blocks_count * bs} bytes "
                 f"in a {volume.length}-byte volume"
             )
+        if self.blocks_per_group < MIN_BLOCKS_PER_GROUP:
+            # fewer is legal but never made by mke2fs, and every group costs a pass of Python:
+            # leaving the volume alone is always safe
+            raise Unsupported(f"ext with {self.blocks_per_group} blocks per group (mke2fs makes 256 or more)")
         self.group_count = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
         self.sparse = bool(sb.s_feature_ro_compat & RO_COMPAT_SPARSE_SUPER)
         self.meta_bg = bool(sb.s_feature_incompat & INCOMPAT_META_BG)
@@ -113,7 +122,7 @@ class Ext4:
         self.needs_recovery = bool(sb.s_feature_incompat & INCOMPAT_RECOVER)
         self.has_journal = bool(sb.s_feature_compat & COMPAT_HAS_JOURNAL)
         self.desc_per_block = bs // self.desc_size
-        self.inode_table_blocks = -(-(sb.s_inodes_per_group * sb.s_inode_size) // bs)
+        self.inode_table_blocks = -(-(sb.s_inodes_per_group * self.inode_size) // bs)
         self._descriptors: list[tuple[int, int, int, int]] | None = None
         self._meta: tuple[np.ndarray, np.ndarray, int] | None = None
 
@@ -203,27 +212,29 @@ class Ext4:
         count = min(self.blocks_per_group, self.blocks_count - start)
         block_bitmap, _, _, flags = self.descriptors()[group]
         if self.uninit_ok and flags & BG_BLOCK_UNINIT:
-            # no bitmap on disk: only the superblock copy, descriptors and (flex_bg) any group's
-            # bitmaps and inode tables placed here are in use
-            bits = np.zeros(count, dtype=bool)
-            bits[: self._group_overhead(group)] = True
-            if self._meta is None:
-                self._meta = self._metadata()
-            starts, ends, longest = self._meta
-            lo = int(np.searchsorted(starts, start - longest))
-            hi = int(np.searchsorted(starts, start + count))
-            for first, end in zip(starts[lo:hi].tolist(), ends[lo:hi].tolist(), strict=True):
-                a, b = max(first, start), min(end, start + count)
-                if a < b:
-                    bits[a - start : b - start] = True
-            return bits
-        if not self.first_data_block <= block_bitmap < self.blocks_count:
-            raise FormatError(
-                f"xray: {self.volume.name}: group {group} block bitmap at block {block_bitmap} "
-                "is outside the filesystem"
-            )
-        raw = np.frombuffer(self.block(block_bitmap), dtype=np.uint8)
-        return np.unpackbits(raw, bitorder="little")[:count].astype(bool)
+            bits = np.zeros(count, dtype=bool)  # no bitmap on disk: only metadata is in use
+        else:
+            if not self.first_data_block <= block_bitmap < self.blocks_count:
+                raise FormatError(
+                    f"xray: {self.volume.name}: group {group} block bitmap at block {block_bitmap} "
+                    "is outside the filesystem"
+                )
+            raw = np.frombuffer(self.block(block_bitmap), dtype=np.uint8)
+            bits = np.unpackbits(raw, bitorder="little")[:count].astype(bool)
+        # the superblock copy and descriptors, and (flex_bg) any group's bitmaps and inode tables
+        # placed here, are in use whatever a bitmap says: an uninitialised group has none to say
+        # it, and a damaged one must not make xray drop the filesystem's own metadata
+        bits[: self._group_overhead(group)] = True
+        if self._meta is None:
+            self._meta = self._metadata()
+        starts, ends, longest = self._meta
+        lo = int(np.searchsorted(starts, start - longest))
+        hi = int(np.searchsorted(starts, start + count))
+        for first, end in zip(starts[lo:hi].tolist(), ends[lo:hi].tolist(), strict=True):
+            a, b = max(first, start), min(end, start + count)
+            if a < b:
+                bits[a - start : b - start] = True
+        return bits
 
     def free_ranges(self) -> tuple[np.ndarray, np.ndarray]:
         """Free blocks as merged byte ranges ``[start, end)`` of the disk image.
@@ -254,19 +265,28 @@ class Ext4:
 
     def inode_head(self, number: int) -> construct.Container:
         ipg = self.sb.s_inodes_per_group
+        if not 0 < number <= ipg * self.group_count:
+            raise FormatError(f"xray: {self.volume.name}: inode {number} does not exist ({ipg} a group)")
         group, index = divmod(number - 1, ipg)
         table = self.descriptors()[group][2]
-        per_block = self.block_size // self.sb.s_inode_size
+        per_block = self.block_size // self.inode_size
         block, slot = divmod(index, per_block)
         raw = self.block(table + block)
-        at = slot * self.sb.s_inode_size
+        at = slot * self.inode_size
         return EXT4_INODE_HEAD.parse(raw[at : at + EXT4_INODE_HEAD.sizeof()])
 
     def file_blocks(self, inode: construct.Container, count: int) -> np.ndarray:
-        """Physical block of each of the first ``count`` logical blocks of a file (0: a hole)."""
+        """Physical block of each of the first ``count`` logical blocks of a file (0: a hole).
+
+        ``count`` must not exceed the filesystem's blocks: the map takes 8 bytes a block.
+        """
+        if not 0 <= count <= self.blocks_count:
+            raise FormatError(
+                f"xray: {self.volume.name}: a file of {count} blocks in a filesystem of {self.blocks_count}"
+            )
         out = np.zeros(count, dtype=np.int64)
         if inode.i_flags & EXTENTS_FL:
-            self._extents(inode.i_block, out, depth_left=8)
+            self._extents(inode.i_block, out, depth_left=8, seen=set())
         else:
             pointers = np.frombuffer(inode.i_block, dtype="<u4").astype(np.int64)
             out[: min(12, count)] = pointers[: min(12, count)]
@@ -275,13 +295,21 @@ class Ext4:
                 position = self._indirect(int(pointer), level, out, position)
         return out
 
-    def _extents(self, node: bytes, out: np.ndarray, depth_left: int) -> None:
+    def _extents(self, node: bytes, out: np.ndarray, depth_left: int, seen: set[int]) -> None:
+        """Fill ``out`` from one node of an extent tree; ``seen`` holds the tree blocks read so
+        far, each of which may be read once (a tree whose nodes share blocks costs exponential
+        time)."""
         try:
             header = EXT4_EXTENT_HEADER.parse(node[:12])
         except construct.ConstructError:
             raise FormatError(f"xray: {self.volume.name}: damaged extent tree in the journal inode") from None
         if depth_left == 0:
             raise FormatError(f"xray: {self.volume.name}: extent tree deeper than 8 levels")
+        if header.eh_entries > (len(node) - 12) // 12:
+            raise FormatError(
+                f"xray: {self.volume.name}: an extent node claims {header.eh_entries} entries, "
+                f"room for {(len(node) - 12) // 12}"
+            )
         for i in range(header.eh_entries):
             raw = node[12 + 12 * i : 24 + 12 * i]
             if header.eh_depth == 0:
@@ -293,7 +321,11 @@ class Ext4:
                     out[lo:hi] = np.arange(start, start + hi - lo)
             else:
                 idx = EXT4_EXTENT_IDX.parse(raw)
-                self._extents(self.block(idx.ei_leaf_lo | (idx.ei_leaf_hi << 32)), out, depth_left - 1)
+                leaf = idx.ei_leaf_lo | (idx.ei_leaf_hi << 32)
+                if leaf in seen:
+                    raise FormatError(f"xray: {self.volume.name}: the extent tree reaches block {leaf} twice")
+                seen.add(leaf)
+                self._extents(self.block(leaf), out, depth_left - 1, seen)
 
     def _indirect(self, pointer: int, level: int, out: np.ndarray, position: int) -> int:
         span = (self.block_size // 4) ** level

@@ -10,7 +10,7 @@ from vmdelta_core.components import Filter, FilterContext, FilterResult
 from vmdelta_core.errors import ConfigError
 from vmdelta_filter_xray.ext4 import Ext4, Unsupported, is_ext
 from vmdelta_filter_xray.journal import replay_journal
-from vmdelta_filter_xray.partitions import find_volumes
+from vmdelta_filter_xray.partitions import Volume, find_volumes
 
 __all__ = ["XrayFilter", "free_ranges", "units_covered"]
 
@@ -82,11 +82,42 @@ def free_ranges(data: np.ndarray, *, replay: bool = True) -> tuple[np.ndarray, n
         ends.append(hi)
     lo = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
     hi = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
+    shared = _shared(volumes)
+    if shared.size:
+        # a damaged or odd table: a block free in one volume may hold data of the other
+        lo, hi = _subtract(lo, hi, shared)
+        skipped += [f"bytes {a}-{b} lie in two volumes, left alone" for a, b in shared[:8].tolist()]
     order = np.argsort(lo, kind="stable")
     details: dict[str, Any] = {"partitioning": scheme, "filesystems": found}
     if skipped:
         details["left_alone"] = skipped
     return lo[order], hi[order], details
+
+
+def _shared(volumes: list[Volume]) -> np.ndarray:
+    """Byte ranges ``[start, end)`` that two or more volumes cover."""
+    spans = sorted((v.offset, v.offset + v.length) for v in volumes)
+    out, reach = [], 0
+    for start, end in spans:
+        if start < reach:
+            out.append((start, min(end, reach)))
+        reach = max(reach, end)
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _subtract(lo: np.ndarray, hi: np.ndarray, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of ranges ``[lo, hi)`` outside every range of ``cut``, as merged ranges."""
+    points = np.unique(np.concatenate([lo, hi, cut.ravel()]))
+    left, right = points[:-1], points[1:]
+
+    def covered(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        # how many ranges hold each elementary piece [left, right)
+        return np.searchsorted(np.sort(starts), left, side="right") - np.searchsorted(np.sort(ends), left, side="right")
+
+    keep = (covered(lo, hi) > 0) & (covered(cut[:, 0], cut[:, 1]) == 0)
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], keep, [False])).astype(np.int8)))
+    first, last = edges[0::2], edges[1::2] - 1
+    return left[first], right[last]
 
 
 def units_covered(starts: np.ndarray, ends: np.ndarray, units: np.ndarray, unit_size: int, size: int) -> np.ndarray:

@@ -65,16 +65,22 @@ def replay_journal(fs: Ext4) -> tuple[dict[int, bytes], dict[str, int]]:
     tail = 4 if incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3) else 0
     first, last = jsb.s_first, jsb.s_maxlen
 
-    def advance(n: int) -> int:
-        return first if n + 1 >= last else n + 1
-
-    # pass 1: scan committed transactions, collecting tags and revokes
+    # pass 1: scan committed transactions, collecting tags and revokes; a log read once around
+    # is all there is, however many blocks its descriptors claim (each of which would cost a copy
+    # of a block in pass 2)
     transactions: list[tuple[int, list[tuple[int, int, bool]]]] = []
     revoked: dict[int, int] = {}
     position, sequence = jsb.s_start, jsb.s_sequence
     pending: list[tuple[int, int, bool]] = []
     pending_revokes: list[int] = []
-    for _ in range(last):  # each iteration consumes at least one log block
+    budget = last - first  # log blocks a scan may consume
+
+    def advance(n: int) -> int:
+        nonlocal budget
+        budget -= 1
+        return first if n + 1 >= last else n + 1
+
+    while budget > 0:
         raw = log_block(position)
         header = JBD2_HEADER.parse(raw[:12])
         if header.h_magic != JBD2_MAGIC or header.h_sequence != sequence:
@@ -96,7 +102,7 @@ def replay_journal(fs: Ext4) -> tuple[dict[int, bytes], dict[str, int]]:
                 pending.append((number, position, bool(flags & TAG_ESCAPE)))
                 position = advance(position)
                 offset += tag_size + (0 if flags & TAG_SAME_UUID else 16)
-                if flags & TAG_LAST:
+                if flags & TAG_LAST or budget <= 0:
                     break
         elif header.h_blocktype == REVOKE:
             used = int.from_bytes(raw[12:16], "big")

@@ -17,6 +17,7 @@ SECTOR = 512
 _EXTENDED = {0x05, 0x0F, 0x85}
 _GPT_PROTECTIVE = 0xEE
 _MAX_LOGICAL = 128
+_MAX_GPT_TABLE = 65536 * 128  # bytes: the most entries this reader takes, of the usual size
 
 
 @attrs.frozen
@@ -104,12 +105,16 @@ def _gpt(data: np.ndarray) -> list[Volume]:
         except construct.ConstructError:
             problems.append(f"no GPT header at byte {offset}")
             continue
+        if not 92 <= header.header_size <= SECTOR:
+            problems.append(f"GPT header at byte {offset} claims a size of {header.header_size} bytes")
+            continue
         raw = bytearray(_read(data, offset, header.header_size))
         raw[16:20] = b"\0\0\0\0"
-        if header.header_size < 92 or header.header_size > SECTOR or zlib.crc32(raw) != header.header_crc32:
+        if zlib.crc32(raw) != header.header_crc32:
             problems.append(f"GPT header at byte {offset} fails its CRC32")
             continue
-        if header.entry_size < 128 or header.entry_size % 8 or header.num_entries > 65536:
+        # checked before the table is read: it is copied out of the disk whole
+        if header.entry_size < 128 or header.entry_size % 8 or header.num_entries * header.entry_size > _MAX_GPT_TABLE:
             problems.append(f"GPT header at byte {offset} has a bad entry table geometry")
             continue
         table_offset = header.entries_lba * SECTOR
