@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import pluggy
 
 from vmdelta_core.errors import ConfigError, FormatError, PluginError
 from vmdelta_filter_trim import hookspecs
 from vmdelta_filter_trim.parsers import BUILTIN_PARSERS, DISCARD, WRITE, TraceEvent, TraceParser
-from vmdelta_filter_trim.ranges import ByteRanges
+from vmdelta_filter_trim.ranges import ByteRanges, last_discarded
+
+_LAST_BYTE = 2**63 - 1
 
 __all__ = ["TraceLog", "collect_parsers", "discarded_ranges", "read_trace"]
 
@@ -54,32 +57,34 @@ def read_trace(path: Path, parsers: Sequence[TraceParser]) -> TraceLog:
     :raises ConfigError: the file cannot be read or no line is a known trace event.
     :raises FormatError: a line of a known format is damaged (with its line number).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise ConfigError(f"trim: cannot read trace log {path}: {exc.strerror}") from None
     events: list[TraceEvent] = []
     by_parser = {parser.name: 0 for parser in parsers}
     unrecognised = 0
-    lines = text.splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        for parser in parsers:
-            try:
-                event = parser.parse_line(line)
-            except FormatError as exc:
-                raise FormatError(f"trim: {path} line {number}: {exc}") from None
-            if event is not None:
-                events.append(event)
-                by_parser[parser.name] += 1
-                break
-        else:
-            unrecognised += 1
+    number = 0
+    try:
+        # line by line (a line ends at a line feed): memory follows the events, not the log
+        with open(path, encoding="utf-8", errors="replace", newline="\n") as text:
+            for number, raw in enumerate(text, 1):
+                line = raw.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                for parser in parsers:
+                    try:
+                        event = parser.parse_line(line)
+                    except FormatError as exc:
+                        raise FormatError(f"trim: {path} line {number}: {exc}") from None
+                    if event is not None:
+                        events.append(event)
+                        by_parser[parser.name] += 1
+                        break
+                else:
+                    unrecognised += 1
+    except OSError as exc:
+        raise ConfigError(f"trim: cannot read trace log {path}: {exc.strerror}") from None
     if not events:
         known = ", ".join(parser.name for parser in parsers)
         raise ConfigError(f"trim: no line of {path} is a trace event it understands ({known})")
-    return TraceLog(events, len(lines), unrecognised, {k: v for k, v in by_parser.items() if v})
+    return TraceLog(events, number, unrecognised, {k: v for k, v in by_parser.items() if v})
 
 
 def _window(value: Any, what: str) -> int | None:
@@ -107,17 +112,18 @@ def discarded_ranges(
     options = options or {}
     after = _window(options.get("after"), "after")
     before = _window(options.get("before"), "before")
-    ranges = ByteRanges()
     counts = {"writes": 0, "discards": 0, "other": 0, "outside_window": 0}
+    starts: list[int] = []
+    ends: list[int] = []
+    discard: list[bool] = []
     for event in sorted(events, key=lambda e: e.time_us):
         if (after is not None and event.time_us < after) or (before is not None and event.time_us > before):
             counts["outside_window"] += 1
-        elif event.op == DISCARD:
-            counts["discards"] += 1
-            ranges.add(event.offset, event.offset + event.length)
-        elif event.op == WRITE:
-            counts["writes"] += 1
-            ranges.remove(event.offset, event.offset + event.length)
+        elif event.op in (DISCARD, WRITE):
+            counts["discards" if event.op == DISCARD else "writes"] += 1
+            starts.append(min(event.offset, _LAST_BYTE))  # no image reaches past 2**63
+            ends.append(min(event.offset + event.length, _LAST_BYTE))
+            discard.append(event.op == DISCARD)
         else:
             counts["other"] += 1
-    return ranges, counts
+    return last_discarded(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), np.array(discard)), counts
