@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from vmdelta_core.metadata import read_metadata
+
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
-__all__ = ["BarProgress", "console", "print_json", "progress_for", "render_overlay"]
+__all__ = ["BarProgress", "console", "print_json", "printable", "progress_for", "render_overlay"]
+
+#: C0 and C1 controls (a terminal's escape sequences) and lone surrogates (undecodable file names,
+#: which the terminal's encoding refuses)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(value: Any) -> str:
+    """``value`` as text safe to show on a terminal: control characters and lone surrogates
+    escaped (``\\x1b``, ``\\udcff``). Names and file names from an overlay are untrusted, and a
+    file name need not be valid UTF-8."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(value))
 
 
 class _LazyConsole:
-    """rich's console, imported on first use: commands that print nothing start faster."""
+    """rich's console, imported on first use: commands that print nothing start faster.
+
+    Text is printed as it is, never read as rich markup or emoji codes (a file named ``[/x]``
+    would be an error, one named ``:x:`` an emoji), and strings are shown :func:`printable`.
+    """
 
     def __init__(self, stderr: bool) -> None:
         self._stderr = stderr
@@ -25,8 +44,11 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=self._stderr, highlight=False)
+            self._console = Console(stderr=self._stderr, highlight=False, markup=False, emoji=False)
         return self._console
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.get().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.get(), name)
@@ -95,21 +117,33 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _cell(value: Any) -> Text:
+    from rich.text import Text
+
+    return Text(printable(value))
+
+
 def render_overlay(
     metadata: Mapping[str, Any], *, size: int | None = None, frames: list[dict[str, Any]] | None = None
 ) -> None:
-    """The statistics table of an overlay, one column per image."""
+    """The statistics table of an overlay, one column per image.
+
+    The metadata is checked first (:func:`vmdelta_core.metadata.read_metadata`), whoever passes
+    it: every field read below is then present and of its documented type, so an odd overlay
+    ends in a FormatError, never a KeyError halfway through a table.
+    """
     from rich.table import Table
 
-    images = metadata["images"]
+    meta = read_metadata(metadata)
+    images = meta.images
     title = "overlay" + (f" — {_size(size)}" if size is not None else "")
     table = Table(title=title, title_justify="left")
     table.add_column("")
     for image in images:
-        table.add_column(f"{image['name']} ({image['source']})", justify="right")
+        table.add_column(_cell(f"{image['name']} ({image['source']})"), justify="right")
 
     def row(label: str, values: list[Any]) -> None:
-        table.add_row(label, *[str(v) for v in values])
+        table.add_row(_cell(label), *[_cell(v) for v in values])
 
     stats = [image["statistics"] for image in images]
     row("image size", [_size(image["size"]) for image in images])
@@ -128,13 +162,13 @@ def render_overlay(
         row(f"  {name}", [e["units"] if e else "-" for e in mine])
         row(
             "    bytes → stored",
-            [f"{_size(e['bytes'])} → {_size(e.get('stored_bytes', 0))}" if e else "-" for e in mine],
+            [f"{_size(e['bytes'])} → {_size(e.get('stored_bytes') or 0)}" if e else "-" for e in mine],
         )
     row("  references, stored", [_size(s.get("references_stored_bytes", 0)) for s in stats])
     row("stored (compressed)", [_size(s.get("stored_bytes", 0)) for s in stats])
     console.print(table)
     for image in images:
-        for f in image.get("filters", []):
+        for f in image["filters"]:
             console.print(
                 f"{image['name']}: filter {f['name']} dropped {f['dropped']} units ({f['reason']}); "
                 f"input {f.get('input') or '-'} {f.get('input_fingerprint') or ''}"
@@ -142,27 +176,25 @@ def render_overlay(
     components = Table(title="components", title_justify="left")
     for column in ("kind", "name", "distribution", "version", "id"):
         components.add_column(column)
-    for c in metadata["components"]:
-        ident = c.get("ref", c.get("id", ""))
-        components.add_row(
-            c["kind"],
-            c["name"],
-            c["distribution"],
-            c["version"],
-            f"{ident:#x}" if c["kind"] == "encoder" else str(ident),
-        )
+    for c in meta.components:
+        if c["kind"] == "encoder":
+            ident = f"{c['ref']:#x}"
+        elif c["kind"] == "codec":
+            ident = str(c["id"])
+        else:
+            ident = ""
+        components.add_row(*map(_cell, (c["kind"], c["name"], c["distribution"], c["version"], ident)))
     console.print(components)
     if frames is not None:
         ft = Table(title="frames", title_justify="left")
         for column in ("image", "kind", "items", "addresses", "bytes", "stored"):
             ft.add_column(column, justify="right")
         for f in frames:
+            owner = images[f["image"]]["name"] if 0 <= f["image"] < len(images) else f"#{f['image']}"
             ft.add_row(
-                images[f["image"]]["name"],
-                f["kind"],
-                str(f["items"]),
-                f"{f['first']:#x}-{f['end']:#x}",
-                str(f["length"]),
-                str(f["stored"]),
+                *map(
+                    _cell,
+                    (owner, f["kind"], f["items"], f"{f['first']:#x}-{f['end']:#x}", f["length"], f["stored"]),
+                )
             )
         console.print(ft)
