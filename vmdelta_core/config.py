@@ -10,29 +10,38 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.errors import ConfigError, PluginError
+from vmdelta_core.jsonvalue import MAX_INT, MIN_INT, find_problem, path_text
+
+if TYPE_CHECKING:
+    from vmdelta_core.components import Codec, Filter, Source
 
 __all__ = [
     "DEFAULT_ENCODERS",
     "DEFAULT_POLICY",
+    "MAX_THREADS",
     "ApplyConfig",
     "ApplyImageSpec",
     "CreateConfig",
     "FilterSpec",
     "ImageSpec",
+    "check_codec_level",
+    "check_filter_options",
+    "check_source_options",
     "load_pipeline",
     "parse_filter",
     "parse_option",
 ]
 
 POLICIES = ("fixed", "first-smaller", "best")
+KINDS = ("memory", "disk")
 #: ``None`` in a config means these defaults, resolved against the installed encoders at create
 #: time: every encoder that declares a ``default_priority`` (in that order) and then ``raw``, chosen
 #: per unit with ``best`` when there is more than raw, else ``fixed``
@@ -40,34 +49,172 @@ DEFAULT_ENCODERS = None
 DEFAULT_POLICY = None
 DEFAULT_UNIT = 4096
 DEFAULT_FRAME = 4 << 20
+MIN_FRAME = 64 << 10
 MAX_FRAME = 64 << 20
+MAX_UNIT = 65024  # the largest multiple of 512 an item's u16 length holds
+#: worker threads; each may hold two frames in flight, so this also bounds memory
+MAX_THREADS = 1024
+#: an options mapping and the values in it, nested; the overlay's metadata records options a few
+#: levels down, and :data:`vmdelta_core.jsonvalue.MAX_DEPTH` must still hold for it
+MAX_OPTION_DEPTH = 16
+#: a TOML pipeline, nested (its options included)
+MAX_PIPELINE_DEPTH = 32
 
 
 def _paths(value: Any) -> Path:
-    return Path(os.fspath(value))
+    try:
+        path = Path(os.fspath(value))
+    except TypeError:
+        raise ConfigError(f"a path must be a string, not {_describe(value)}") from None
+    if "\0" in str(path):
+        raise ConfigError(f"the path {str(path)!r} holds a NUL character")
+    return path
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+# attrs validators: every way in (flags, a TOML file, the API) meets the same checks, and a
+# wrong value is a ConfigError, never a TypeError deep inside create
+
+
+def _integer(what: str, low: int, high: int, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    """A real int (never a bool, nor a float such as TOML's ``4096.0``) from ``low`` to ``high``."""
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{what} must be an integer, not {_describe(value)}")
+        if not low <= value <= high:
+            raise ConfigError(f"{what} {value} is out of range ({low} to {high})")
+
+    return check
+
+
+def _one_of(what: str, allowed: tuple[str, ...], *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {_describe(value)}")
+
+    return check
+
+
+def _name(what: str, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    """A component's name: a non-empty string."""
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value is not None or not optional:
+            _check_name(value, what)
+
+    return check
+
+
+def _check_name(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a non-empty string, not {_describe(value)}")
+
+
+def _options(what: str, *, paths: bool = False) -> Callable[[Any, Any, Any], None]:
+    """Options (see :func:`check_option_values`); with ``paths``, a source's options, whose
+    :data:`PATH_OPTIONS` name files."""
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        check_option_values(value, what)
+        if paths:
+            for key in PATH_OPTIONS & set(value):
+                if value[key] is not None:
+                    if not isinstance(value[key], str):
+                        raise ConfigError(f"{what}.{key} must be a file name, not {_describe(value[key])}")
+                    _paths(value[key])
+
+    return check
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    """Encoder names: a list of strings (a lone string is a mistake, not a list of its letters)."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"encoders must be a list of one or more names, not {_describe(value)}")
+    for name in value:
+        _check_name(name, "an encoder name")
+    return tuple(value)
+
+
+def check_option_values(options: Any, where: str) -> None:
+    """Options map names to values JSON can hold, nested at most :data:`MAX_OPTION_DEPTH` deep:
+    they are recorded in the overlay, and what is recorded must read back (a TOML date, another
+    type, a number past 64 bits or deep nesting would not).
+
+    :raises ConfigError: naming the option at fault.
+    """
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{where} must be a table of options, not {_describe(options)}")
+    problem = find_problem(options, max_depth=MAX_OPTION_DEPTH)
+    if problem is not None:
+        path = path_text(problem[0])
+        raise ConfigError(f"{where}{'' if not path or path.startswith('[') else '.'}{path} {problem[1]}")
+
+
+def default_threads() -> int:
+    """One worker per core, within :data:`MAX_THREADS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_THREADS))
+
+
+def _tuple(what: str) -> Callable[[Any], tuple[Any, ...]]:
+    def convert(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{what} must be a list, not {_describe(value)}")
+        return tuple(value)
+
+    return convert
+
+
+def _boolean(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be true or false, not {_describe(value)}")
 
 
 @attrs.frozen
 class FilterSpec:
     """A filter turned on for an image: ``--filter NAME[:INPUT]``."""
 
-    name: str
+    name: str = attrs.field(validator=_name("a filter name"))
     input: Path | None = attrs.field(default=None, converter=attrs.converters.optional(_paths))
-    options: Mapping[str, Any] = attrs.field(factory=dict)
+    options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("filter options"))
 
 
 def parse_option(text: str, flag: str) -> tuple[str, str, Any]:
     """``xdelta3.level=9`` -> ("xdelta3", "level", 9); values are read as TOML values when they
-    parse as one (numbers, booleans, quoted strings), else kept as plain strings."""
+    parse as one (numbers, booleans, quoted strings, arrays), else kept as plain strings."""
     target, sep, value = text.partition("=")
     name, dot, key = target.partition(".")
     if not (sep and dot and name and key):
         raise ConfigError(f"{flag} {text!r}: expected NAME.KEY=VALUE")
     try:
-        parsed: Any = tomllib.loads(f"v = {value}")["v"]
+        parsed: Any = _parse_toml(f"v = {value}", f"{flag} {target}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value
+    check_option_values({key: parsed}, f"{flag} {name}")
     return name, key, parsed
+
+
+def _parse_toml(text: str, what: str) -> dict[str, Any]:
+    """``tomllib.loads`` with its other failures made ConfigErrors: nesting past the recursion
+    limit, integers past Python's 4300 digits. A TOMLDecodeError is left to the caller."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"{what} is nested more than {MAX_PIPELINE_DEPTH} levels deep") from None
+    except ValueError:  # int("9" * 5000): past Python's limit on digits
+        raise ConfigError(f"{what} holds a number too large to read") from None
 
 
 def parse_filter(text: str) -> FilterSpec:
@@ -82,18 +229,21 @@ def parse_filter(text: str) -> FilterSpec:
 class ImageSpec:
     """One base/modified pair of artifacts and how to encode it."""
 
-    kind: Literal["memory", "disk"] = attrs.field(validator=attrs.validators.in_(("memory", "disk")))
+    kind: Literal["memory", "disk"] = attrs.field(validator=_one_of("image kind", KINDS))
     base: Path = attrs.field(converter=_paths)
     modified: Path = attrs.field(converter=_paths)
-    format: str | None = None
-    encoders: tuple[str, ...] | None = attrs.field(default=DEFAULT_ENCODERS, converter=attrs.converters.optional(tuple))
-    policy: str | None = attrs.field(
-        default=DEFAULT_POLICY, validator=attrs.validators.optional(attrs.validators.in_(POLICIES))
-    )
-    filters: tuple[FilterSpec, ...] = attrs.field(default=(), converter=tuple)
+    format: str | None = attrs.field(default=None, validator=_name("a source name (format)", optional=True))
+    encoders: tuple[str, ...] | None = attrs.field(default=DEFAULT_ENCODERS, converter=_names)
+    policy: str | None = attrs.field(default=DEFAULT_POLICY, validator=_one_of("policy", POLICIES, optional=True))
+    filters: tuple[FilterSpec, ...] = attrs.field(default=(), converter=_tuple("filters"))
     #: options passed to the source when opening the base / the modified artifact
-    base_options: Mapping[str, Any] = attrs.field(factory=dict)
-    modified_options: Mapping[str, Any] = attrs.field(factory=dict)
+    base_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("base_options", paths=True))
+    modified_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("modified_options", paths=True))
+
+    def __attrs_post_init__(self) -> None:
+        for f in self.filters:
+            if not isinstance(f, FilterSpec):
+                raise ConfigError(f"a filter must be a FilterSpec, not {_describe(f)}")
 
 
 @attrs.frozen
@@ -101,12 +251,13 @@ class CreateConfig:
     """Everything ``create`` needs."""
 
     output: Path = attrs.field(converter=_paths)
-    images: tuple[ImageSpec, ...] = attrs.field(converter=tuple)
-    unit_size: int = DEFAULT_UNIT
-    codec: str = "zstd"
-    level: int | None = None
-    frame_size: int = DEFAULT_FRAME
-    threads: int = attrs.field(factory=lambda: os.cpu_count() or 1)
+    images: tuple[ImageSpec, ...] = attrs.field(converter=_tuple("images"))
+    unit_size: int = attrs.field(default=DEFAULT_UNIT, validator=_integer("unit size", 512, MAX_UNIT))
+    codec: str = attrs.field(default="zstd", validator=_name("a codec name"))
+    #: checked against the codec's own range by :func:`check_codec_level` once the codec is known
+    level: int | None = attrs.field(default=None, validator=_integer("level", MIN_INT, MAX_INT, optional=True))
+    frame_size: int = attrs.field(default=DEFAULT_FRAME, validator=_integer("frame size", MIN_FRAME, MAX_FRAME))
+    threads: int = attrs.field(factory=default_threads, validator=_integer("threads", 1, MAX_THREADS))
     cache_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(_paths))
     #: per encoder name, the options its ``configure`` takes (``{"xdelta3": {"level": 9}}``)
     encoder_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
@@ -114,29 +265,30 @@ class CreateConfig:
     def __attrs_post_init__(self) -> None:
         if not self.images:
             raise ConfigError("nothing to do: give at least one --memory or --disk pair")
+        for image in self.images:
+            if not isinstance(image, ImageSpec):
+                raise ConfigError(f"an image must be an ImageSpec, not {_describe(image)}")
         if sum(1 for image in self.images if image.kind == "memory") > 1:
             raise ConfigError("a VM has one memory image; give --memory once")
-        if self.unit_size < 512 or self.unit_size > 65535 or self.unit_size % 512:
-            raise ConfigError(f"unit size {self.unit_size} must be a multiple of 512 below 65536")
-        if not 64 << 10 <= self.frame_size <= MAX_FRAME:
-            raise ConfigError(f"frame size {self.frame_size} must be between 64 KiB and {MAX_FRAME >> 20} MiB")
-        if self.threads < 1:
-            raise ConfigError("threads must be at least 1")
-        for image in self.images:
-            if image.encoders is not None and (not image.encoders or not all(image.encoders)):
-                raise ConfigError("an empty encoder name")
+        if self.unit_size % 512:
+            raise ConfigError(f"unit size {self.unit_size} must be a multiple of 512")
+        if not isinstance(self.encoder_options, Mapping):
+            raise ConfigError(f"encoder_options must map names to options, not {_describe(self.encoder_options)}")
+        for name, options in self.encoder_options.items():
+            _check_name(name, "an encoder name in encoder_options")
+            check_option_values(options, f"encoder_options.{name}")
 
 
 @attrs.frozen
 class ApplyImageSpec:
     """One base artifact and where its rebuilt counterpart goes."""
 
-    kind: Literal["memory", "disk"]
+    kind: Literal["memory", "disk"] = attrs.field(validator=_one_of("image kind", KINDS))
     base: Path = attrs.field(converter=_paths)
     output: Path = attrs.field(converter=_paths)
-    output_format: str | None = None
-    base_options: Mapping[str, Any] = attrs.field(factory=dict)
-    output_options: Mapping[str, Any] = attrs.field(factory=dict)
+    output_format: str | None = attrs.field(default=None, validator=_name("an output format", optional=True))
+    base_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("base_options", paths=True))
+    output_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("output_options", paths=True))
 
 
 @attrs.frozen
@@ -144,10 +296,73 @@ class ApplyConfig:
     """Everything ``apply`` needs."""
 
     overlay: Path = attrs.field(converter=_paths)
-    images: tuple[ApplyImageSpec, ...] = attrs.field(converter=tuple)
-    strict: bool = False
-    threads: int = attrs.field(factory=lambda: os.cpu_count() or 1)
+    images: tuple[ApplyImageSpec, ...] = attrs.field(converter=_tuple("images"))
+    strict: bool = attrs.field(default=False, validator=_boolean)
+    threads: int = attrs.field(factory=default_threads, validator=_integer("threads", 1, MAX_THREADS))
     cache_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(_paths))
+
+    def __attrs_post_init__(self) -> None:
+        for image in self.images:
+            if not isinstance(image, ApplyImageSpec):
+                raise ConfigError(f"an image must be an ApplyImageSpec, not {_describe(image)}")
+
+
+# --------------------------------------------------------------------------------------------
+# checks against the components a config names, once they are known
+# --------------------------------------------------------------------------------------------
+
+
+def check_codec_level(codec: Codec, level: int | None) -> None:
+    """Refuse a level the codec does not take, before any work starts, so that ``compress`` only
+    ever sees ``None`` or a level in the codec's declared ``level_range``.
+
+    :raises ConfigError: the level is outside the range, or the codec has no levels.
+    :raises PluginError: the codec declares a range that is not two ints, lowest first.
+    """
+    name = getattr(codec, "name", "?")
+    bounds = getattr(codec, "level_range", None)
+    if bounds is not None and not (
+        isinstance(bounds, tuple)
+        and len(bounds) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+        and bounds[0] <= bounds[1]
+    ):
+        raise PluginError(f"codec {name!r} declares level_range {bounds!r}; it must be (lowest, highest)")
+    if level is None:
+        return
+    if bounds is None:
+        raise ConfigError(f"codec {name!r} has no levels; leave the level out (got {level})")
+    low, high = bounds
+    if not low <= level <= high:
+        raise ConfigError(f"codec {name!r} takes levels {low} to {high}; {level} is outside them")
+
+
+def check_filter_options(filter_component: Filter, options: Mapping[str, Any]) -> None:
+    """Refuse option names the filter does not declare in ``option_names`` (a misspelt option
+    would otherwise be ignored without a word). The filter still checks the values.
+
+    :raises ConfigError: naming the unknown options and the ones the filter takes.
+    """
+    _check_names(f"filter {getattr(filter_component, 'name', '?')!r}", filter_component, options)
+
+
+def check_source_options(source_component: Source, options: Mapping[str, Any], where: str) -> None:
+    """Refuse option names the source does not declare in ``option_names``, before anything is
+    opened.
+
+    :param where: which options these are, for the message (``"base_options of disk0"``).
+    :raises ConfigError: naming the unknown options and the ones the source takes.
+    """
+    _check_names(f"{where}: source {getattr(source_component, 'name', '?')!r}", source_component, options)
+
+
+def _check_names(what: str, component: Any, options: Mapping[str, Any]) -> None:
+    known = frozenset(getattr(component, "option_names", ()))
+    unknown = sorted(str(key) for key in options if key not in known)
+    if unknown:
+        takes = f"it takes: {', '.join(sorted(known))}" if known else "it takes no options"
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"{what} has no option{plural} {', '.join(map(repr, unknown))}; {takes}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,11 +375,21 @@ def pipeline_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
+def _pipeline_validator(jsonschema: Any) -> Any:
+    """The schema's validator, except that an integer is an int: JSON Schema counts ``4096.0`` as
+    an integer, but the pipeline's integers are sizes and counts, and TOML tells the two apart."""
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    return jsonschema.validators.extend(base, type_checker=checker)(pipeline_schema())
+
+
 def load_pipeline(path: Path) -> CreateConfig:
     """Read and validate a TOML pipeline; relative paths are relative to the file's folder."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = _parse_toml(path.read_text(), str(path))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -173,17 +398,36 @@ def load_pipeline(path: Path) -> CreateConfig:
 
 
 def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = "pipeline") -> CreateConfig:
+    """A :class:`CreateConfig` from a pipeline's data, checked against the schema first.
+
+    :raises ConfigError: naming the first field at fault.
+    """
     import jsonschema  # only pipelines from files need it; keep the command line quick to start
 
-    validator = jsonschema.Draft202012Validator(pipeline_schema())
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    # bounded before the schema walks it: jsonschema recurses once per level, and so do messages
+    problem = find_problem(data, max_depth=MAX_PIPELINE_DEPTH, scalars=None)
+    if problem is not None:
+        raise ConfigError(f"{origin}: {path_text(problem[0], slashes=True) or 'top level'} {problem[1]}")
+    validator = _pipeline_validator(jsonschema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         first = errors[0]
         where = "/".join(str(p) for p in first.absolute_path) or "top level"
-        raise ConfigError(f"{origin}: {where}: {first.message}")
+        message = first.message if len(first.message) <= 200 else first.message[:200] + "..."
+        raise ConfigError(f"{origin}: {where}: {message}")
 
+    try:
+        return _config_from_valid(data, folder)
+    except ConfigError as exc:  # a value the schema cannot judge (a path, an option's type)
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def _config_from_valid(data: Mapping[str, Any], folder: Path) -> CreateConfig:
     def resolve(value: str) -> Path:
-        p = Path(value).expanduser()
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # ~user of no such user
+            raise ConfigError(f"cannot expand {value!r}: no such user") from None
         return p if p.is_absolute() else folder / p
 
     def resolve_options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from vmdelta_core.hookspecs import hookimpl
 class ZstdCodec(Codec):
     name = "zstd"
     default_level = 9
+    #: negative levels trade ratio for speed; libzstd's lowest is -(1 << 17) (ZSTD_minCLevel(),
+    #: which python-zstandard does not expose, and below which it quietly clamps)
+    level_range = (-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL)
 
     def compress(self, data: bytes, level: int | None) -> bytes:
         level = self.default_level if level is None else level
@@ -33,6 +36,7 @@ class ZstdCodec(Codec):
 class LzmaCodec(Codec):
     name = "lzma"
     default_level = 6
+    level_range = (0, 9)  # xz presets
 
     def compress(self, data: bytes, level: int | None) -> bytes:
         return lzma.compress(data, format=lzma.FORMAT_XZ, preset=self.default_level if level is None else level)
@@ -50,6 +54,7 @@ class LzmaCodec(Codec):
 
 class NoneCodec(Codec):
     name = "none"
+    level_range = None
 
     def compress(self, data: bytes, level: int | None) -> bytes:
         return bytes(data)
