@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
 from vmdelta_core.cli import commands
+from vmdelta_core.config import MAX_THREADS, MAX_UNIT
 
 __all__ = ["build_parser"]
 
@@ -20,10 +23,71 @@ Images are always given as pairs, the same way in both directions:
 Try `vmdelta demo` for a complete round trip on a small real sample."""
 
 
+class _StoreOnce(argparse.Action):
+    """``store`` that refuses a second occurrence: with plain ``store`` the last one wins and
+    the first is dropped without a word (``--memory a b --memory c d``, ``--level 3 --level 19``)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        seen: dict[str, Any] = namespace.__dict__.setdefault("_given", {})
+        if self.dest in seen and option_string is not None:
+            raise argparse.ArgumentError(
+                self, f"given twice ({_shown(seen[self.dest])}, then {_shown(values)}); give it once"
+            )
+        seen[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
+def _shown(values: Any) -> str:
+    return " ".join(map(str, values)) if isinstance(values, list) else str(values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every ``store`` option of every subcommand (they are made by this class too) is
+    :class:`_StoreOnce`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        parsed.__dict__.pop("_given", None)
+        return parsed, extras
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_THREADS}, got {value}")
+    return value
+
+
+def _unit_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes, got {text!r}") from None
+    if not 512 <= value <= MAX_UNIT or value % 512:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 512 from 512 to {MAX_UNIT}, got {value}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no report")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--threads", type=int, metavar="N", help="worker threads (default: one per core)")
+    parser.add_argument("--threads", type=_threads, metavar="N", help="worker threads (default: one per core)")
     parser.add_argument(
         "--cache-dir",
         metavar="DIR",
@@ -32,9 +96,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vmdelta", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="vmdelta", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {commands.version()}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -95,8 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a filter's option, e.g. xray.journal=ignore (see each plugin's README)",
     )
     p.add_argument("--codec", default="zstd", help="frame codec: zstd (default), lzma, none")
-    p.add_argument("--level", type=int, help="codec level (zstd default 9)")
-    p.add_argument("--unit-size", type=int, default=4096, metavar="BYTES", help="unit size (default 4096)")
+    p.add_argument(
+        "--level",
+        type=int,
+        help="codec level: zstd -131072 to 22 (default 9), lzma 0 to 9 (default 6); none has no levels",
+    )
+    p.add_argument("--unit-size", type=_unit_size, default=4096, metavar="BYTES", help="unit size (default 4096)")
     p.add_argument("--frame-size", type=int, default=4 << 20, metavar="BYTES", help="frame size (default 4 MiB)")
     _common(p)
     p.set_defaults(handler=commands.create)
@@ -150,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bases", nargs="+", metavar="BASE", help="base artifacts (memory snapshots or disks) to index")
     p.add_argument("--kind", choices=("memory", "disk"), default="disk", help="what the bases hold (default disk)")
     p.add_argument("--format", metavar="NAME", help="source name (default: detected)")
-    p.add_argument("--unit-size", type=int, default=4096, metavar="BYTES")
+    p.add_argument("--unit-size", type=_unit_size, default=4096, metavar="BYTES", help="unit size (default 4096)")
     p.add_argument("--beside", action="store_true", help="write BASE.vmdidx beside each base instead of the cache")
     _common(p)
     p.set_defaults(handler=commands.index)
