@@ -21,6 +21,7 @@ from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.cli import main
 from vmdelta_core.container import OverlayReader
 from vmdelta_core.errors import PluginError
+from vmdelta_core.fuzzing import check_untrusted
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 from vmdelta_core.testing import rewrite_overlay
@@ -289,3 +290,17 @@ def test_a_folder_refusing_writes_is_named_by_the_users_path(disks, tmp_path: Pa
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
     assert list(locked.iterdir()) == []
+
+
+def test_an_envelope_frame_cannot_claim_more_than_its_index_length(disks, tmp_path: Path, capsys) -> None:
+    overlay = tmp_path / "vm.overlay"
+    create(capsys, overlay, disks[:1])
+    # a zstd frame header claiming 8 GiB (single segment, 8-byte content size), then a raw block
+    claim = b"\x28\xb5\x2f\xfd\xe0" + (8 << 30).to_bytes(8, "little") + b"\x01\x00\x00"
+    hostile = tmp_path / "envelope.overlay"
+    hostile.write_bytes(rewrite_overlay(overlay.read_bytes(), envelope=(0, claim, 100)))
+    out = tmp_path / "out.img"
+    code, _, err = check_untrusted(
+        "apply of a hostile envelope", lambda: run(capsys, *apply_argv(hostile, [(disks[0][0], out)])), memory=64 << 20
+    )
+    assert code == 3 and "claims more bytes than the index gives it" in err and not out.exists()

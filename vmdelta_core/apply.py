@@ -452,6 +452,9 @@ def _envelope(reader: OverlayReader, number: int, base_envelope: bytes) -> bytes
     entry = entries[0]
     stored = reader.stored(entry)
     try:
+        # a frame header may claim any size, and zstandard would allocate it: hold it to the index
+        if zstandard.frame_content_size(stored) > entry.length:
+            raise FormatError(f"envelope of image {number} claims more bytes than the index gives it ({entry.length})")
         if base_envelope:
             dictionary = zstandard.ZstdCompressionDict(base_envelope, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             out = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(stored, max_output_size=entry.length)
