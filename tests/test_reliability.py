@@ -304,3 +304,15 @@ def test_an_envelope_frame_cannot_claim_more_than_its_index_length(disks, tmp_pa
         "apply of a hostile envelope", lambda: run(capsys, *apply_argv(hostile, [(disks[0][0], out)])), memory=64 << 20
     )
     assert code == 3 and "claims more bytes than the index gives it" in err and not out.exists()
+
+
+def test_inputs_that_are_not_regular_files_are_refused(disks, tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # reading it would block for ever
+    b, m = disks[0]
+    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "o"), "--disk", str(fifo), str(m))
+    assert code == 2 and f"base disk {fifo} is a FIFO" in err
+    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "o"), "--disk", str(b), "/dev/zero")
+    assert code == 2 and "modified disk /dev/zero is a character device" in err
+    code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "o"), "--disk", str(b), str(tmp_path / "gone"))
+    assert code == 2 and "does not exist" in err

@@ -36,7 +36,7 @@ from vmdelta_core.errors import (
 from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs
 from vmdelta_core.index import ImageDigest, digest_kind, file_digest, image_digest, load_or_build_index
 from vmdelta_core.metadata import OverlayMetadata, read_metadata
-from vmdelta_core.outputs import OutputSet, PendingFile
+from vmdelta_core.outputs import OutputSet, PendingFile, check_input
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
 from vmdelta_core.registry import Registry, default_registry
 from vmdelta_core.schema import ItemType, Ref
@@ -140,8 +140,10 @@ def _open_base(
     """Open a base and prove it is the one the overlay was made from."""
     image = meta.images[number]
     source = registry.source(image["base_source"])
-    if not spec.base.is_file():
-        raise ConfigError(f"base {spec.base} does not exist or is not a file")
+    check_input(spec.base, "base")
+    for key, value in spec.base_options.items():
+        if key in PATH_OPTIONS and value:
+            check_input(value, f"base option {key}:")
     base = stack.enter_context(source.open(spec.base, kind=image["kind"], options=dict(spec.base_options)))
     expected = image["base"]
     if base.size != expected["size"]:

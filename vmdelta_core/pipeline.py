@@ -22,7 +22,7 @@ from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
 from vmdelta_core.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.index import ImageDigest, file_digest, image_digest, load_or_build_index
-from vmdelta_core.outputs import OutputSet
+from vmdelta_core.outputs import OutputSet, check_input
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
 from vmdelta_core.registry import FALLBACK_SOURCE, ComponentInfo, Registry, default_registry
@@ -142,8 +142,8 @@ def create_overlay(
                 raise ConfigError(f"filter {f.name!r} does not apply to {spec.kind} images")
             if getattr(filt, "needs_input", False) and f.input is None:
                 raise ConfigError(f"filter {f.name!r} needs an input: --filter {f.name}:FILE")
-            if f.input is not None and not f.input.is_file():
-                raise ConfigError(f"filter {f.name!r}: input {f.input} does not exist")
+            if f.input is not None:
+                check_input(f.input, f"filter {f.name!r}: input")
 
     with contextlib.ExitStack() as stack:
         # the output is checked, and its file made, before anything is read
@@ -280,9 +280,12 @@ def _open_all(
 
 def _check_inputs(config: CreateConfig) -> None:
     for spec in config.images:
-        for path in (spec.base, spec.modified):
-            if not path.is_file():
-                raise ConfigError(f"{path} does not exist or is not a file")
+        check_input(spec.base, f"base {spec.kind}")
+        check_input(spec.modified, f"modified {spec.kind}")
+        for options in (spec.base_options, spec.modified_options):
+            for key, value in options.items():
+                if key in PATH_OPTIONS and isinstance(value, str | Path):
+                    check_input(value, f"{spec.kind} option {key}:")
 
 
 def _inputs(config: CreateConfig) -> list[Path]:
