@@ -38,6 +38,7 @@ __all__ = [
     "load_pipeline",
     "parse_filter",
     "parse_option",
+    "recorded_name",
 ]
 
 POLICIES = ("fixed", "first-smaller", "best")
@@ -475,6 +476,13 @@ def _config_from_valid(data: Mapping[str, Any], folder: Path) -> CreateConfig:
 PATH_OPTIONS = frozenset({"ram", "ram_output"})
 
 
+def recorded_name(path: Path) -> str:
+    """A file's name as an overlay records it: UTF-8 text, with the bytes of a name that is not
+    valid UTF-8 (Linux allows any) escaped as ``\\xff`` instead of failing the whole create when
+    the metadata is encoded."""
+    return os.fsencode(Path(path).name).decode("utf-8", "backslashreplace")
+
+
 def describe_config(config: CreateConfig) -> dict[str, Any]:
     """The settings recorded in an overlay: what was asked, without the creator's folders."""
     return {
@@ -486,13 +494,13 @@ def describe_config(config: CreateConfig) -> dict[str, Any]:
         "images": [
             {
                 "kind": image.kind,
-                "base": image.base.name,
-                "modified": image.modified.name,
+                "base": recorded_name(image.base),
+                "modified": recorded_name(image.modified),
                 "format": image.format,
                 "encoders": list(image.encoders) if image.encoders is not None else "default",
                 "policy": image.policy or "default",
                 "filters": [
-                    {"name": f.name, "input": f.input.name if f.input else None, "options": dict(f.options)}
+                    {"name": f.name, "input": recorded_name(f.input) if f.input else None, "options": dict(f.options)}
                     for f in image.filters
                 ],
             }
