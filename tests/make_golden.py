@@ -61,7 +61,12 @@ def golden_overlay(folder: Path, output: Path, codec: str) -> None:
     registry = Registry(new_plugin_manager(load_entry_points=False, blocked=frozenset()))
     create_overlay(
         CreateConfig(
-            output=output, images=golden_inputs(folder), codec=codec, level=3, threads=1, cache_dir=folder / "cache"
+            output=output,
+            images=golden_inputs(folder),
+            codec=codec,
+            level=3 if codec != "none" else None,
+            threads=1,
+            cache_dir=folder / "cache",
         ),
         registry=registry,
     )

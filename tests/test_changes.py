@@ -52,6 +52,7 @@ class HintedFileSource(FileSource):
     """A file source that claims only unit 0 may differ from the file named in options."""
 
     name = "hinted"
+    option_names = frozenset({"against"})
 
     def open(self, path, *, kind, options):
         img = super().open(path, kind=kind, options=options)

@@ -31,21 +31,6 @@ from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 
-#: the end-to-end tests below need the core's create_overlay / apply_overlay to call the checks
-#: of vmdelta_core.config; until then they fail, as they did before the checks existed
-WIRED_LEVEL = pytest.mark.xfail(
-    strict=True, reason="pipeline.create_overlay does not call config.check_codec_level yet"
-)
-WIRED_FILTER = pytest.mark.xfail(
-    strict=True, reason="pipeline.create_overlay does not call config.check_filter_options yet"
-)
-WIRED_NAMES = pytest.mark.xfail(
-    strict=True, reason="pipeline records spec.base.name and spec.modified.name, not config.recorded_name"
-)
-WIRED_SOURCE = pytest.mark.xfail(
-    strict=True, reason="create_overlay / apply_overlay do not call config.check_source_options yet"
-)
-
 
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[Path, Path]:
@@ -149,7 +134,6 @@ def registry_with(*plugins: object) -> Registry:
     return Registry(pm)
 
 
-@WIRED_LEVEL
 def test_a_third_party_codec_never_sees_a_level_outside_its_range(pair: tuple[Path, Path], tmp_path: Path) -> None:
     b, m = pair
     config = CreateConfig(
@@ -160,7 +144,6 @@ def test_a_third_party_codec_never_sees_a_level_outside_its_range(pair: tuple[Pa
     assert not (tmp_path / "o").exists()
 
 
-@WIRED_LEVEL
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -177,7 +160,6 @@ def test_a_bad_level_on_the_command_line_is_one_line(
     assert message in one_line_error(capsys, argv + flags, 2)
 
 
-@WIRED_LEVEL
 def test_a_huge_level_in_a_pipeline_is_one_line(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     path = pipeline(pair[0].parent, "level = 9223372036854775807")
     assert "9223372036854775807 is outside them" in one_line_error(capsys, ["run", "-q", str(path)], 2)
@@ -233,7 +215,6 @@ def test_unknown_source_options_are_refused_by_name() -> None:
         check_source_options(duck, {"ram": "x"}, "modified_options")
 
 
-@WIRED_FILTER
 def test_a_misspelt_filter_option_stops_create(pair: tuple[Path, Path], tmp_path: Path) -> None:
     b, m = pair
     spec = ImageSpec("disk", b, m, filters=[FilterSpec("journaled", options={"jurnal": "ignore"})])
@@ -245,7 +226,6 @@ def test_a_misspelt_filter_option_stops_create(pair: tuple[Path, Path], tmp_path
     assert not (tmp_path / "o").exists()
 
 
-@WIRED_SOURCE
 def test_an_unknown_source_option_stops_create(pair: tuple[Path, Path], tmp_path: Path) -> None:
     b, m = pair
     spec = ImageSpec("disk", b, m, format="file", modified_options={"use_hint": False})
@@ -256,7 +236,6 @@ def test_an_unknown_source_option_stops_create(pair: tuple[Path, Path], tmp_path
     assert not (tmp_path / "o").exists()
 
 
-@WIRED_SOURCE
 def test_an_unknown_source_option_stops_apply(pair: tuple[Path, Path], tmp_path: Path) -> None:
     from vmdelta_core.api import apply_overlay
 
@@ -473,7 +452,6 @@ def test_file_names_that_are_not_utf8_are_recorded_escaped() -> None:
     assert b"caf\\\\xe9 \\\\xff.img" in text
 
 
-@WIRED_NAMES
 def test_create_and_apply_take_files_whose_names_are_not_utf8(
     pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

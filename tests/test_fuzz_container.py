@@ -500,11 +500,6 @@ def test_a_frame_of_many_small_items_parses_in_bounded_memory() -> None:
     assert len(cols) == len(plain) // len(record) and int(cols.lengths[-1]) == 4096
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vmdelta_core/builtin/codecs.py: ZstdCodec.decompress allocates the content size a zstd frame "
-    "header claims; max_output_size only bounds frames without one",
-)
 def test_a_zstd_frame_header_cannot_claim_more_than_the_index_length() -> None:
     # a 16-byte frame whose header claims 256 MiB, four times MAX_FRAME (one RLE block follows)
     frame = (

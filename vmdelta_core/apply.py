@@ -23,7 +23,7 @@ import numpy as np
 import zstandard
 
 from vmdelta_core.components import Codec, Encoder, RebuiltImage, SourceImage
-from vmdelta_core.config import PATH_OPTIONS, ApplyConfig, ApplyImageSpec
+from vmdelta_core.config import PATH_OPTIONS, ApplyConfig, ApplyImageSpec, check_source_options
 from vmdelta_core.container import KIND_ENVELOPE, OverlayReader
 from vmdelta_core.dedup import split_address
 from vmdelta_core.errors import (
@@ -144,6 +144,7 @@ def _open_base(
     for key, value in spec.base_options.items():
         if key in PATH_OPTIONS and value:
             check_input(value, f"base option {key}:")
+    check_source_options(source, spec.base_options, f"base_options of {spec.base}")
     base = stack.enter_context(source.open(spec.base, kind=image["kind"], options=dict(spec.base_options)))
     expected = image["base"]
     if base.size != expected["size"]:

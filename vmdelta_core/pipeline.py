@@ -16,12 +16,22 @@ import zstandard
 
 from vmdelta_core.changes import changed_units, unit_bytes
 from vmdelta_core.components import FilterContext, FilterResult, SourceImage
-from vmdelta_core.config import PATH_OPTIONS, CreateConfig, ImageSpec, describe_config
+from vmdelta_core.config import (
+    PATH_OPTIONS,
+    CreateConfig,
+    ImageSpec,
+    check_codec_level,
+    check_filter_options,
+    check_source_options,
+    describe_config,
+    recorded_name,
+)
 from vmdelta_core.container import FORMAT_VERSION, OverlayWriter
 from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
 from vmdelta_core.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.index import ImageDigest, file_digest, image_digest, load_or_build_index
+from vmdelta_core.jsonvalue import find_problem, path_text
 from vmdelta_core.outputs import OutputSet, check_input
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
@@ -132,12 +142,14 @@ def create_overlay(
     unit = config.unit_size
     _check_inputs(config)
     codec_info = registry.info("codec", config.codec)
+    check_codec_level(codec_info.component, config.level)
     choices = {id(spec): resolve_encoders(registry, spec.encoders, spec.policy) for spec in config.images}
     encoder_names = sorted({name for names, _ in choices.values() for name in names})
     refs = assign_refs(registry, encoder_names, config.encoder_options)
     for spec in config.images:
         for f in spec.filters:
             filt = registry.filter(f.name)
+            check_filter_options(filt, f.options)
             if spec.kind not in filt.kinds:
                 raise ConfigError(f"filter {f.name!r} does not apply to {spec.kind} images")
             if getattr(filt, "needs_input", False) and f.input is None:
@@ -188,7 +200,7 @@ def create_overlay(
             ordinals[item.spec.kind] += 1
             base_meta.append(
                 {
-                    "name": item.spec.base.name,
+                    "name": recorded_name(item.spec.base),
                     "source": item.base_source,
                     "size": item.base.size,
                     "fingerprint": index.fingerprint,
@@ -250,6 +262,10 @@ def _write_overlay(
             raise
         writer.flush()
         metadata = _metadata(config, registry, codec_info, refs, opened, images_meta, writer)
+        problem = find_problem(metadata)
+        if problem is not None:  # a source's layout or a filter's details that apply would refuse
+            path, what = problem
+            raise PluginError(f"overlay metadata: {path_text(path)} {what}; the overlay was not written")
         size = writer.finish(metadata)
         f.flush()
     return size, metadata, images_meta
@@ -317,6 +333,8 @@ def _sources_of(registry: Registry, spec: ImageSpec) -> tuple[str, str]:
     for src in (base_source, source):
         if spec.kind not in registry.source(src).kinds:
             raise ConfigError(f"source {src!r} does not read {spec.kind} images")
+    check_source_options(registry.source(base_source), spec.base_options, f"base_options of {spec.base}")
+    check_source_options(registry.source(source), spec.modified_options, f"modified_options of {spec.modified}")
     return base_source, source
 
 
@@ -354,7 +372,7 @@ def _encode_image(
         filters_meta.append(
             {
                 "name": f.name,
-                "input": f.input.name if f.input else None,
+                "input": recorded_name(f.input) if f.input else None,
                 "input_fingerprint": file_digest(f.input) if f.input else None,
                 "reason": result.reason,
                 "dropped": int(drop.sum()),
@@ -453,7 +471,7 @@ def _encode_image(
         "kind": spec.kind,
         "source": item.source,
         "base_source": item.base_source,
-        "artifact": spec.modified.name,
+        "artifact": recorded_name(spec.modified),
         "size": modified.size,
         "digest": digest,
         "artifact_digest": artifact_digest,

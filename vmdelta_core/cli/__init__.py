@@ -61,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VmdeltaError as exc:
         if os.environ.get("VMDELTA_DEBUG"):
             raise
-        print(f"vmdelta: error: {exc}", file=sys.stderr)
+        from vmdelta_core.cli.output import printable  # names in messages may come from an overlay
+
+        print(f"vmdelta: error: {printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # the reader went away (`vmdelta inspect --json | head`): stop quietly, as other tools do

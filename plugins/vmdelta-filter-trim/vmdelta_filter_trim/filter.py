@@ -31,6 +31,7 @@ class TrimFilter(Filter):
     """
 
     name = "trim"
+    option_names = frozenset({"after", "before"})
     kinds: ClassVar[frozenset[str]] = frozenset({"disk"})
     needs_input = True
 

@@ -26,6 +26,7 @@ class XrayFilter(Filter):
     """
 
     name = "xray"
+    option_names = frozenset({"journal"})
     kinds: ClassVar[frozenset[str]] = frozenset({"disk"})
     needs_input = False
 

@@ -128,7 +128,7 @@ def test_encrypted_image_is_refused(tmp_path: Path, need_qemu_img: None) -> None
         "-f",
         "qcow2",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         path,
         "1M",
     )

@@ -173,6 +173,7 @@ class Qcow2Source(Source):
 
     name = "qcow2"
     kinds = frozenset({"disk"})
+    option_names = frozenset({"tmpdir", "use_hints"})
     output_formats = ("raw",)
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
