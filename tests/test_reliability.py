@@ -316,3 +316,10 @@ def test_inputs_that_are_not_regular_files_are_refused(disks, tmp_path: Path, ca
     assert code == 2 and "modified disk /dev/zero is a character device" in err
     code, _, err = run(capsys, "create", "-q", "-o", str(tmp_path / "o"), "--disk", str(b), str(tmp_path / "gone"))
     assert code == 2 and "does not exist" in err
+
+
+def test_run_refuses_a_pipeline_that_is_not_a_regular_file(tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "vm.toml"
+    os.mkfifo(fifo)  # reading it would block for ever
+    code, _, err = run(capsys, "run", "-q", str(fifo))
+    assert code == 2 and f"pipeline {fifo} is a FIFO" in err

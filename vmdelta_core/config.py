@@ -19,6 +19,7 @@ import attrs
 
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.jsonvalue import MAX_INT, MIN_INT, find_problem, path_text
+from vmdelta_core.outputs import check_input
 
 if TYPE_CHECKING:
     from vmdelta_core.components import Codec, Filter, Source
@@ -386,9 +387,16 @@ def _pipeline_validator(jsonschema: Any) -> Any:
     return jsonschema.validators.extend(base, type_checker=checker)(pipeline_schema())
 
 
+#: a pipeline is a few lines; a file beyond this is a mistake, not a pipeline
+MAX_PIPELINE_BYTES = 16 << 20
+
+
 def load_pipeline(path: Path) -> CreateConfig:
     """Read and validate a TOML pipeline; relative paths are relative to the file's folder."""
     path = Path(path)
+    check_input(path, "pipeline")  # a FIFO would block for ever
+    if path.stat().st_size > MAX_PIPELINE_BYTES:
+        raise ConfigError(f"pipeline {path} is larger than {MAX_PIPELINE_BYTES >> 20} MiB; no pipeline needs that")
     try:
         data = _parse_toml(path.read_text(), str(path))
     except OSError as exc:
