@@ -529,7 +529,7 @@ def test_a_fifo_overlay_is_refused_at_once(tmp_path: Path, capsys: pytest.Captur
     os.mkfifo(fifo)
     code, err = _inspect(capsys, fifo)  # used to block in open() until a writer came
     assert code == ConfigError.exit_code and err.count("\n") == 1
-    assert f"overlay {fifo} is a FIFO; overlays are read from regular files only" in err
+    assert f"overlay {fifo} is a FIFO; vmdelta reads only regular files" in err
 
 
 @pytest.mark.parametrize(("make", "what"), [("directory", "a directory"), ("device", "a character device")])

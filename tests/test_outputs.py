@@ -59,7 +59,7 @@ def test_non_regular_outputs_are_refused_and_left_alone(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "elsewhere")
-    cases = {fifo: "a FIFO", link: "a symbolic link", tmp_path: "a folder", Path("/dev/null"): "a character device"}
+    cases = {fifo: "a FIFO", link: "a symbolic link", tmp_path: "a directory", Path("/dev/null"): "a character device"}
     for path, what in cases.items():
         with pytest.raises(ConfigError, match=f"is {what}"):
             OutputSet([]).check(path)

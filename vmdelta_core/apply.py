@@ -33,10 +33,10 @@ from vmdelta_core.errors import (
     IntegrityError,
     PluginError,
 )
-from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs
+from vmdelta_core.fileio import check_input, copy_range, data_extents, punch_hole, punch_zero_runs
 from vmdelta_core.index import ImageDigest, digest_kind, file_digest, image_digest, load_or_build_index
 from vmdelta_core.metadata import OverlayMetadata, read_metadata
-from vmdelta_core.outputs import OutputSet, PendingFile, check_input
+from vmdelta_core.outputs import OutputSet, PendingFile
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
 from vmdelta_core.registry import Registry, default_registry
 from vmdelta_core.schema import ItemType, Ref

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from vmdelta_core.errors import ConfigError, PluginError
+from vmdelta_core.fileio import check_input
 from vmdelta_core.jsonvalue import MAX_INT, MIN_INT, find_problem, path_text
-from vmdelta_core.outputs import check_input
 
 if TYPE_CHECKING:
     from vmdelta_core.components import Codec, Filter, Source

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import stat
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 import xxhash
 
 from vmdelta_core.components import Codec
-from vmdelta_core.errors import ConfigError, FormatError, IntegrityError
+from vmdelta_core.errors import FormatError, IntegrityError
+from vmdelta_core.fileio import open_regular
 from vmdelta_core.items import ItemColumns, pack_items, unpack_items
 from vmdelta_core.schema import FRAME_INDEX_ENTRY, HEADER, LIVE_TYPES, OVERLAY_MAGIC, TRAILER, TRAILER_MAGIC, Ref
 
@@ -256,43 +256,10 @@ class OverlayWriter:
         self._pending.clear()
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
 def _open_regular(path: Path) -> BinaryIO:
-    """Open an overlay for reading; only a regular file will do.
-
-    Overlays are read from the back and more than once, which a pipe cannot do: a FIFO would
-    block forever. It is opened without blocking and refused after ``fstat``, so a FIFO costs
-    nothing and the check looks at the very file that was opened.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"overlay {path} does not exist") from None
-    except OSError as exc:
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            mode = stat.S_IFREG
-        if stat.S_ISREG(mode):
-            raise ConfigError(f"cannot open overlay {path}: {exc.strerror}") from None
-        fd = -1
-    else:
-        mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        if fd >= 0:
-            os.close(fd)
-        what = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-        raise ConfigError(f"overlay {path} is {what}; overlays are read from regular files only")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    """Open an overlay for reading. Overlays are read from the back and more than once, which a
+    pipe cannot do: only a regular file will do."""
+    return os.fdopen(open_regular(path, "overlay"), "rb")
 
 
 class OverlayReader:

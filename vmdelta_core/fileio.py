@@ -8,6 +8,7 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,66 @@ from vmdelta_core.components import SourceImage
 from vmdelta_core.errors import ConfigError
 
 __all__ = [
+    "check_input",
     "copy_range",
     "data_extents",
+    "describe_file_type",
     "hole_extents",
     "map_readonly",
     "open_file_image",
+    "open_regular",
     "punch_zero_runs",
 ]
 
 _CHUNK = 16 << 20
+
+_FILE_TYPES = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def describe_file_type(mode: int) -> str:
+    """What a file that is not a regular one is, in words (``a FIFO``, ``a block device``...)."""
+    return next((words for test, words in _FILE_TYPES if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path | str, what: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file.
+
+    Opened without blocking and checked with ``fstat``, so that a FIFO costs nothing (``open``
+    would block on it for ever) and the check looks at the very file opened. ``what`` names the
+    file in messages (``"overlay"``, ``"base disk"``).
+
+    :raises ConfigError: the file is missing, or is a FIFO, a device, a folder or a socket.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if stat.S_ISREG(mode):
+            raise ConfigError(f"cannot open {what} {path}: {exc.strerror}") from None
+        raise ConfigError(f"{what} {path} is {describe_file_type(mode)}; vmdelta reads only regular files") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"{what} {path} is {describe_file_type(mode)}; vmdelta reads only regular files")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def check_input(path: Path | str, what: str) -> None:
+    """Refuse an input that is missing or is not a regular file (see :func:`open_regular`)."""
+    os.close(open_regular(path, what))
 
 
 def map_readonly(path: Path) -> tuple[np.ndarray, list[object]]:

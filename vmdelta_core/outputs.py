@@ -31,8 +31,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vmdelta_core.errors import ConfigError, StorageError
+from vmdelta_core.fileio import describe_file_type
 
-__all__ = ["OutputSet", "PendingFile", "check_input", "describe_file_type", "storage_error"]
+__all__ = ["OutputSet", "PendingFile", "storage_error"]
 
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
 #: failures that can only come from writing
@@ -43,34 +44,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def describe_file_type(mode: int) -> str:
-    """What a non-regular file is, in words (``a FIFO``, ``a block device``...)."""
-    for test, words in (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return words
-    return "not a regular file"
-
-
-def check_input(path: Path | str, what: str) -> None:
-    """Refuse an input that is missing or is not a regular file (a FIFO would block, a device
-    would be read without end), naming it as ``what`` (``"base"``, ``"filter 'trim' input"``)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise storage_error(exc, path, "cannot read") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{what} {path} is {describe_file_type(st.st_mode)}; inputs are read from regular files only")
 
 
 def storage_error(exc: OSError, path: Path | str, doing: str = "writing") -> StorageError:

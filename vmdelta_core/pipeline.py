@@ -30,9 +30,10 @@ from vmdelta_core.container import FORMAT_VERSION, OverlayWriter
 from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
 from vmdelta_core.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.errors import ConfigError, PluginError
+from vmdelta_core.fileio import check_input
 from vmdelta_core.index import ImageDigest, file_digest, image_digest, load_or_build_index
 from vmdelta_core.jsonvalue import find_problem, path_text
-from vmdelta_core.outputs import OutputSet, check_input
+from vmdelta_core.outputs import OutputSet
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
 from vmdelta_core.registry import FALLBACK_SOURCE, ComponentInfo, Registry, default_registry

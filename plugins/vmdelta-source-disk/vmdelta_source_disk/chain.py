@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import mmap
 import os
-import stat
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import attrs
 import numpy as np
 
 from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.fileio import data_extents
+from vmdelta_core.fileio import data_extents, open_regular
 from vmdelta_source_disk import c_qcow2 as c
 from vmdelta_source_disk.extents import copy_range, intersect, normalize, subtract, to_extents, to_spans, union
 from vmdelta_source_disk.qcow2 import ClusterMap, Qcow2Info, decompress_cluster, read_cluster_map, read_info
@@ -71,32 +70,10 @@ class ComposedImage:
     closers: list[object]
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _open(path: Path, role: str = "") -> int:
-    """Open a layer of the chain; only a regular file will do.
-
-    Opened without blocking and checked with ``fstat``: a backing file name is untrusted, and a
-    FIFO it names would block ``open`` forever.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"{role}cannot open {path}: {exc.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        what = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-        raise ConfigError(f"{role}{path} is {what}; disk images are read from regular files only")
-    os.set_blocking(fd, True)
-    return fd
+def _open(path: Path, role: str = "disk image") -> int:
+    """Open a layer of the chain; only a regular file will do (a backing file name is untrusted,
+    and a FIFO it names would block ``open`` for ever)."""
+    return open_regular(path, role)
 
 
 def _resolve_backing(top: Path, name: str) -> Path:
@@ -125,7 +102,7 @@ def open_chain(path: Path) -> Chain:
             if real in seen or len(chain.layers) >= MAX_DEPTH:
                 raise FormatError(f"{path}: the backing chain loops or is deeper than {MAX_DEPTH}")
             seen.add(real)
-            role = f"{chain.layers[-1].info.path}: its backing file " if chain.layers else ""
+            role = f"{chain.layers[-1].info.path}: its backing file" if chain.layers else "disk image"
             fd = _open(current, role)
             try:
                 info = read_info(current, fd)
@@ -138,7 +115,7 @@ def open_chain(path: Path) -> Chain:
             backing = _resolve_backing(current, info.backing_file)
             fmt = info.backing_format
             if fmt is None or fmt == "raw":
-                fd = _open(backing, role=f"{current}: its backing file ")
+                fd = _open(backing, role=f"{current}: its backing file")
                 if fmt is None:  # no format extension: probe like QEMU does
                     fmt = "qcow2" if os.pread(fd, 4, 0) == c.MAGIC else "raw"
                 if fmt == "raw":
