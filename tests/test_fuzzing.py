@@ -12,19 +12,19 @@ from vmdelta_core.fuzzing import FuzzViolation, check_untrusted, fuzz_outcomes
 
 
 def test_a_result_or_a_vmdelta_error_passes() -> None:
-    assert check_untrusted("t-ok", lambda: 42) == 42
+    assert check_untrusted("self-test ok", lambda: 42) == 42
 
     def refuse() -> None:
         raise FormatError("bad magic")
 
-    got = check_untrusted("t-ok", refuse)
+    got = check_untrusted("self-test ok", refuse)
     assert isinstance(got, FormatError)
-    assert fuzz_outcomes()["t-ok"] == {"accepted": 1, "refused": 1}
+    assert fuzz_outcomes()["self-test ok"] == {"accepted": 1, "refused": 1}
 
 
 def test_a_stray_exception_is_a_violation() -> None:
     with pytest.raises(FuzzViolation, match="IndexError escaped"):
-        check_untrusted("t-stray", lambda: [][1])
+        check_untrusted("self-test stray", lambda: [][1])
 
 
 def test_a_hang_is_a_violation() -> None:
@@ -33,9 +33,9 @@ def test_a_hang_is_a_violation() -> None:
             time.sleep(0.01)
 
     with pytest.raises(FuzzViolation, match="still parsing"):
-        check_untrusted("t-hang", spin, seconds=0.2)
+        check_untrusted("self-test hang", spin, seconds=0.2)
 
 
 def test_memory_past_the_bound_is_a_violation() -> None:
     with pytest.raises(FuzzViolation, match="allocated"):
-        check_untrusted("t-mem", lambda: np.ones(64 << 20, dtype=np.uint8), memory=16 << 20)
+        check_untrusted("self-test memory", lambda: np.ones(64 << 20, dtype=np.uint8), memory=16 << 20)

@@ -44,6 +44,7 @@ DEFAULT_MEMORY = 256 << 20
 DEFAULT_SECONDS = 20.0
 
 _outcomes: dict[str, Counter[str]] = {}
+_messages: list[str] = []
 _lock = threading.Lock()
 
 
@@ -126,10 +127,12 @@ def check_untrusted(
         result = exc
     except _Timeout:
         outcome = "violation"
-        raise FuzzViolation(f"{name}: still parsing after {seconds} s") from None
+        raise _violation(FuzzViolation(f"{name}: still parsing after {seconds} s")) from None
     except Exception as exc:
         outcome = "violation"
-        raise FuzzViolation(f"{name}: {type(exc).__name__} escaped instead of a VmdeltaError: {exc}") from exc
+        raise _violation(
+            FuzzViolation(f"{name}: {type(exc).__name__} escaped instead of a VmdeltaError: {exc}")
+        ) from exc
     finally:
         _, peak = tracemalloc.get_traced_memory()
         if not tracing:
@@ -137,8 +140,16 @@ def check_untrusted(
         _count(name, outcome)
     if peak - base > memory:
         _count(name, "violation")
-        raise FuzzViolation(f"{name}: allocated {(peak - base) >> 20} MiB, more than {memory >> 20} MiB")
+        raise _violation(FuzzViolation(f"{name}: allocated {(peak - base) >> 20} MiB, more than {memory >> 20} MiB"))
     return result
+
+
+def _violation(error: FuzzViolation) -> FuzzViolation:
+    """Keep the first few messages for the report: a long run's failure must say what it was."""
+    with _lock:
+        if len(_messages) < 20:
+            _messages.append(str(error)[:500])
+    return error
 
 
 def fuzz_outcomes() -> dict[str, dict[str, int]]:
@@ -165,6 +176,10 @@ def _write_report() -> None:
         entry = totals.setdefault(name, {})
         for outcome, n in counts.items():
             entry[outcome] = entry.get(outcome, 0) + n
+    if _messages:
+        kept = totals.setdefault("violation messages", {})
+        for message in _messages:
+            kept[str(len(kept))] = message
     path.write_text(json.dumps(totals, indent=1, sort_keys=True) + "\n")
 
 
