@@ -30,10 +30,16 @@ def test_a_stray_exception_is_a_violation() -> None:
 def test_a_hang_is_a_violation() -> None:
     def spin() -> None:
         while True:
+            pass
+
+    def blocked() -> None:
+        while True:
             time.sleep(0.01)
 
     with pytest.raises(FuzzViolation, match="still parsing"):
         check_untrusted("self-test hang", spin, seconds=0.2)
+    with pytest.raises(FuzzViolation, match="still parsing"):  # no processor time: the clock bound
+        check_untrusted("self-test hang", blocked, seconds=0.05)
 
 
 def test_memory_past_the_bound_is_a_violation() -> None:
