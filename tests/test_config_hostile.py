@@ -467,3 +467,21 @@ def test_create_and_apply_take_files_whose_names_are_not_utf8(
     assert out.read_bytes() == odd_m.read_bytes()
     assert main(["inspect", "--json", str(overlay)]) == 0
     assert '"base-\\\\xff.img"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # found by the pipeline fuzz test: a key holding a line break made a two-line error
+        '[overlay]\noutput = "o"\nencoder_options = { xor = { "\\n" = ' + "[" * 40 + "]" * 40 + " } }\n"
+        '[[images]]\nkind = "disk"\nbase = "b"\nmodified = "m"\n',
+        '[overlay]\noutput = "o"\n[[images]]\nkind = "disk"\nbase = "b"\nmodified = "m"\n"x\\ny" = 1\n',
+    ],
+)
+def test_an_error_about_an_odd_key_stays_on_one_line(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(path)
+    message = str(caught.value)
+    assert "\n" not in message and ("'\\n'" in message or "'x\\ny'" in message)

@@ -421,7 +421,7 @@ def config_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = 
     errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "top level"
+        where = path_text(tuple(first.absolute_path), slashes=True) or "top level"
         message = first.message if len(first.message) <= 200 else first.message[:200] + "..."
         raise ConfigError(f"{origin}: {where}: {message}")
 

@@ -43,7 +43,9 @@ def path_text(path: tuple[str | int, ...], *, slashes: bool = False) -> str:
     out = ""
     for part in path:
         if slashes:
-            out += f"/{part}" if out else str(part)
+            plain = isinstance(part, int) or (part.isprintable() and part and "/" not in part)
+            text = str(part) if plain else repr(part[:40])  # a key may hold a line break or a slash
+            out += f"/{text}" if out else text
         elif isinstance(part, int):
             out += f"[{part}]"
         elif part.isidentifier():
