@@ -10,20 +10,6 @@ from pathlib import Path
 import pytest
 
 from vmdelta_core.cli import main
-from vmdelta_core.testing import real_fixtures
-
-
-@pytest.fixture(scope="module")
-def realistic() -> Path:
-    folder = real_fixtures("realistic-128")
-    if folder is None:
-        pytest.skip("real QEMU fixtures are not available here")
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VMDELTA_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def local(source: Path, folder: Path) -> Path:
