@@ -42,6 +42,7 @@ from vmdelta_core.schema import ItemType, Ref
 __all__ = ["create_overlay", "image_names"]
 
 BATCH_UNITS = 4096
+_IN_FLIGHT_BYTES = 512 << 20
 _FREE_REFS = (0xA, 0xB, 0xC, 0xD, 0xE, 0xF, 0x0)
 _RESERVED_REFS = frozenset(int(r) for r in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM, Ref.ZEROS, Ref.SELF_HASH))
 
@@ -248,7 +249,8 @@ def _write_overlay(
             level=config.level,
             frame_size=config.frame_size,
             pool=pool,
-            in_flight=config.threads * 2,
+            # two frames a thread keeps every core busy; never more than 512 MiB of them at once
+            in_flight=max(2, min(config.threads * 2, _IN_FLIGHT_BYTES // config.frame_size)),
         )
         images_meta = []
         try:
