@@ -12,14 +12,9 @@ from vmdelta_source_qemu import QemuSource
 from vmdelta_core.components import RebuiltImage, SourceImage
 
 
-def rebuild(
-    image: SourceImage, folder: Path, options: Mapping[str, Any] | None = None, data: np.ndarray | None = None
-) -> Path:
-    """Materialize ``image`` (or ``data`` laid out like it) as the core's apply would."""
-    raw = folder / "rebuilt.raw"
-    raw.write_bytes((image.data if data is None else data).tobytes())
-    out = folder / "rebuilt.mem"
-    rebuilt = RebuiltImage(
+def rebuilt_image(image: SourceImage, raw: Path, options: Mapping[str, Any] | None = None) -> RebuiltImage:
+    """What apply hands ``materialize`` for ``image``, rebuilt into the raw file ``raw``."""
+    return RebuiltImage(
         path=raw,
         size=image.size,
         unit_size=4096,
@@ -30,5 +25,14 @@ def rebuild(
         base_path=raw,
         options=dict(options or {}),
     )
-    QemuSource().materialize(rebuilt, out)
+
+
+def rebuild(
+    image: SourceImage, folder: Path, options: Mapping[str, Any] | None = None, data: np.ndarray | None = None
+) -> Path:
+    """Materialize ``image`` (or ``data`` laid out like it) as the core's apply would."""
+    raw = folder / "rebuilt.raw"
+    raw.write_bytes((image.data if data is None else data).tobytes())
+    out = folder / "rebuilt.mem"
+    QemuSource().materialize(rebuilt_image(image, raw, options), out)
     return out

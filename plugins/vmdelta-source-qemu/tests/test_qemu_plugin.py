@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import vmdelta_source_qemu
+from qemu_helpers import rebuilt_image
 from qemu_stream_builder import ignore_shared_stream, simple_stream
 from vmdelta_source_qemu import QemuRamSource, QemuSource
 
-from vmdelta_core.components import RebuiltImage
 from vmdelta_core.registry import default_registry
 
 
@@ -59,18 +58,7 @@ def test_outputs_may_be_unnamed_files(tmp_path: Path) -> None:
     ram_fd, ram_out = _unnamed(out_dir)
     try:
         os.write(raw_fd, image.data.tobytes())
-        rebuilt = RebuiltImage(
-            path=raw,
-            size=image.size,
-            unit_size=4096,
-            envelope=image.envelope,
-            layout=image.layout,
-            changed=np.zeros(0, np.int64),
-            base=image,
-            base_path=raw,
-            options={"ram_output": str(ram_out)},
-        )
-        QemuSource().materialize(rebuilt, out)
+        QemuSource().materialize(rebuilt_image(image, raw, {"ram_output": str(ram_out)}), out)
         assert list(out_dir.iterdir()) == []
         assert os.pread(out_fd, len(stream) + 1, 0) == stream
         assert os.pread(ram_fd, len(ram) + 1, 0) == ram
