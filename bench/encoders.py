@@ -36,7 +36,7 @@ import attrs
 import numpy as np
 import zstandard
 
-from vmdelta_core.items import pack_items
+from vmdelta_core.overlay.items import pack_items
 
 UNIT = 4096
 BATCH = 256  # units per encode call, as the core's encoding policy batches them

@@ -16,10 +16,10 @@ sys.path.insert(0, str(HERE))
 from samples import sample_pair  # noqa: E402
 
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay  # noqa: E402
-from vmdelta_core.items import pack_items  # noqa: E402
+from vmdelta_core.overlay.items import pack_items  # noqa: E402
+from vmdelta_core.overlay.schema import ItemType, Ref  # noqa: E402
 from vmdelta_core.plugins import new_plugin_manager  # noqa: E402
 from vmdelta_core.registry import Registry  # noqa: E402
-from vmdelta_core.schema import ItemType, Ref  # noqa: E402
 
 GOLDEN = HERE.parent / "schemas" / "golden"
 

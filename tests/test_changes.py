@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from vmdelta_core import SourceImage, hookimpl
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.builtin.file import FileSource
-from vmdelta_core.changes import changed_units
+from vmdelta_core.create.changes import changed_units
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 
@@ -98,7 +98,8 @@ def test_hints_are_used_only_against_their_own_base(tmp_path: Path) -> None:
 
 
 def test_the_digest_taken_while_comparing_is_the_image_digest() -> None:
-    from vmdelta_core.index import ImageDigest, image_digest
+    from vmdelta_core.index import image_digest
+    from vmdelta_core.overlay.digest import ImageDigest
 
     rng = np.random.default_rng(3)
     for grow in (0, 5000, -3000, 3 * 4096):
@@ -149,7 +150,7 @@ def test_holes_skip_exactly_what_is_zero_on_both_sides(pair) -> None:
     """With holes stepped around at any length (the chunk made tiny), the changed units and the
     digest are the ones a plain comparison of the bytes gives."""
     from vmdelta_core import index
-    from vmdelta_core.index import ImageDigest
+    from vmdelta_core.overlay.digest import ImageDigest
 
     base, base_holes, modified, holes = pair
     unit = 512

@@ -12,12 +12,12 @@ import xxhash
 from make_golden import golden_inputs, golden_overlay
 
 from vmdelta_core.api import ApplyConfig, ApplyImageSpec, ImageSpec, apply_overlay, inspect_overlay
-from vmdelta_core.container import ENTRY_SIZE, TRAILER_SIZE, OverlayReader
 from vmdelta_core.errors import BaseMismatchError, FormatError, IntegrityError, VmdeltaError
 from vmdelta_core.fuzzing import check_untrusted
+from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE, OverlayReader
+from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, TRAILER
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
-from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
 
 REGISTRY = Registry(new_plugin_manager(load_entry_points=False))
 

@@ -28,12 +28,12 @@ from hypothesis import strategies as st
 from vmdelta_core.builtin.codecs import NoneCodec, ZstdCodec
 from vmdelta_core.cli import main
 from vmdelta_core.components import Codec
-from vmdelta_core.container import ENTRY_SIZE, MAX_FRAME, TRAILER_SIZE, OverlayReader
 from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
 from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
-from vmdelta_core.items import pack_items, unpack_items
-from vmdelta_core.metadata import read_metadata
-from vmdelta_core.schema import DELTA_ITEM, FRAME_INDEX_ENTRY, TRAILER, ItemType, Ref
+from vmdelta_core.overlay.container import ENTRY_SIZE, MAX_FRAME, TRAILER_SIZE, OverlayReader
+from vmdelta_core.overlay.items import pack_items, unpack_items
+from vmdelta_core.overlay.metadata import read_metadata
+from vmdelta_core.overlay.schema import DELTA_ITEM, FRAME_INDEX_ENTRY, TRAILER, ItemType, Ref
 
 GOLDEN = Path(__file__).resolve().parent.parent / "schemas" / "golden"
 CODECS: dict[str, Codec] = {"none": NoneCodec(), "zstd": ZstdCodec()}

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.cli import main
 from vmdelta_core.cli.output import print_json, render_overlay
-from vmdelta_core.container import OverlayReader
 from vmdelta_core.errors import FormatError
 from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
 from vmdelta_core.jsonvalue import decode_object
-from vmdelta_core.metadata import OverlayMetadata, read_metadata
+from vmdelta_core.overlay.container import OverlayReader
+from vmdelta_core.overlay.metadata import OverlayMetadata, read_metadata
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 from vmdelta_core.testing import rewrite_overlay

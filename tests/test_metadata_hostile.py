@@ -19,13 +19,13 @@ import xxhash
 
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.cli import main
-from vmdelta_core.container import ENTRY_SIZE, TRAILER_SIZE, OverlayReader
 from vmdelta_core.errors import FormatError
 from vmdelta_core.jsonvalue import MAX_DEPTH, decode_object, find_problem, path_text
-from vmdelta_core.metadata import read_metadata
+from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE, OverlayReader
+from vmdelta_core.overlay.metadata import read_metadata
+from vmdelta_core.overlay.schema import TRAILER
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
-from vmdelta_core.schema import TRAILER
 from vmdelta_core.testing import rewrite_overlay
 
 

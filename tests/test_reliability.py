@@ -19,9 +19,9 @@ from samples import sample_pair
 from vmdelta_core import Encoder, hookimpl
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.cli import main
-from vmdelta_core.container import OverlayReader
 from vmdelta_core.errors import PluginError
 from vmdelta_core.fuzzing import check_untrusted
+from vmdelta_core.overlay.container import OverlayReader
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 from vmdelta_core.testing import rewrite_overlay

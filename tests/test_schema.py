@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmdelta_core.errors import FormatError
-from vmdelta_core.items import pack_items, unpack_items
-from vmdelta_core.schema import DELTA_ITEM, DELTA_ITEM_WITH_HASH, ItemType, Ref
+from vmdelta_core.overlay.items import pack_items, unpack_items
+from vmdelta_core.overlay.schema import DELTA_ITEM, DELTA_ITEM_WITH_HASH, ItemType, Ref
 
 PAYLOAD_REFS = (Ref.RAW, Ref.XDELTA, Ref.BSDIFF, Ref.XOR)
 VALUE_REFS = (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM)

@@ -7,9 +7,9 @@ from typing import Any
 
 from vmdelta_core.apply import apply_overlay
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec, CreateConfig, FilterSpec, ImageSpec, load_pipeline
-from vmdelta_core.container import OverlayReader
-from vmdelta_core.metadata import read_metadata
-from vmdelta_core.pipeline import create_overlay
+from vmdelta_core.create import create_overlay
+from vmdelta_core.overlay.container import OverlayReader
+from vmdelta_core.overlay.metadata import read_metadata
 
 __all__ = [
     "ApplyConfig",

@@ -20,6 +20,8 @@ import attrs
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.fileio import check_input
 from vmdelta_core.jsonvalue import MAX_INT, MIN_INT, find_problem, path_text
+from vmdelta_core.overlay.container import MAX_FRAME
+from vmdelta_core.overlay.schema import MAX_UNIT, MIN_UNIT
 
 if TYPE_CHECKING:
     from vmdelta_core.components import Codec, Filter, Source
@@ -52,8 +54,6 @@ DEFAULT_POLICY = None
 DEFAULT_UNIT = 4096
 DEFAULT_FRAME = 4 << 20
 MIN_FRAME = 64 << 10
-MAX_FRAME = 64 << 20
-MAX_UNIT = 65024  # the largest multiple of 512 an item's u16 length holds
 #: worker threads; each may hold two frames in flight, so this also bounds memory
 MAX_THREADS = 1024
 #: an options mapping and the values in it, nested; the overlay's metadata records options a few
@@ -254,7 +254,7 @@ class CreateConfig:
 
     output: Path = attrs.field(converter=_paths)
     images: tuple[ImageSpec, ...] = attrs.field(converter=_tuple("images"))
-    unit_size: int = attrs.field(default=DEFAULT_UNIT, validator=_integer("unit size", 512, MAX_UNIT))
+    unit_size: int = attrs.field(default=DEFAULT_UNIT, validator=_integer("unit size", MIN_UNIT, MAX_UNIT))
     codec: str = attrs.field(default="zstd", validator=_name("a codec name"))
     #: checked against the codec's own range by :func:`check_codec_level` once the codec is known
     level: int | None = attrs.field(default=None, validator=_integer("level", MIN_INT, MAX_INT, optional=True))

@@ -288,8 +288,8 @@ def rewrite_overlay(
 
     import xxhash
 
-    from vmdelta_core.container import ENTRY_SIZE, TRAILER_SIZE
-    from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
+    from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE
+    from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, TRAILER
 
     trailer = TRAILER.parse(data[-TRAILER_SIZE:])
     entries = [

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from vmdelta_core.components import Encoder
 from vmdelta_core.errors import FormatError
 from vmdelta_core.hookspecs import hookimpl
-from vmdelta_core.schema import Ref
+from vmdelta_core.overlay.schema import Ref
 
 
 class RawEncoder(Encoder):

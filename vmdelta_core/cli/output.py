@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from vmdelta_core.metadata import read_metadata
+from vmdelta_core.overlay.metadata import read_metadata
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -128,7 +128,7 @@ def render_overlay(
 ) -> None:
     """The statistics table of an overlay, one column per image.
 
-    The metadata is checked first (:func:`vmdelta_core.metadata.read_metadata`), whoever passes
+    The metadata is checked first (:func:`vmdelta_core.overlay.metadata.read_metadata`), whoever passes
     it: every field read below is then present and of its documented type, so an odd overlay
     ends in a FormatError, never a KeyError halfway through a table.
     """

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmdelta_core.cli import commands
-from vmdelta_core.config import MAX_THREADS, MAX_UNIT
+from vmdelta_core.config import MAX_THREADS
+from vmdelta_core.overlay.schema import MAX_UNIT
 
 __all__ = ["build_parser"]
 

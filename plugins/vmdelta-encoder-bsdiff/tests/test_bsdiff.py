@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from vmdelta_encoder_bsdiff import BsdiffEncoder
 
+from vmdelta_core.overlay.schema import Ref
 from vmdelta_core.registry import default_registry
-from vmdelta_core.schema import Ref
 from vmdelta_core.testing import check_encoder, sample_unit_pairs, unit_pairs
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from vmdelta_core.components import Encoder
 from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.schema import Ref
+from vmdelta_core.overlay.schema import Ref
 from vmdelta_encoder_xdelta3._library import XD3_COMPLEVEL_SHIFT, XD3_NOCOMPRESS, load_library
 from vmdelta_encoder_xdelta3.c_vcdiff import VcdiffError, check_payload
 

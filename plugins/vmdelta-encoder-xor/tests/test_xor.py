@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from vmdelta_encoder_xor import XorEncoder
 
 from vmdelta_core.errors import ConfigError, FormatError
+from vmdelta_core.overlay.schema import Ref
 from vmdelta_core.registry import default_registry
-from vmdelta_core.schema import Ref
 from vmdelta_core.testing import check_encoder, sample_unit_pairs
 
 

@@ -59,7 +59,7 @@ def test_thin_qcow2_output(fixture_dir: Path, tmp_path: Path, need_qemu_img: Non
 def test_qcow2_input_is_scanned_only_where_allocated(
     disks: Path, fixture_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    changes = pytest.importorskip("vmdelta_core.changes")
+    changes = pytest.importorskip("vmdelta_core.create.changes")
     if not hasattr(changes, "iter_chunks"):
         pytest.skip("the core's change detection changed shape")
     scanned: list[int] = []

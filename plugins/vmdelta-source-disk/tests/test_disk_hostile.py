@@ -21,9 +21,9 @@ from vmdelta_source_disk import Qcow2Source, RawSource, write_qcow2
 
 from vmdelta_core.cli import main
 from vmdelta_core.components import RebuiltImage, SourceImage
-from vmdelta_core.container import TRAILER_SIZE
 from vmdelta_core.errors import FormatError
-from vmdelta_core.schema import TRAILER
+from vmdelta_core.overlay.container import TRAILER_SIZE
+from vmdelta_core.overlay.schema import TRAILER
 from vmdelta_core.testing import rewrite_overlay
 
 UNIT = 4096

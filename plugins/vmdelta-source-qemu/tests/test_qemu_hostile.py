@@ -26,9 +26,9 @@ from vmdelta_source_qemu.envelope import MAX_BLOCKS, Envelope, Mapped, Run, read
 
 from vmdelta_core.cli import main
 from vmdelta_core.components import RebuiltImage, SourceImage
-from vmdelta_core.container import ENTRY_SIZE, TRAILER_SIZE
 from vmdelta_core.errors import FormatError
-from vmdelta_core.schema import FRAME_INDEX_ENTRY, TRAILER
+from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE
+from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, TRAILER
 from vmdelta_core.testing import rewrite_overlay
 
 MIB = 1 << 20

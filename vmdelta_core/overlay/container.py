@@ -27,8 +27,8 @@ import xxhash
 from vmdelta_core.components import Codec
 from vmdelta_core.errors import FormatError, IntegrityError
 from vmdelta_core.fileio import open_regular
-from vmdelta_core.items import ItemColumns, pack_items, unpack_items
-from vmdelta_core.schema import FRAME_INDEX_ENTRY, HEADER, LIVE_TYPES, OVERLAY_MAGIC, TRAILER, TRAILER_MAGIC, Ref
+from vmdelta_core.overlay.items import MIN_ITEM, ItemColumns, item_sizes, pack_items, unpack_items
+from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, HEADER, OVERLAY_MAGIC, TRAILER, TRAILER_MAGIC
 
 __all__ = ["FORMAT_VERSION", "FrameEntry", "OverlayReader", "OverlayWriter"]
 
@@ -40,9 +40,6 @@ MAX_FRAME = 64 << 20  # no frame, stored or decompressed, may be larger (untrust
 MAX_METADATA = 64 << 20
 KIND_ITEMS = "items"
 KIND_ENVELOPE = "envelope"
-_MIN_ITEM = 11  # bytes of the smallest item (a ZEROS record)
-_VALUE_REFS = frozenset(int(r) for r in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM))
-_LIVE = frozenset(int(t) for t in LIVE_TYPES)
 
 
 @attrs.frozen
@@ -59,19 +56,6 @@ class FrameEntry:
     first_offset: int
     end_offset: int
     checksum: int
-
-
-def _item_sizes(refs: np.ndarray, types: np.ndarray, payloads: list[Any]) -> np.ndarray:
-    sizes = np.full(refs.shape[0], 11, dtype=np.int64)
-    for i, ref in enumerate(refs.tolist()):
-        if ref in _VALUE_REFS:
-            sizes[i] += 8
-        elif ref == Ref.SELF_HASH:
-            sizes[i] += 32
-        elif ref != Ref.ZEROS:
-            sizes[i] += 8 + len(payloads[i])
-    sizes += np.isin(types, list(_LIVE)) * 2
-    return sizes
 
 
 class OverlayWriter:
@@ -129,7 +113,7 @@ class OverlayWriter:
             return
         if self._frame is not None and self._frame["image"] != image:
             self._close_frame()
-        sizes = _item_sizes(refs, types, payloads)
+        sizes = item_sizes(refs, types, payloads)
         start = 0
         n = offsets.shape[0]
         while start < n:
@@ -373,7 +357,7 @@ class OverlayReader:
                 raise FormatError(f"{where}: an envelope frame with items")
         elif entry.kind != KIND_ITEMS:
             raise FormatError(f"{where}: unknown frame kind {entry.kind}")
-        elif not 0 < entry.item_count <= entry.length // _MIN_ITEM:
+        elif not 0 < entry.item_count <= entry.length // MIN_ITEM:
             raise FormatError(f"{where}: {entry.item_count} items cannot fill {entry.length} bytes")
         elif entry.first_offset >= entry.end_offset:
             raise FormatError(f"{where}: its items end at {entry.end_offset}, before they start")

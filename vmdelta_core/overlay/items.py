@@ -1,6 +1,6 @@
 """Fast reading and writing of many DeltaItems.
 
-The declarative schema in :mod:`vmdelta_core.schema` is the definition; this module is the hot
+The declarative schema in :mod:`vmdelta_core.overlay.schema` is the definition; this module is the hot
 path: one walk over the records to find where each starts, then every field read column by column
 with numpy, payloads as views into the frame buffer. Its tests check it against the construct schema byte for byte.
 """
@@ -16,17 +16,45 @@ import attrs
 import numpy as np
 
 from vmdelta_core.errors import FormatError
-from vmdelta_core.schema import LIVE_TYPES, Ref
+from vmdelta_core.overlay.schema import FIXED_VALUE_REFS, LIVE_TYPES, Ref
 
-__all__ = ["ItemColumns", "ItemPayloads", "pack_items", "unpack_items"]
+__all__ = [
+    "ADDRESS_BITS",
+    "MIN_ITEM",
+    "ItemColumns",
+    "ItemPayloads",
+    "item_sizes",
+    "join_addresses",
+    "pack_items",
+    "split_address",
+    "unpack_items",
+]
 
 _HEAD = struct.Struct("!QHB")
 _U64 = struct.Struct("!Q")
 _U16 = struct.Struct("!H")
-_VALUE_REFS = frozenset(int(r) for r in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM))
+_VALUE_REFS = frozenset(int(r) for r in FIXED_VALUE_REFS)
 _HASH_REF = int(Ref.SELF_HASH)
 _ZERO_REF = int(Ref.ZEROS)
 _LIVE = frozenset(int(t) for t in LIVE_TYPES)
+#: bytes of the smallest item (a ZEROS record)
+MIN_ITEM = 11
+
+# A base ref's value is ``ordinal << 52 | byte offset``, the ordinal counting the bases of that
+# kind in overlay order (with one disk it is the plain byte offset, as in the original item
+# streams); a self ref's value is ``image number << 52 | byte offset`` of the earlier item.
+ADDRESS_BITS = 52
+_OFFSET_MASK = (1 << ADDRESS_BITS) - 1
+
+
+def split_address(value: int) -> tuple[int, int]:
+    """(ordinal or image number, byte offset) of a base or self ref value."""
+    return value >> ADDRESS_BITS, value & _OFFSET_MASK
+
+
+def join_addresses(number: int, offsets: np.ndarray) -> np.ndarray:
+    """Ref values for byte ``offsets`` of base ordinal or image ``number``, as one uint64 column."""
+    return (np.uint64(number) << np.uint64(ADDRESS_BITS)) | offsets.astype(np.uint64)
 
 
 @attrs.define(eq=False)
@@ -91,6 +119,16 @@ def pack_items(
                 raise ValueError("a live item needs a live sequence number")
             append(_U16.pack(seqs[i]))
     return b"".join(parts)
+
+
+def item_sizes(refs: np.ndarray, types: np.ndarray, payloads: Sequence[bytes | memoryview | None]) -> np.ndarray:
+    """The packed size of each item given as columns, without packing it (what a frame will hold)."""
+    fixed, has_payload = _TABLES[False]
+    info = (np.asarray(refs, dtype=np.int64) << 4) | np.asarray(types, dtype=np.int64)
+    sizes = np.asarray(fixed, dtype=np.int64)[info]
+    for i in np.flatnonzero(np.asarray(has_payload)[info]).tolist():
+        sizes[i] += len(payloads[i])  # type: ignore[arg-type]
+    return sizes
 
 
 def _record_tables(with_hash: bool) -> tuple[list[int], list[bool]]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import attrs
 
-from vmdelta_core.container import KIND_ITEMS, FrameEntry
 from vmdelta_core.errors import FormatError
 from vmdelta_core.jsonvalue import find_problem, path_text
-from vmdelta_core.schema import NON_PAYLOAD_REFS
+from vmdelta_core.overlay.container import KIND_ITEMS, FrameEntry
+from vmdelta_core.overlay.schema import MAX_UNIT, MIN_UNIT, NON_PAYLOAD_REFS
 
 __all__ = ["MAX_IMAGE_SIZE", "OverlayMetadata", "read_metadata"]
 
@@ -140,8 +140,8 @@ def read_metadata(raw: Mapping[str, Any], frames: Sequence[FrameEntry] = ()) -> 
     top = _Fields(raw, "")
     if raw.get("format") != "vmdelta-overlay" or type(raw.get("version")) is not int or raw["version"] != 1:
         raise FormatError("overlay metadata does not describe a version 1 vmdelta overlay")
-    unit = top.integer("unit_size", 512, 65024)
-    if unit % 512:
+    unit = top.integer("unit_size", MIN_UNIT, MAX_UNIT)
+    if unit % MIN_UNIT:
         raise FormatError(f"overlay metadata: unit_size {unit} is not a multiple of 512")
     components = top.array("components", MAX_COMPONENTS)
     _check_components(components)

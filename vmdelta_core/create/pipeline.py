@@ -12,9 +12,7 @@ from typing import Any
 
 import attrs
 import numpy as np
-import zstandard
 
-from vmdelta_core.changes import changed_units, unit_bytes
 from vmdelta_core.components import FilterContext, FilterResult, SourceImage
 from vmdelta_core.config import (
     PATH_OPTIONS,
@@ -26,18 +24,21 @@ from vmdelta_core.config import (
     describe_config,
     recorded_name,
 )
-from vmdelta_core.container import FORMAT_VERSION, OverlayWriter
-from vmdelta_core.dedup import ENCODE, DedupBase, Deduplicator
-from vmdelta_core.encode import EncoderChoice, EncodingPolicy
+from vmdelta_core.create.changes import changed_units, unit_bytes
+from vmdelta_core.create.dedup import ENCODE, DedupBase, Deduplicator
+from vmdelta_core.create.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.fileio import check_input
-from vmdelta_core.index import ImageDigest, file_digest, image_digest, load_or_build_index
+from vmdelta_core.index import image_digest, load_or_build_index
 from vmdelta_core.jsonvalue import find_problem, path_text
 from vmdelta_core.outputs import OutputSet
+from vmdelta_core.overlay.container import FORMAT_VERSION, OverlayWriter
+from vmdelta_core.overlay.digest import ImageDigest, file_digest
+from vmdelta_core.overlay.envelope import compress_envelope
+from vmdelta_core.overlay.schema import ItemType, Ref
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
 from vmdelta_core.registry import FALLBACK_SOURCE, ComponentInfo, Registry, default_registry
-from vmdelta_core.schema import ItemType, Ref
 
 __all__ = ["create_overlay", "image_names"]
 
@@ -456,7 +457,7 @@ def _encode_image(
 
     envelope_meta = None
     if modified.envelope or base.envelope:
-        stored = _compress_envelope(modified.envelope, base.envelope)
+        stored = compress_envelope(modified.envelope, base.envelope)
         writer.add_envelope(number, stored, len(modified.envelope))
         envelope_meta = {"length": len(modified.envelope), "stored": len(stored)}
 
@@ -501,14 +502,6 @@ def _checked_mask(name: str, result: FilterResult, candidates: np.ndarray) -> np
             f"filter {name!r} answered with a mask of {drop.dtype} {drop.shape} for {candidates.shape[0]} candidates"
         )
     return drop
-
-
-def _compress_envelope(envelope: bytes, base_envelope: bytes) -> bytes:
-    """The envelope compressed with the base's as a dictionary: only the difference costs."""
-    if base_envelope:
-        dictionary = zstandard.ZstdCompressionDict(base_envelope, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        return zstandard.ZstdCompressor(level=19, dict_data=dictionary).compress(envelope)
-    return zstandard.ZstdCompressor(level=19).compress(envelope)
 
 
 def _metadata(

@@ -20,12 +20,9 @@ from typing import Any
 
 import attrs
 import numpy as np
-import zstandard
 
 from vmdelta_core.components import Codec, Encoder, RebuiltImage, SourceImage
 from vmdelta_core.config import PATH_OPTIONS, ApplyConfig, ApplyImageSpec, check_source_options
-from vmdelta_core.container import KIND_ENVELOPE, OverlayReader
-from vmdelta_core.dedup import split_address
 from vmdelta_core.errors import (
     BaseMismatchError,
     ConfigError,
@@ -34,12 +31,16 @@ from vmdelta_core.errors import (
     PluginError,
 )
 from vmdelta_core.fileio import check_input, copy_range, data_extents, punch_hole, punch_zero_runs
-from vmdelta_core.index import ImageDigest, digest_kind, file_digest, image_digest, load_or_build_index
-from vmdelta_core.metadata import OverlayMetadata, read_metadata
+from vmdelta_core.index import image_digest, load_or_build_index
 from vmdelta_core.outputs import OutputSet, PendingFile
+from vmdelta_core.overlay.container import KIND_ENVELOPE, OverlayReader
+from vmdelta_core.overlay.digest import ImageDigest, digest_kind, file_digest
+from vmdelta_core.overlay.envelope import decompress_envelope
+from vmdelta_core.overlay.items import split_address
+from vmdelta_core.overlay.metadata import OverlayMetadata, read_metadata
+from vmdelta_core.overlay.schema import ItemType, Ref
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
 from vmdelta_core.registry import Registry, default_registry
-from vmdelta_core.schema import ItemType, Ref
 
 __all__ = ["apply_overlay"]
 
@@ -453,18 +454,4 @@ def _envelope(reader: OverlayReader, number: int, base_envelope: bytes) -> bytes
     if len(entries) > 1:
         raise FormatError(f"image {number} has {len(entries)} envelopes")
     entry = entries[0]
-    stored = reader.stored(entry)
-    try:
-        # a frame header may claim any size, and zstandard would allocate it: hold it to the index
-        if zstandard.frame_content_size(stored) > entry.length:
-            raise FormatError(f"envelope of image {number} claims more bytes than the index gives it ({entry.length})")
-        if base_envelope:
-            dictionary = zstandard.ZstdCompressionDict(base_envelope, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            out = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(stored, max_output_size=entry.length)
-        else:
-            out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=entry.length)
-    except zstandard.ZstdError as exc:
-        raise FormatError(f"envelope of image {number} does not decompress against this base: {exc}") from None
-    if len(out) != entry.length:
-        raise FormatError(f"envelope of image {number} holds {len(out)} bytes, the index says {entry.length}")
-    return out
+    return decompress_envelope(reader.stored(entry), entry.length, base_envelope, f"image {number}")

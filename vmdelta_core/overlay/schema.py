@@ -2,7 +2,7 @@
 
 The DeltaItem record is byte-compatible with the item streams of the original VM-synthesis system
 (big-endian u64 offset, u16 length, one byte of ``ref << 4 | type``, then what the ref needs).
-Only definitions live here; :mod:`vmdelta_core.items` is the fast path that reads and writes many
+Only definitions live here; :mod:`vmdelta_core.overlay.items` is the fast path that reads and writes many
 items, and its tests hold it to these schemas byte for byte.
 """
 
@@ -30,12 +30,17 @@ from construct import (
 )
 
 __all__ = [
+    "BASE_REFS",
     "DELTA_ITEM",
     "DELTA_ITEM_WITH_HASH",
     "FIXED_VALUE_REFS",
     "FRAME_INDEX_ENTRY",
     "HEADER",
+    "ITEM_TYPES",
     "LIVE_TYPES",
+    "MAX_UNIT",
+    "MIN_UNIT",
+    "NON_PAYLOAD_REFS",
     "OVERLAY_MAGIC",
     "TRAILER",
     "TRAILER_MAGIC",
@@ -68,12 +73,20 @@ class Ref(enum.IntEnum):
     XOR = 0x9
 
 
+#: units are whole sectors, and an item's u16 length holds at most this many bytes
+MIN_UNIT = 512
+MAX_UNIT = 65024
+
 #: refs whose record carries a single u64 (a base byte offset or an earlier item's address)
 FIXED_VALUE_REFS = frozenset({Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM})
 #: refs with no payload-length field; every other ref (including the free ids 0x0 and 0xA-0xF
 #: handed to third-party encoders) carries a u64 length and that many payload bytes
 NON_PAYLOAD_REFS = frozenset({Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM, Ref.SELF_HASH, Ref.ZEROS})
 LIVE_TYPES = frozenset({ItemType.MEMORY_LIVE, ItemType.DISK_LIVE})
+#: the ref that points into a base of each image kind
+BASE_REFS = {"memory": Ref.BASE_MEM, "disk": Ref.BASE_DISK}
+#: the item types of each image kind: its plain type first, then its live type
+ITEM_TYPES = {"memory": (ItemType.MEMORY, ItemType.MEMORY_LIVE), "disk": (ItemType.DISK, ItemType.DISK_LIVE)}
 
 _INFO = BitStruct("ref" / Nibble, "type" / Nibble)
 

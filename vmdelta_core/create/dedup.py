@@ -4,9 +4,7 @@ Everything runs on arrays of one batch of units: hashes are looked up with ``np.
 in the base indexes, and every proposed match is confirmed by comparing the bytes (vectorized)
 before a ref is emitted, so a hash collision can only cost a missed match, never a wrong VM.
 
-Addresses: a base ref's value is ``ordinal << 52 | byte offset`` where ordinal counts the bases
-of that kind in overlay order (so with one disk it is the plain byte offset, as in the original
-item streams); a self ref's value is ``image number << 52 | byte offset`` of the earlier item.
+Refs carry addresses packed as :func:`vmdelta_core.overlay.items.join_addresses` packs them.
 """
 
 from __future__ import annotations
@@ -16,18 +14,12 @@ import numpy as np
 
 from vmdelta_core.components import SourceImage
 from vmdelta_core.index import BaseIndex, unit_hashes
-from vmdelta_core.schema import Ref
+from vmdelta_core.overlay.items import join_addresses, split_address
+from vmdelta_core.overlay.schema import Ref
 
-__all__ = ["ADDRESS_BITS", "DedupBase", "Deduplicator", "split_address"]
+__all__ = ["ENCODE", "DedupBase", "Deduplicator"]
 
-ADDRESS_BITS = 52
-_OFFSET_MASK = (1 << ADDRESS_BITS) - 1
 ENCODE = 0  # class of a unit that needs an encoder
-
-
-def split_address(value: int) -> tuple[int, int]:
-    """(ordinal or image number, byte offset) of a base or self ref value."""
-    return value >> ADDRESS_BITS, value & _OFFSET_MASK
 
 
 def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -97,9 +89,7 @@ class Deduplicator:
             same = _rows_equal(units[todo[hit]], base.units()[found[hit]])
             rows = todo[hit[same]]
             classes[rows] = base.ref
-            values[rows] = (np.uint64(base.ordinal) << np.uint64(ADDRESS_BITS)) | (
-                found[hit[same]].astype(np.uint64) * np.uint64(unit)
-            )
+            values[rows] = join_addresses(base.ordinal, found[hit[same]].astype(np.uint64) * np.uint64(unit))
             keep = np.ones(todo.size, dtype=bool)
             keep[hit[same]] = False
             todo, hashes = todo[keep], hashes[keep]
@@ -145,14 +135,12 @@ class Deduplicator:
             rows = todo[later[same]]
             classes[rows] = Ref.SELF
             lead_units = indices[todo[leader[later[same]]]].astype(np.uint64)
-            values[rows] = (np.uint64(image_number) << np.uint64(ADDRESS_BITS)) | (lead_units * np.uint64(self.unit))
+            values[rows] = join_addresses(image_number, lead_units * np.uint64(self.unit))
         # what is encoded in this batch can be referenced by later ones
         encoded = classes[todo] == ENCODE
         if encoded.any():
             h = hashes[encoded]
-            addresses = (np.uint64(image_number) << np.uint64(ADDRESS_BITS)) | (
-                indices[todo[encoded]].astype(np.uint64) * np.uint64(self.unit)
-            )
+            addresses = join_addresses(image_number, indices[todo[encoded]].astype(np.uint64) * np.uint64(self.unit))
             self._remember(h, addresses)
 
     def _remember(self, hashes: np.ndarray, addresses: np.ndarray) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 from vmdelta_core.components import SourceImage
-from vmdelta_core.index import ImageDigest, hole_runs, intersect_runs, iter_chunks
+from vmdelta_core.index import hole_runs, intersect_runs, iter_chunks
+from vmdelta_core.overlay.digest import ImageDigest
 
 __all__ = ["changed_units", "unit_bytes"]
 
