@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+import pluggy
 import pytest
 
 from vmdelta_core import Encoder, hookimpl
 from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
 from vmdelta_core.errors import FormatError, PluginError
+from vmdelta_core.hookspecs import hookspec
 from vmdelta_core.plugins import blocked_plugins, new_plugin_manager
-from vmdelta_core.registry import Registry
+from vmdelta_core.registry import Registry, default_registry
 from vmdelta_core.testing import check_encoder
 
 
@@ -145,3 +148,81 @@ def test_detection_falls_back_to_the_plain_file_source(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
     path.write_bytes(b"\0" * 100)
     assert registry_with().detect_source(path, "disk") == "file"
+
+
+# --------------------------------------------------------------------------------------------
+# once per process
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_default_registry_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VMDELTA_DISABLE_PLUGINS", raising=False)
+    first = default_registry()
+    assert default_registry() is first
+    assert default_registry().pm is first.pm
+
+
+def test_the_default_registry_follows_the_blocked_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMDELTA_DISABLE_PLUGINS", "core-codecs")
+    blocked = default_registry()
+    assert blocked.names("codec") == [] and default_registry() is blocked
+    monkeypatch.setenv("VMDELTA_DISABLE_PLUGINS", " core-codecs ,")  # the same set, written otherwise
+    assert default_registry() is blocked
+    monkeypatch.delenv("VMDELTA_DISABLE_PLUGINS")
+    assert "zstd" in default_registry().names("codec")
+
+
+def hookspecs_module(name: str) -> ModuleType:
+    """A module of hook specs, as a plugin that other plugins extend would have."""
+    module = ModuleType(name)
+
+    @hookspec
+    def vmdelta_test_extension(register) -> None:  # type: ignore[no-untyped-def]
+        """Register extensions."""
+
+    module.vmdelta_test_extension = vmdelta_test_extension  # type: ignore[attr-defined]
+    return module
+
+
+def test_a_plugin_adds_hooks_that_another_implements_in_any_order() -> None:
+    specs = hookspecs_module("extension_specs")
+    seen: list[str] = []
+
+    class Extended:
+        """Adds a hook spec and hands the manager to its component, as the trim filter does."""
+
+        @hookimpl
+        def vmdelta_addhooks(self, pluginmanager) -> None:
+            pluginmanager.add_hookspecs(specs)
+
+        @hookimpl
+        def vmdelta_register_encoders(self, register, pluginmanager) -> None:
+            encoder = ReverseEncoder()
+            encoder.pm = pluginmanager  # type: ignore[attr-defined]
+            register(encoder)
+
+    class Extension:
+        @hookimpl
+        def vmdelta_test_extension(self, register) -> None:
+            register("mine")
+
+    for plugins in ((Extended(), Extension()), (Extension(), Extended())):
+        registry = registry_with(*plugins)
+        pm = registry.encoder("reverse").pm  # type: ignore[attr-defined]
+        assert pm is registry.pm and pm.hook.vmdelta_test_extension.has_spec()
+        seen.clear()
+        pm.hook.vmdelta_test_extension(register=seen.append)
+        assert seen == ["mine"]
+
+
+def test_register_hooks_may_leave_out_the_plugin_manager() -> None:
+    # ReversePlugin's hook takes only `register`; pluggy checks the names against the spec
+    assert registry_with(ReversePlugin()).names("encoder") == ["raw", "reverse"]
+
+    class Misnamed:
+        @hookimpl
+        def vmdelta_register_encoders(self, register, manager) -> None:
+            pass
+
+    with pytest.raises(pluggy.PluginValidationError, match="manager"):
+        registry_with(Misnamed())

@@ -10,7 +10,8 @@ from vmdelta_core.builtin.codecs import LzmaCodec, NoneCodec, ZstdCodec
 from vmdelta_core.builtin.file import FileSource
 from vmdelta_core.builtin.raw import RawEncoder
 from vmdelta_core.errors import FormatError
-from vmdelta_core.testing import check_encoder, check_source
+from vmdelta_core.hookspecs import hookimpl
+from vmdelta_core.testing import check_encoder, check_source, default_registry, registry_with
 
 
 def test_raw_encoder_conforms() -> None:
@@ -34,3 +35,19 @@ def test_codecs_round_trip_and_refuse_lies() -> None:
             except FormatError:
                 continue
             raise AssertionError(f"{codec.name} accepted a wrong size")
+
+
+def test_registry_with_holds_the_named_plugins_apart_from_the_process_registry() -> None:
+    class Plugin:
+        @hookimpl
+        def vmdelta_register_encoders(self, register) -> None:
+            register(Reversed())
+
+    class Reversed(RawEncoder):
+        name = "reversed"
+
+    registry = registry_with(Plugin())
+    assert registry.info("encoder", "reversed").plugin == "Plugin"
+    assert registry.names("codec") == ["lzma", "none", "zstd"]
+    assert "reversed" not in default_registry().names("encoder")
+    assert registry_with(blocked=frozenset({"core-codecs"})).names("codec") == []

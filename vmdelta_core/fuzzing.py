@@ -7,7 +7,7 @@ for one input; :func:`fuzz_settings` scales the number of hypothesis examples, s
 run and large in ``tox -e fuzz`` (``VMDELTA_FUZZ_SCALE``)::
 
     from hypothesis import given, strategies as st
-    from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
+    from vmdelta_core.testing import check_untrusted, fuzz_settings
 
     @fuzz_settings(200)
     @given(st.binary(max_size=4096))

@@ -33,9 +33,15 @@ def blocked_plugins(environ: dict[str, str] | None = None) -> frozenset[str]:
 def new_plugin_manager(
     *, load_entry_points: bool = True, blocked: frozenset[str] | None = None
 ) -> pluggy.PluginManager:
-    """A plugin manager with the builtins and, unless told otherwise, the installed plugins."""
+    """A plugin manager with the builtins and, unless told otherwise, the installed plugins.
+
+    ``vmdelta_addhooks`` is called before any plugin is registered; being historic, it reaches
+    every plugin at its registration, so a plugin's specs are in place before the register hooks
+    run and whatever order the entry points come in.
+    """
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
+    pm.hook.vmdelta_addhooks.call_historic(kwargs={"pluginmanager": pm})
     for name in blocked_plugins() if blocked is None else blocked:
         pm.set_blocked(name)
     for name, module_name in BUILTIN_PLUGINS.items():

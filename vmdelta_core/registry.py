@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -11,7 +12,7 @@ import pluggy
 
 from vmdelta_core.components import Codec, Encoder, Filter, Source
 from vmdelta_core.errors import ConfigError, PluginError
-from vmdelta_core.plugins import new_plugin_manager, plugin_distribution
+from vmdelta_core.plugins import blocked_plugins, new_plugin_manager, plugin_distribution
 
 __all__ = ["FALLBACK_SOURCE", "ComponentInfo", "Registry", "default_registry"]
 
@@ -53,7 +54,10 @@ class Registry:
         self._components: dict[tuple[str, str], ComponentInfo] = {}
         for kind, hook_name in _HOOKS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                impl.function(register=self._registrar(kind, impl.plugin, impl.plugin_name))
+                # one call per plugin, to know who registered what; with the arguments the
+                # implementation names, as pluggy would pass them
+                arguments = {"register": self._registrar(kind, impl.plugin, impl.plugin_name), "pluginmanager": pm}
+                impl.function(**{name: arguments[name] for name in impl.argnames})
 
     def _registrar(self, kind: str, plugin: object, plugin_name: str) -> Callable[[Any], None]:
         def register(component: Any) -> None:
@@ -118,6 +122,19 @@ class Registry:
         return str(name)
 
 
+_default: tuple[frozenset[str], Registry] | None = None
+_default_lock = threading.Lock()
+
+
 def default_registry() -> Registry:
-    """The registry of the builtins and every installed, unblocked plugin."""
-    return Registry(new_plugin_manager())
+    """The registry of the builtins and every installed, unblocked plugin.
+
+    Built on first use and kept for the process, so the hooks run once; built again only when
+    ``VMDELTA_DISABLE_PLUGINS`` names other plugins than it was built with.
+    """
+    global _default
+    blocked = blocked_plugins()
+    with _default_lock:
+        if _default is None or _default[0] != blocked:
+            _default = (blocked, Registry(new_plugin_manager(blocked=blocked)))
+        return _default[1]

@@ -9,6 +9,15 @@ guarantees as the ones that ship with vmdelta::
         check_encoder(MyEncoder())
 
 Each check raises ``AssertionError`` with a message saying what the component got wrong.
+
+Besides the checks, this module is what a plugin's tests may use of the core beyond
+:mod:`vmdelta_core.plugin` and the library API of :mod:`vmdelta_core`: the fuzz contract
+(:func:`check_untrusted`, :func:`fuzz_settings`), the command line (:func:`main`, which returns
+the exit code), the registry of the installed plugins (:func:`default_registry`) or of the
+plugins a test names (:func:`registry_with`), and the byte
+layout of an overlay's end (:data:`TRAILER`, :data:`TRAILER_SIZE`, :data:`FRAME_INDEX_ENTRY`,
+:data:`ENTRY_SIZE`) for tests that damage overlays. The pytest fixtures ``fixture_set`` and
+``real_pairs`` come with the core (:mod:`vmdelta_core.testing_fixtures`).
 """
 
 from __future__ import annotations
@@ -20,17 +29,32 @@ from typing import Any
 
 import numpy as np
 
+from vmdelta_core.cli import main
 from vmdelta_core.components import Encoder, Filter, FilterContext, FilterResult, RebuiltImage, Source, SourceImage
 from vmdelta_core.errors import FormatError, VmdeltaError
+from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
+from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE
+from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, TRAILER
+from vmdelta_core.plugins import new_plugin_manager
+from vmdelta_core.registry import Registry, default_registry
 
 __all__ = [
+    "ENTRY_SIZE",
+    "FRAME_INDEX_ENTRY",
+    "TRAILER",
+    "TRAILER_SIZE",
     "check_encoder",
     "check_encoder_end_to_end",
     "check_filter",
     "check_source",
+    "check_untrusted",
+    "default_registry",
     "files_identical",
+    "fuzz_settings",
+    "main",
     "real_fixtures",
     "real_unit_pairs",
+    "registry_with",
     "rewrite_overlay",
     "sample_unit_pairs",
     "unit_pairs",
@@ -229,8 +253,6 @@ def check_encoder_end_to_end(name: str, folder: Path, policy: str = "fixed") -> 
     import io
     import json
 
-    from vmdelta_core.cli import main
-
     rng = np.random.default_rng(7)
     words = np.array([w.encode() for w in ["alpha", "beta", "gamma", "delta", "kernel", "page", "cache", "inode"]])
     text = b" ".join(rng.choice(words, 200_000))[: 1 << 20]
@@ -288,9 +310,6 @@ def rewrite_overlay(
 
     import xxhash
 
-    from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE
-    from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, TRAILER
-
     trailer = TRAILER.parse(data[-TRAILER_SIZE:])
     entries = [
         dict(FRAME_INDEX_ENTRY.parse(data[trailer.index_offset + k * ENTRY_SIZE :][:ENTRY_SIZE]))
@@ -346,3 +365,14 @@ def unit_pairs() -> Any:
         return base, bytes(target)
 
     return pairs()
+
+
+def registry_with(*plugins: object, load_entry_points: bool = False, blocked: frozenset[str] = frozenset()) -> Registry:
+    """A registry of its own: the builtins and ``plugins`` (modules or objects with hook
+    implementations, named after their module or class), and the installed plugins only when
+    ``load_entry_points``. Pass it as ``registry=`` to the library API; the process's registry
+    (:func:`default_registry`) is left as it was."""
+    pm = new_plugin_manager(load_entry_points=load_entry_points, blocked=blocked)
+    for plugin in plugins:
+        pm.register(plugin, name=getattr(plugin, "__name__", type(plugin).__name__))
+    return Registry(pm)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vmdelta_core import Encoder, FormatError, hookimpl
+from vmdelta_core.plugin import Encoder, FormatError, hookimpl
 
 _RUN = struct.Struct(">HH")
 
