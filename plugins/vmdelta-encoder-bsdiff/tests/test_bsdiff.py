@@ -7,9 +7,8 @@ import pytest
 from hypothesis import given, settings
 from vmdelta_encoder_bsdiff import BsdiffEncoder
 
-from vmdelta_core.overlay.schema import Ref
-from vmdelta_core.registry import default_registry
-from vmdelta_core.testing import check_encoder, sample_unit_pairs, unit_pairs
+from vmdelta_core.plugin import Ref
+from vmdelta_core.testing import check_encoder, default_registry, sample_unit_pairs, unit_pairs
 
 
 def _views(pairs):

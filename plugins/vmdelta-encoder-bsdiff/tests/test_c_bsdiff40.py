@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from vmdelta_encoder_bsdiff import BsdiffEncoder
 from vmdelta_encoder_bsdiff.c_bsdiff40 import HEADER, pack_header, unpack_header
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_core.testing import sample_unit_pairs
 
 BASE, TARGET = sample_unit_pairs()[1]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmdelta_core.components import Encoder
-from vmdelta_core.hookspecs import hookimpl
+from vmdelta_core.plugin import Encoder, hookimpl
 from vmdelta_encoder_bsdiff.encoder import BsdiffEncoder
 
 __all__ = ["BsdiffEncoder"]

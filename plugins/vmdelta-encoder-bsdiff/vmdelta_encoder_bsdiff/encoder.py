@@ -7,9 +7,7 @@ from collections.abc import Sequence
 
 import bsdiff4.core
 
-from vmdelta_core.components import Encoder
-from vmdelta_core.errors import FormatError
-from vmdelta_core.overlay.schema import Ref
+from vmdelta_core.plugin import Encoder, FormatError, Ref
 from vmdelta_encoder_bsdiff.c_bsdiff40 import HEADER_SIZE, pack_header, unpack_header
 
 __all__ = ["BsdiffEncoder", "max_control_entries"]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from vmdelta_encoder_xdelta3 import Xdelta3Encoder, check_payload
 from vmdelta_encoder_xdelta3.c_vcdiff import VCDIFF_MAGIC, VcdiffError
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_core.testing import sample_unit_pairs
 
 BASE, TARGET = sample_unit_pairs()[1]

@@ -10,10 +10,8 @@ from hypothesis import given, settings
 from vmdelta_encoder_xdelta3 import Xdelta3Encoder
 from vmdelta_encoder_xdelta3._library import load_library
 
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.overlay.schema import Ref
-from vmdelta_core.registry import default_registry
-from vmdelta_core.testing import check_encoder, sample_unit_pairs, unit_pairs
+from vmdelta_core.plugin import ConfigError, FormatError, Ref
+from vmdelta_core.testing import check_encoder, default_registry, sample_unit_pairs, unit_pairs
 
 
 def _views(pairs):

@@ -13,7 +13,7 @@ import ctypes
 import importlib.util
 import threading
 
-from vmdelta_core.errors import PluginError
+from vmdelta_core.plugin import PluginError
 
 __all__ = ["ENOSPC", "XD3_COMPLEVEL_SHIFT", "XD3_NOCOMPRESS", "Xdelta3Library", "load_library"]
 

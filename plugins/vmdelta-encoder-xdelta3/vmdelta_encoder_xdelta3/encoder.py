@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vmdelta_core.components import Encoder
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.overlay.schema import Ref
+from vmdelta_core.plugin import ConfigError, Encoder, FormatError, Ref
 from vmdelta_encoder_xdelta3._library import XD3_COMPLEVEL_SHIFT, XD3_NOCOMPRESS, load_library
 from vmdelta_encoder_xdelta3.c_vcdiff import VcdiffError, check_payload
 

@@ -5,10 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vmdelta_encoder_xor import XorEncoder
 
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.overlay.schema import Ref
-from vmdelta_core.registry import default_registry
-from vmdelta_core.testing import check_encoder, sample_unit_pairs
+from vmdelta_core.plugin import ConfigError, FormatError, Ref
+from vmdelta_core.testing import check_encoder, default_registry, sample_unit_pairs
 
 
 def _views(pairs):

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vmdelta_core.cli import main
-from vmdelta_core.testing import check_encoder_end_to_end
+from vmdelta_core.testing import check_encoder_end_to_end, main
 
 ENCODER = "xor"
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmdelta_core.components import Encoder
-from vmdelta_core.hookspecs import hookimpl
+from vmdelta_core.plugin import Encoder, hookimpl
 from vmdelta_encoder_xor.encoder import DEFAULT_MERGE_GAP, MODES, XorEncoder
 from vmdelta_encoder_xor.runs import decode_runs, encode_runs
 

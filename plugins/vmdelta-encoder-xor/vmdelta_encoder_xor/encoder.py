@@ -7,9 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from vmdelta_core.components import Encoder
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.overlay.schema import Ref
+from vmdelta_core.plugin import ConfigError, Encoder, FormatError, Ref
 from vmdelta_encoder_xor.runs import RunsError, decode_runs, encode_runs
 
 __all__ = ["DEFAULT_MERGE_GAP", "MODES", "XorEncoder"]

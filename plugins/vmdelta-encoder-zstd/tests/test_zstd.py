@@ -7,9 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vmdelta_encoder_zstd import ZstdEncoder, window_log
 
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.registry import default_registry
-from vmdelta_core.testing import check_encoder, sample_unit_pairs, unit_pairs
+from vmdelta_core.plugin import ConfigError, FormatError
+from vmdelta_core.testing import check_encoder, default_registry, sample_unit_pairs, unit_pairs
 
 BASE, TARGET = sample_unit_pairs()[1]
 

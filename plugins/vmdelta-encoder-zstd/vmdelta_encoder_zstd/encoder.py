@@ -7,8 +7,7 @@ from typing import Any
 
 import zstandard
 
-from vmdelta_core.components import Encoder
-from vmdelta_core.errors import ConfigError, FormatError
+from vmdelta_core.plugin import ConfigError, Encoder, FormatError
 
 __all__ = ["DEFAULT_LEVEL", "ZstdEncoder", "window_log"]
 

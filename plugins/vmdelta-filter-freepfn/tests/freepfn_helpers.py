@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from vmdelta_core.components import FilterContext, SourceImage
+from vmdelta_core.plugin import FilterContext, SourceImage
 
 
 def memory_context(

@@ -9,27 +9,27 @@ import numpy as np
 import pytest
 from freepfn_helpers import pfn_set
 
-from vmdelta_core.fileio import map_readonly
+from vmdelta_core.plugin import map_readonly
+from vmdelta_core.testing import main
 
-cli = pytest.importorskip("vmdelta_core.cli")
 UNIT = 4096
 
 
 @pytest.mark.fixtures
-def test_freepfn_overlay_rebuilds_free_pages_from_the_base(fixtures: Path, tmp_path: Path, capsys) -> None:
-    folder = fixtures / "variants" / "qemu-7.2-ignore-shared"
+def test_freepfn_overlay_rebuilds_free_pages_from_the_base(fixture_set: Path, tmp_path: Path, capsys) -> None:
+    folder = fixture_set / "variants" / "qemu-7.2-ignore-shared"
     base, modified, free = folder / "base-ram.raw", folder / "modified-ram.raw", folder / "free-pfns-B.txt"
     overlay = tmp_path / "vm.overlay"
     args = ["create", "-q", "-o", str(overlay), "--memory", str(base), str(modified), "--memory-format", "file"]
-    assert cli.main([*args, "--filter", f"freepfn:{free}"]) == 0
+    assert main([*args, "--filter", f"freepfn:{free}"]) == 0
     capsys.readouterr()
-    assert cli.main(["inspect", "--json", str(overlay)]) == 0
+    assert main(["inspect", "--json", str(overlay)]) == 0
     (entry,) = json.loads(capsys.readouterr().out)["metadata"]["images"][0]["filters"]
     assert entry["name"] == "freepfn" and entry["reason"] == "free-page" and entry["dropped"] == 5121
     assert entry["details"]["free_pages"] == 5224
 
     out = tmp_path / "rebuilt.raw"
-    assert cli.main(["apply", "-q", str(overlay), "--memory", str(base), str(out)]) == 0
+    assert main(["apply", "-q", str(overlay), "--memory", str(base), str(out)]) == 0
     b = map_readonly(base)[0].reshape(-1, UNIT)
     m = map_readonly(modified)[0].reshape(-1, UNIT)
     r = map_readonly(out)[0].reshape(-1, UNIT)
@@ -37,7 +37,7 @@ def test_freepfn_overlay_rebuilds_free_pages_from_the_base(fixtures: Path, tmp_p
     assert from_base.size == 5121 and np.array_equal(r[from_base], b[from_base])
     assert set(from_base.tolist()) <= pfn_set(free)
 
-    assert cli.main(["apply", "-q", "--strict", str(overlay), "--memory", str(base), str(tmp_path / "s.raw")]) != 0
+    assert main(["apply", "-q", "--strict", str(overlay), "--memory", str(base), str(tmp_path / "s.raw")]) != 0
 
 
 @pytest.fixture
@@ -58,12 +58,12 @@ def test_format_option_on_the_command_line(small_guest: list[str], tmp_path: Pat
     dump = tmp_path / "kpageflags"
     dump.write_bytes(flags.tobytes())
     args = [*small_guest, "--filter", f"freepfn:{dump}"]
-    assert cli.main([*args, "--filter-option", "freepfn.format=kpageflags"]) == 0
+    assert main([*args, "--filter-option", "freepfn.format=kpageflags"]) == 0
     capsys.readouterr()
-    assert cli.main(["inspect", "--json", str(tmp_path / "vm.overlay")]) == 0
+    assert main(["inspect", "--json", str(tmp_path / "vm.overlay")]) == 0
     (entry,) = json.loads(capsys.readouterr().out)["metadata"]["images"][0]["filters"]
     assert entry["dropped"] == 2 and entry["details"]["input_format"] == "kpageflags"
-    assert cli.main([*args, "--filter-option", "freepfn.format=ranges"]) == 3
+    assert main([*args, "--filter-option", "freepfn.format=ranges"]) == 3
     assert "is not a text PFN list" in capsys.readouterr().err
 
 
@@ -81,7 +81,7 @@ def test_hostile_lists_end_in_one_line(
 ) -> None:
     free = tmp_path / "free.txt"
     free.write_bytes(content.encode() if isinstance(content, str) else content)
-    assert cli.main([*small_guest, "--filter", f"freepfn:{free}"]) == status
+    assert main([*small_guest, "--filter", f"freepfn:{free}"]) == status
     err = capsys.readouterr().err
     assert err.startswith("vmdelta: error: freepfn: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "vm.overlay").exists()

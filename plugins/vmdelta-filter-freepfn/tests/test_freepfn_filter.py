@@ -7,8 +7,8 @@ import pytest
 from freepfn_helpers import huge_zero_image, memory_context
 from vmdelta_filter_freepfn import FOUR_GIB, KPF_BUDDY, FreePfnFilter
 
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.testing import check_filter
+from vmdelta_core.plugin import ConfigError, FormatError
+from vmdelta_core.testing import check_filter, default_registry, main
 
 MIB = 1 << 20
 
@@ -106,14 +106,16 @@ def test_the_format_option_forces_the_reader(tmp_path: Path) -> None:
             drop(memory_context(image, image, write(tmp_path, "2 2\n"), format=bad), [0])
 
 
-def test_without_input_or_on_disk(tmp_path: Path) -> None:
-    image = np.zeros(MIB, dtype=np.uint8)
-    with pytest.raises(ConfigError, match="needs the free page frames"):
-        drop(memory_context(image, image, None), [0])
-    ctx = memory_context(image, image, write(tmp_path, "1 1\n"))
-    disk = type(ctx)("disk0", "disk", 4096, ctx.base, ctx.modified, ctx.input, {})
-    with pytest.raises(ConfigError, match="disk image"):
-        drop(disk, [0])
+def test_the_core_refuses_freepfn_without_a_list_or_on_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kinds`` and ``needs_input`` are checked by the core before ``select``: one line, no overlay."""
+    image, out = tmp_path / "image", tmp_path / "vm.overlay"
+    image.write_bytes(bytes(MIB))
+    free = write(tmp_path, "1 1\n")
+    assert main(["create", "-q", "-o", str(out), "--memory", str(image), str(image), "--filter", "freepfn"]) == 2
+    assert "'freepfn' needs an input" in capsys.readouterr().err
+    assert main(["create", "-q", "-o", str(out), "--disk", str(image), str(image), "--filter", f"freepfn:{free}"]) == 2
+    assert "'freepfn'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_no_block_table_takes_the_image_as_pc_ram(tmp_path: Path) -> None:
@@ -194,6 +196,4 @@ def test_ram_high_up_maps_without_overflow(tmp_path: Path) -> None:
 
 
 def test_registered_through_the_entry_point() -> None:
-    from vmdelta_core import default_registry
-
     assert isinstance(default_registry().filter("freepfn"), FreePfnFilter)

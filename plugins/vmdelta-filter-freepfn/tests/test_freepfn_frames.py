@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from vmdelta_filter_freepfn import KPF_BUDDY, detect_format, read_free_frames
 
-from vmdelta_core.errors import ConfigError, FormatError
+from vmdelta_core.plugin import ConfigError, FormatError
 
 #: a 1 MiB guest: PFNs 0-255
 RAM = np.array([[0, 256]], dtype=np.int64)

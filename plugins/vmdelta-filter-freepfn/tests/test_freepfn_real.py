@@ -9,16 +9,15 @@ import pytest
 from freepfn_helpers import changed_units, memory_context, pfn_set
 from vmdelta_filter_freepfn import FreePfnFilter
 
-from vmdelta_core.errors import ConfigError
-from vmdelta_core.fileio import map_readonly
+from vmdelta_core.plugin import ConfigError, map_readonly
 from vmdelta_core.testing import check_filter
 
 pytestmark = pytest.mark.fixtures
 
 
 @pytest.fixture(scope="module")
-def ram(fixtures: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-    folder = fixtures / "variants" / "qemu-7.2-ignore-shared"
+def ram(fixture_set: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    folder = fixture_set / "variants" / "qemu-7.2-ignore-shared"
     base, _ = map_readonly(folder / "base-ram.raw")
     modified, _ = map_readonly(folder / "modified-ram.raw")
     return folder, base, modified
@@ -79,19 +78,19 @@ def test_a_list_of_a_bigger_guest_is_refused(ram, tmp_path: Path) -> None:
         FreePfnFilter().select(memory_context(base, modified, bigger), changed_units(base, modified))
 
 
-def test_through_the_qemu_stream_block_table_matches_the_fixture_count(fixtures: Path) -> None:
+def test_through_the_qemu_stream_block_table_matches_the_fixture_count(fixture_set: Path) -> None:
     """With the QEMU source installed: the primary 7.2 stream, its RAM block table, and the
     fixture script's own count of changed pages lying in free PFNs at B (4466)."""
-    from vmdelta_core.errors import PluginError
-    from vmdelta_core.registry import default_registry
+    from vmdelta_core.plugin import PluginError
+    from vmdelta_core.testing import default_registry
 
     try:
         source = default_registry().source("qemu")
     except PluginError:
         pytest.skip("vmdelta-source-qemu is not installed")
-    base = source.open(fixtures / "base.mem", kind="memory", options={})
-    modified = source.open(fixtures / "modified.mem", kind="memory", options={})
+    base = source.open(fixture_set / "base.mem", kind="memory", options={})
+    modified = source.open(fixture_set / "modified.mem", kind="memory", options={})
     changed = changed_units(base.data, modified.data)
-    ctx = memory_context(base.data, modified.data, fixtures / "free-pfns-B.txt", layout=dict(modified.layout))
+    ctx = memory_context(base.data, modified.data, fixture_set / "free-pfns-B.txt", layout=dict(modified.layout))
     result = check_filter(FreePfnFilter(), ctx, changed)
     assert changed.size == 12502 and int(result.drop.sum()) == 4466

@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from vmdelta_filter_freepfn import KPF_BUDDY, FreePfnFilter
 
-from vmdelta_core.errors import VmdeltaError
-from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
+from vmdelta_core.plugin import VmdeltaError
+from vmdelta_core.testing import check_untrusted, fuzz_settings
 
 PAGE = 4096
 NOPAGE = 1 << 20

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmdelta_core.components import Filter
-from vmdelta_core.hookspecs import hookimpl
+from vmdelta_core.plugin import Filter, hookimpl
 from vmdelta_filter_freepfn.filter import FreePfnFilter, free_image_ranges
 from vmdelta_filter_freepfn.frames import (
     FORMATS,

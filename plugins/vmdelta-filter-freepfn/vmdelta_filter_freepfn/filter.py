@@ -7,12 +7,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vmdelta_core.components import Filter, FilterContext, FilterResult
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.plugin import ConfigError, Filter, FilterContext, FilterResult, units_covered
 from vmdelta_filter_freepfn.frames import FORMATS, FreeFrames, read_free_frames
 from vmdelta_filter_freepfn.ramlayout import RamSegments, below_4g_option, inside_ram, ram_pages, ram_segments
 
-__all__ = ["FreePfnFilter", "filter_options", "free_image_ranges", "units_covered"]
+__all__ = ["FreePfnFilter", "filter_options", "free_image_ranges"]
 
 #: option ``page_size`` bounds: Linux pages are 4 KiB (x86) up to 256 KiB (hexagon)
 MIN_PAGE_SIZE = 4096
@@ -34,10 +33,8 @@ class FreePfnFilter(Filter):
     option_names: ClassVar[frozenset[str]] = frozenset({"format", "page_size", "below_4g"})
 
     def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
-        if context.kind != "memory":
-            raise ConfigError(f"freepfn: {context.image_name} is a {context.kind} image; free page frames are memory")
-        if context.input is None:
-            raise ConfigError("freepfn needs the free page frames: --filter freepfn:FREE-PFNS.txt")
+        # the core calls select only on a memory image and with an input (kinds, needs_input)
+        assert context.input is not None
         options = context.options
         fmt, page_size = filter_options(options)
         size = context.modified.size
@@ -124,13 +121,3 @@ def free_image_ranges(
     merged_ends = np.zeros(merged_starts.shape, dtype=np.int64)
     np.maximum.at(merged_ends, group, ends)
     return merged_starts, merged_ends
-
-
-def units_covered(starts: np.ndarray, ends: np.ndarray, units: np.ndarray, unit_size: int, size: int) -> np.ndarray:
-    """Mask of ``units`` whose bytes (clipped to ``size``) lie entirely inside one merged range."""
-    lo = units * unit_size
-    hi = np.minimum(lo + unit_size, size)
-    if starts.size == 0 or units.size == 0:
-        return np.zeros(units.shape, dtype=bool)
-    i = np.searchsorted(starts, lo, side="right") - 1
-    return (i >= 0) & (ends[np.clip(i, 0, None)] >= hi) & (hi > lo)

@@ -17,7 +17,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from vmdelta_core.errors import ConfigError, FormatError
+from vmdelta_core.plugin import ConfigError, FormatError
 from vmdelta_filter_freepfn.kpageflags import DEFINED_FLAGS, ENTRY_SIZE, KPF_BUDDY, KPF_NOPAGE
 from vmdelta_filter_freepfn.ramlayout import RamPages, describe_ram, inside_ram
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.plugin import ConfigError
 
 __all__ = [
     "FOUR_GIB",

@@ -23,9 +23,8 @@ from vmdelta_filter_trim import DISCARD, OTHER, WRITE, ByteRanges, TraceEvent, T
 from vmdelta_filter_trim.parsers import BUILTIN_PARSERS, LegacyDiscardParser, NbdRequestParser
 from vmdelta_filter_trim.ranges import last_discarded
 
-from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
-from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
-from vmdelta_core.plugins import new_plugin_manager
+from vmdelta_core.plugin import ConfigError, FormatError, VmdeltaError
+from vmdelta_core.testing import check_untrusted, fuzz_settings
 
 SIZE = 1 << 20  # the disk the logs are replayed against
 UNIT = 4096
@@ -125,7 +124,7 @@ def model_drop(events: list[TraceEvent], units: np.ndarray) -> np.ndarray:
     return np.array([discarded[u * UNIT : (u + 1) * UNIT].all() for u in units.tolist()])
 
 
-FILTER = TrimFilter(plugin_manager=new_plugin_manager(load_entry_points=False))
+FILTER = TrimFilter()
 UNITS = np.arange(SIZE // UNIT, dtype=np.int64)
 
 

@@ -8,22 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmdelta_core.fileio import map_readonly
+from vmdelta_core.plugin import map_readonly
+from vmdelta_core.testing import main
 
-cli = pytest.importorskip("vmdelta_core.cli")
 pytestmark = pytest.mark.fixtures
 UNIT = 4096
 
 
-def test_trim_overlay_rebuilds_the_dropped_units_from_the_base(fixtures: Path, tmp_path: Path, capsys) -> None:
-    base, modified, trace = fixtures / "base.img", fixtures / "modified.img", fixtures / "trim-trace.log"
+def test_trim_overlay_rebuilds_the_dropped_units_from_the_base(fixture_set: Path, tmp_path: Path, capsys) -> None:
+    base, modified, trace = fixture_set / "base.img", fixture_set / "modified.img", fixture_set / "trim-trace.log"
     overlay = tmp_path / "vm.overlay"
     assert (
-        cli.main(["create", "-q", "-o", str(overlay), "--disk", str(base), str(modified), "--filter", f"trim:{trace}"])
-        == 0
+        main(["create", "-q", "-o", str(overlay), "--disk", str(base), str(modified), "--filter", f"trim:{trace}"]) == 0
     )
     capsys.readouterr()
-    assert cli.main(["inspect", "--json", str(overlay)]) == 0
+    assert main(["inspect", "--json", str(overlay)]) == 0
     metadata = json.loads(capsys.readouterr().out)["metadata"]
     (entry,) = metadata["images"][0]["filters"]
     assert entry["name"] == "trim" and entry["reason"] == "trim" and entry["dropped"] == 2729
@@ -31,7 +30,7 @@ def test_trim_overlay_rebuilds_the_dropped_units_from_the_base(fixtures: Path, t
     assert entry["details"]["discards"] == 183
 
     out = tmp_path / "rebuilt.img"
-    assert cli.main(["apply", "-q", str(overlay), "--disk", str(base), str(out)]) == 0
+    assert main(["apply", "-q", str(overlay), "--disk", str(base), str(out)]) == 0
     b = map_readonly(base)[0].reshape(-1, UNIT)
     m = map_readonly(modified)[0].reshape(-1, UNIT)
     r = map_readonly(out)[0].reshape(-1, UNIT)
@@ -47,6 +46,6 @@ def test_trim_overlay_rebuilds_the_dropped_units_from_the_base(fixtures: Path, t
     assert trimmed[from_base].all()
 
     refused = tmp_path / "strict.img"
-    assert cli.main(["apply", "-q", "--strict", str(overlay), "--disk", str(base), str(refused)]) != 0
+    assert main(["apply", "-q", "--strict", str(overlay), "--disk", str(base), str(refused)]) != 0
     assert not refused.exists()
     assert "trim dropped 2729" in capsys.readouterr().err

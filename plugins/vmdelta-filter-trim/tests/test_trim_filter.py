@@ -4,13 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import vmdelta_filter_trim
 from trim_helpers import array_context
 from vmdelta_filter_trim import DISCARD, TraceEvent, TrimFilter
 
-from vmdelta_core.errors import ConfigError, FormatError, PluginError
-from vmdelta_core.hookspecs import hookimpl
-from vmdelta_core.plugins import new_plugin_manager
-from vmdelta_core.testing import check_filter
+from vmdelta_core.plugin import ConfigError, FormatError, PluginError, hookimpl
+from vmdelta_core.testing import check_filter, default_registry, main, registry_with
 
 MIB = 1 << 20
 
@@ -29,8 +28,7 @@ def write_log(tmp_path: Path, *lines: str) -> Path:
 
 
 def select(ctx, candidates) -> np.ndarray:
-    pm = new_plugin_manager(load_entry_points=False)
-    return check_filter(TrimFilter(plugin_manager=pm), ctx, np.asarray(candidates, dtype=np.int64)).drop
+    return check_filter(TrimFilter(), ctx, np.asarray(candidates, dtype=np.int64)).drop
 
 
 def test_conformance_and_basic_rule(tmp_path: Path) -> None:
@@ -89,11 +87,21 @@ def test_a_file_without_trace_lines_is_refused(tmp_path: Path) -> None:
         select(array_context(MIB, log), [0])
 
 
-def test_missing_input_and_wrong_kind_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="needs the trace log"):
-        select(array_context(MIB, None), [0])
+def test_an_unreadable_trace_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         select(array_context(MIB, tmp_path / "absent.log"), [0])
+
+
+def test_the_core_refuses_trim_without_a_trace_or_on_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kinds`` and ``needs_input`` are checked by the core before ``select``: one line, no overlay."""
+    image, out = tmp_path / "image", tmp_path / "vm.overlay"
+    image.write_bytes(bytes(MIB))
+    log = write_log(tmp_path, nbd("1.000001", 4, 0, 4096))
+    assert main(["create", "-q", "-o", str(out), "--disk", str(image), str(image), "--filter", "trim"]) == 2
+    assert "'trim' needs an input" in capsys.readouterr().err
+    assert main(["create", "-q", "-o", str(out), "--memory", str(image), str(image), "--filter", f"trim:{log}"]) == 2
+    assert "'trim'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_damaged_line_names_its_line_number(tmp_path: Path) -> None:
@@ -106,8 +114,7 @@ def test_details_are_json_counts(tmp_path: Path) -> None:
     import json
 
     log = write_log(tmp_path, nbd("1.000001", 4, 0, 8192), nbd("1.000002", 0, 0, 512), "noise\n")
-    pm = new_plugin_manager(load_entry_points=False)
-    result = TrimFilter(plugin_manager=pm).select(array_context(MIB, log), np.array([0, 1, 2], dtype=np.int64))
+    result = TrimFilter().select(array_context(MIB, log), np.array([0, 1, 2], dtype=np.int64))
     details = json.loads(json.dumps(result.details))
     assert result.reason == "trim"
     assert details["discards"] == 1 and details["other"] == 1 and details["unrecognised_lines"] == 1
@@ -134,28 +141,21 @@ class TabPlugin:
 
 def test_third_party_parser_through_the_hook(tmp_path: Path) -> None:
     log = write_log(tmp_path, "100\tdiscard\t0\t8192\n", "200\twrite\t4096\t1\n")
-    pm = new_plugin_manager(load_entry_points=False)
-    plugin = TabPlugin()
-    pm.register(plugin)
-    try:
-        result = TrimFilter(plugin_manager=pm).select(array_context(MIB, log), np.array([0, 1], dtype=np.int64))
-    finally:
-        pm.unregister(plugin)
-    assert result.drop.tolist() == [True, False]
-    assert result.details["events_by_parser"] == {"tabbed": 2}
+    # the trim plugin adds the hook's spec to the manager (vmdelta_addhooks) and its filter asks
+    # the plugins of that manager, whatever order they were registered in
+    for plugins in ((vmdelta_filter_trim, TabPlugin()), (TabPlugin(), vmdelta_filter_trim)):
+        trim = registry_with(*plugins).filter("trim")
+        result = trim.select(array_context(MIB, log), np.array([0, 1], dtype=np.int64))
+        assert result.drop.tolist() == [True, False]
+        assert result.details["events_by_parser"] == {"tabbed": 2}
     assert DISCARD == "discard"
 
 
 def test_a_parser_name_registered_twice_is_a_plugin_error(tmp_path: Path) -> None:
     log = write_log(tmp_path, nbd("1.000001", 4, 0, 4096))
-    pm = new_plugin_manager(load_entry_points=False)
     with pytest.raises(PluginError, match="twice"):
-        TrimFilter(parsers=[TabParser(), TabParser()], plugin_manager=pm).select(
-            array_context(MIB, log), np.array([0], dtype=np.int64)
-        )
+        TrimFilter(parsers=[TabParser(), TabParser()]).select(array_context(MIB, log), np.array([0], dtype=np.int64))
 
 
 def test_registered_through_the_entry_point() -> None:
-    from vmdelta_core import default_registry
-
     assert isinstance(default_registry().filter("trim"), TrimFilter)

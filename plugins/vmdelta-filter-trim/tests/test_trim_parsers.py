@@ -11,7 +11,7 @@ from vmdelta_filter_trim import (
     parse_timestamp,
 )
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 
 QEMU72 = (
     "3794@1795876309.823659:nbd_send_request Sending request to server: { .from = 33177600, .len = 12288, "

@@ -3,7 +3,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vmdelta_filter_trim import ByteRanges, units_covered
+from vmdelta_filter_trim import ByteRanges
+
+from vmdelta_core.plugin import units_covered
 
 SIZE = 256
 

@@ -10,8 +10,7 @@ import pytest
 from trim_helpers import changed_units, disk_context
 from vmdelta_filter_trim import TrimFilter
 
-from vmdelta_core.errors import ConfigError
-from vmdelta_core.plugins import new_plugin_manager
+from vmdelta_core.plugin import ConfigError
 from vmdelta_core.testing import check_filter
 
 pytestmark = pytest.mark.fixtures
@@ -30,7 +29,7 @@ def trimmed_units(trace: Path) -> set[int]:
 
 
 def run(ctx, candidates: np.ndarray) -> np.ndarray:
-    filt = TrimFilter(plugin_manager=new_plugin_manager(load_entry_points=False))
+    filt = TrimFilter()
     return check_filter(filt, ctx, candidates).drop
 
 
@@ -39,8 +38,8 @@ def every_unit(ctx) -> np.ndarray:
 
 
 @pytest.mark.parametrize("log", ["trim-trace.log", "trace-full.log"])
-def test_discard_ignore_drops_exactly_what_the_trace_proves(fixtures: Path, log: str) -> None:
-    folder = fixtures / "variants" / "discard-ignore"
+def test_discard_ignore_drops_exactly_what_the_trace_proves(fixture_set: Path, log: str) -> None:
+    folder = fixture_set / "variants" / "discard-ignore"
     ctx = disk_context(folder / "base.img", folder / "modified.img", folder / log)
     everything = every_unit(ctx)
     drop = run(ctx, everything)
@@ -61,15 +60,15 @@ def test_discard_ignore_drops_exactly_what_the_trace_proves(fixtures: Path, log:
     assert not run(ctx, changed).any()
 
 
-def test_primary_drops_the_trimmed_changed_units(fixtures: Path) -> None:
-    ctx = disk_context(fixtures / "base.img", fixtures / "modified.img", fixtures / "trim-trace.log")
+def test_primary_drops_the_trimmed_changed_units(fixture_set: Path) -> None:
+    ctx = disk_context(fixture_set / "base.img", fixture_set / "modified.img", fixture_set / "trim-trace.log")
     changed = changed_units(ctx)
     drop = run(ctx, changed)
     dropped = changed[drop]
     # discard=unmap: every trimmed block reads as zero in the modified disk; 2729 of them held
     # data at A and so are changed units (fixture SUMMARY: "changed 2729")
     assert dropped.size == 2729
-    assert set(dropped.tolist()) <= trimmed_units(fixtures / "trim-trace.log")
+    assert set(dropped.tolist()) <= trimmed_units(fixture_set / "trim-trace.log")
     assert not ctx.modified.data.reshape(-1, UNIT)[dropped].any()
     # the rebuilt disk (dropped units from the base) differs from the modified one only there
     rebuilt = np.array(ctx.modified.data).reshape(-1, UNIT)
@@ -78,18 +77,18 @@ def test_primary_drops_the_trimmed_changed_units(fixtures: Path) -> None:
     assert np.array_equal(differs, dropped)
 
 
-def test_full_trace_agrees_with_the_trim_only_trace(fixtures: Path) -> None:
-    full = disk_context(fixtures / "base.img", fixtures / "modified.img", fixtures / "trace-full.log")
-    trims = disk_context(fixtures / "base.img", fixtures / "modified.img", fixtures / "trim-trace.log")
+def test_full_trace_agrees_with_the_trim_only_trace(fixture_set: Path) -> None:
+    full = disk_context(fixture_set / "base.img", fixture_set / "modified.img", fixture_set / "trace-full.log")
+    trims = disk_context(fixture_set / "base.img", fixture_set / "modified.img", fixture_set / "trim-trace.log")
     changed = changed_units(full)
     assert np.array_equal(run(full, changed), run(trims, changed))
 
 
-def test_a_write_after_the_trims_keeps_its_unit(fixtures: Path, tmp_path: Path) -> None:
-    trace = fixtures / "trace-full.log"
+def test_a_write_after_the_trims_keeps_its_unit(fixture_set: Path, tmp_path: Path) -> None:
+    trace = fixture_set / "trace-full.log"
     lines = trace.read_text().splitlines()
     last = max(lines, key=lambda line: line.split(":", 1)[0])
-    trimmed = sorted(trimmed_units(fixtures / "trim-trace.log"))
+    trimmed = sorted(trimmed_units(fixture_set / "trim-trace.log"))
     victim = trimmed[len(trimmed) // 2]
     stamp = last.split(":", 1)[0]
     pid, _, when = stamp.partition("@")
@@ -101,18 +100,18 @@ def test_a_write_after_the_trims_keeps_its_unit(fixtures: Path, tmp_path: Path) 
     )
     edited = tmp_path / "trace.log"
     edited.write_text("\n".join([*lines, extra]) + "\n")
-    ctx = disk_context(fixtures / "base.img", fixtures / "modified.img", edited)
+    ctx = disk_context(fixture_set / "base.img", fixture_set / "modified.img", edited)
     candidates = np.array(trimmed, dtype=np.int64)
     drop = run(ctx, candidates)
     assert drop.sum() == len(trimmed) - 1
     assert not drop[trimmed.index(victim)]
 
 
-def test_a_trace_of_a_bigger_disk_is_refused(fixtures: Path, tmp_path: Path) -> None:
+def test_a_trace_of_a_bigger_disk_is_refused(fixture_set: Path, tmp_path: Path) -> None:
     # the same trace against a disk half the size: requests fall beyond its end
     small = tmp_path / "small.img"
-    with open(fixtures / "modified.img", "rb") as f:
+    with open(fixture_set / "modified.img", "rb") as f:
         small.write_bytes(f.read(32 << 20))
-    ctx = disk_context(small, small, fixtures / "trim-trace.log")
+    ctx = disk_context(small, small, fixture_set / "trim-trace.log")
     with pytest.raises(ConfigError, match="another disk"):
         run(ctx, np.arange(16, dtype=np.int64))

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vmdelta_core.components import FilterContext, SourceImage
-from vmdelta_core.fileio import map_readonly
+from vmdelta_core.plugin import FilterContext, SourceImage, map_readonly
 
 
 def disk_context(base: Path, modified: Path, trace: Path | None, **options: object) -> FilterContext:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmdelta_core.components import Filter
-from vmdelta_core.hookspecs import hookimpl
+import pluggy
+
+from vmdelta_core.plugin import Filter, hookimpl
+from vmdelta_filter_trim import hookspecs
 from vmdelta_filter_trim.filter import TrimFilter
 from vmdelta_filter_trim.parsers import (
     DISCARD,
@@ -17,7 +19,7 @@ from vmdelta_filter_trim.parsers import (
     TraceParser,
     parse_timestamp,
 )
-from vmdelta_filter_trim.ranges import ByteRanges, units_covered
+from vmdelta_filter_trim.ranges import ByteRanges
 from vmdelta_filter_trim.trace import TraceLog, collect_parsers, discarded_ranges, read_trace
 
 __all__ = [
@@ -35,10 +37,15 @@ __all__ = [
     "discarded_ranges",
     "parse_timestamp",
     "read_trace",
-    "units_covered",
 ]
 
 
 @hookimpl
-def vmdelta_register_filters(register: Callable[[Filter], None]) -> None:
-    register(TrimFilter())
+def vmdelta_addhooks(pluginmanager: pluggy.PluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@hookimpl
+def vmdelta_register_filters(register: Callable[[Filter], None], pluginmanager: pluggy.PluginManager) -> None:
+    # the filter asks the plugins of this very manager for trace parsers when it reads a trace
+    register(TrimFilter(plugin_manager=pluginmanager))

@@ -8,11 +8,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pluggy
 
-from vmdelta_core.components import Filter, FilterContext, FilterResult
-from vmdelta_core.errors import ConfigError
-from vmdelta_core.plugins import new_plugin_manager
+from vmdelta_core.plugin import ConfigError, Filter, FilterContext, FilterResult, units_covered
 from vmdelta_filter_trim.parsers import TraceParser
-from vmdelta_filter_trim.ranges import units_covered
 from vmdelta_filter_trim.trace import collect_parsers, discarded_ranges, read_trace
 
 __all__ = ["TrimFilter"]
@@ -26,8 +23,9 @@ class TrimFilter(Filter):
     and a unit covered by two adjacent discards counts as covered. Partly discarded units stay.
 
     :param parsers: extra trace parsers (besides the builtin ones and those of plugins).
-    :param plugin_manager: where to look for ``vmdelta_trim_trace_parsers`` hooks; by default a
-        fresh manager over the installed plugins, honouring ``VMDELTA_DISABLE_PLUGINS``.
+    :param plugin_manager: whose plugins' ``vmdelta_trim_trace_parsers`` hooks to ask for more;
+        the registry passes the manager it collects from. Without one, only the builtin parsers
+        and ``parsers`` are used.
     """
 
     name = "trim"
@@ -40,12 +38,9 @@ class TrimFilter(Filter):
         self._pm = plugin_manager
 
     def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
-        if context.kind != "disk":
-            raise ConfigError(f"trim: {context.image_name} is a {context.kind} image; trim reads disk traces only")
-        if context.input is None:
-            raise ConfigError("trim needs the trace log: --filter trim:TRACE.LOG")
-        pm = self._pm if self._pm is not None else new_plugin_manager()
-        parsers = collect_parsers(pm, self._extra)
+        # the core calls select only on a disk image and with an input (kinds, needs_input)
+        assert context.input is not None
+        parsers = collect_parsers(self._pm, self._extra)
         log = read_trace(context.input, parsers)
         size = context.modified.size
         _check_fits(log.events, size, context)

@@ -4,14 +4,14 @@ QEMU has many block trace events and a deployment may log another one (a differe
 driver, a custom backend). A plugin teaches the trim filter a new line format by implementing
 this hook with the ordinary ``vmdelta`` marker::
 
-    from vmdelta_core.hookspecs import hookimpl
+    from vmdelta_core.plugin import hookimpl
 
     @hookimpl
     def vmdelta_trim_trace_parsers(register):
         register(MyParser())          # any object with .name and .parse_line(line)
 
-and declaring its module under the ``vmdelta`` entry-point group as usual. The spec is added to
-the plugin manager by the trim filter when it collects parsers, so core needs no change.
+and declaring its module under the ``vmdelta`` entry-point group as usual. The trim plugin adds
+this spec to the plugin manager through ``vmdelta_addhooks``, so core needs no change.
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import pluggy
+from vmdelta_core.plugin import hookspec
 
 if TYPE_CHECKING:
     from vmdelta_filter_trim.parsers import TraceParser
 
-__all__ = ["hookspec"]
-
-hookspec = pluggy.HookspecMarker("vmdelta")
+__all__ = ["vmdelta_trim_trace_parsers"]
 
 # --------------------------------------------------------------------------------------------
-# trace parsers: called once, when the trim filter reads its first trace
+# trace parsers: called each time the trim filter reads a trace
 # --------------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 
 __all__ = [
     "BUILTIN_PARSERS",

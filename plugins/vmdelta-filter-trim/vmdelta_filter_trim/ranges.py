@@ -1,4 +1,4 @@
-"""Disjoint byte ranges that change as trace events are replayed, and unit coverage tests."""
+"""Disjoint byte ranges that change as trace events are replayed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from bisect import bisect_left, bisect_right
 
 import numpy as np
 
-__all__ = ["ByteRanges", "last_discarded", "units_covered"]
+__all__ = ["ByteRanges", "last_discarded"]
 
 
 class ByteRanges:
@@ -63,18 +63,6 @@ class ByteRanges:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.starts, dtype=np.int64), np.asarray(self.ends, dtype=np.int64)
-
-
-def units_covered(starts: np.ndarray, ends: np.ndarray, units: np.ndarray, unit_size: int, size: int) -> np.ndarray:
-    """Mask of ``units`` whose bytes (clipped to ``size``) lie entirely inside one merged range."""
-    units = np.asarray(units, dtype=np.int64)
-    lo = units * unit_size
-    hi = np.minimum(lo + unit_size, size)
-    if starts.size == 0 or units.size == 0:
-        return np.zeros(units.shape, dtype=bool)
-    i = np.searchsorted(starts, lo, side="right") - 1
-    safe = np.clip(i, 0, None)
-    return (i >= 0) & (ends[safe] >= hi) & (hi > lo)
 
 
 def last_discarded(starts: np.ndarray, ends: np.ndarray, discard: np.ndarray) -> ByteRanges:

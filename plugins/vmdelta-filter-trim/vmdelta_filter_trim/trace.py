@@ -10,8 +10,7 @@ import attrs
 import numpy as np
 import pluggy
 
-from vmdelta_core.errors import ConfigError, FormatError, PluginError
-from vmdelta_filter_trim import hookspecs
+from vmdelta_core.plugin import ConfigError, FormatError, PluginError
 from vmdelta_filter_trim.parsers import BUILTIN_PARSERS, DISCARD, WRITE, TraceEvent, TraceParser
 from vmdelta_filter_trim.ranges import ByteRanges, last_discarded
 
@@ -39,11 +38,10 @@ def collect_parsers(pm: pluggy.PluginManager | None, extra: Iterable[TraceParser
             raise PluginError(f"a trace parser needs a name and a parse_line method, got {parser!r}")
         found.append(parser)
 
-    if pm is not None:
-        caller = getattr(pm.hook, "vmdelta_trim_trace_parsers", None)
-        if caller is None or not caller.has_spec():
-            pm.add_hookspecs(hookspecs)
-        pm.hook.vmdelta_trim_trace_parsers(register=register)
+    # no such hook when no plugin of ``pm`` implements it and the trim plugin is not one of them
+    caller = getattr(pm.hook, "vmdelta_trim_trace_parsers", None) if pm is not None else None
+    if caller is not None:
+        caller(register=register)
     names = [parser.name for parser in found]
     for name in names:
         if names.count(name) > 1:

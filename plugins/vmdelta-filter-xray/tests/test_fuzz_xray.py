@@ -35,8 +35,8 @@ from vmdelta_filter_xray.c_disk import (
 )
 from xray_helpers import MIB, mkfs, need, tool
 
-from vmdelta_core.errors import FormatError, VmdeltaError
-from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
+from vmdelta_core.plugin import FormatError, VmdeltaError
+from vmdelta_core.testing import check_untrusted, fuzz_settings
 
 SECTOR = 512
 LINUX = bytes.fromhex("af3dc60f838472478e793d69d8477de4")  # 0FC63DAF-8483-4772-8E79-3D69D8477DE4

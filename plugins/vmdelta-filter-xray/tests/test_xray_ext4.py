@@ -11,7 +11,7 @@ import pytest
 from vmdelta_filter_xray import Ext4, Unsupported, Volume, free_ranges
 from xray_helpers import MIB, blocks_of, dumpe2fs_free, mapped, mkfs, need, tool
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +65,21 @@ def test_block_uninit_groups_are_exercised(tmp_path: Path) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_fixture_disk_matches_dumpe2fs(fixtures: Path) -> None:
+def test_fixture_disk_matches_dumpe2fs(fixture_set: Path) -> None:
     for name in ("base.img", "modified.img"):
-        path = fixtures / name
+        path = fixture_set / name
         lo, hi, details = free_ranges(mapped(path), replay=False)
         assert details["partitioning"] == "whole disk"
         assert blocks_of(lo, hi, 4096) == dumpe2fs_free(path)
 
 
-def test_journal_copy_wins_over_a_stale_bitmap(fixtures: Path, tmp_path: Path) -> None:
+def test_journal_copy_wins_over_a_stale_bitmap(fixture_set: Path, tmp_path: Path) -> None:
     """The fixture's filesystem needs recovery and its journal holds block bitmap 17. Make the
     bitmap in place stale (as after a crash before checkpoint): replay must read the journal's
     copy, exactly as e2fsck's journal recovery does."""
     need("e2fsck")
     stale = tmp_path / "stale.img"
-    shutil.copyfile(fixtures / "modified.img", stale)
+    shutil.copyfile(fixture_set / "modified.img", stale)
     with open(stale, "r+b") as f:
         f.seek(17 * 4096 + 300)
         f.write(bytes(100))  # blocks 2400-3199 (file data) marked free in place
@@ -89,7 +89,7 @@ def test_journal_copy_wins_over_a_stale_bitmap(fixtures: Path, tmp_path: Path) -
     replayed_blocks = blocks_of(replayed[0], replayed[1], 4096)
     assert set(range(2400, 3200)) <= in_place_blocks
     # (dumpe2fs refuses the stale copy: its bitmap checksum no longer matches)
-    assert in_place_blocks == dumpe2fs_free(fixtures / "modified.img") | set(range(2400, 3200))
+    assert in_place_blocks == dumpe2fs_free(fixture_set / "modified.img") | set(range(2400, 3200))
     assert replayed[2]["filesystems"][0]["journal"]["transactions"] == 3
     recovered = tmp_path / "recovered.img"
     shutil.copyfile(stale, recovered)
@@ -98,10 +98,10 @@ def test_journal_copy_wins_over_a_stale_bitmap(fixtures: Path, tmp_path: Path) -
     assert not replayed_blocks & set(range(2400, 3200))
 
 
-def test_metadata_is_in_use_whatever_the_bitmap_says(fixtures: Path, tmp_path: Path) -> None:
+def test_metadata_is_in_use_whatever_the_bitmap_says(fixture_set: Path, tmp_path: Path) -> None:
     """A damaged bitmap calling the inode tables free (blocks 49-2096 of the fixture, packed by
     flex_bg into group 0) made xray drop them; the filesystem's own metadata stays in use."""
-    data = np.array(mapped(fixtures / "modified.img"))
+    data = np.array(mapped(fixture_set / "modified.img"))
     data[17 * 4096 : 17 * 4096 + 300] = 0  # group 0's bitmap: blocks 0-2399 free
     lo, hi, _ = free_ranges(data, replay=False)
     free = blocks_of(lo, hi, 4096)

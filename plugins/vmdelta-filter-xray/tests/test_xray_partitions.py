@@ -10,7 +10,7 @@ from vmdelta_filter_xray import find_volumes, free_ranges
 from vmdelta_filter_xray.c_disk import GPT_ENTRY, GPT_HEADER, MBR
 from xray_helpers import MIB, blocks_of, dumpe2fs_free, mapped, mkfs, partition
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 
 SECTOR = 512
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmdelta_core.components import FilterContext, SourceImage
-from vmdelta_core.fileio import map_readonly
+from vmdelta_core.plugin import FilterContext, SourceImage, map_readonly
 
 MIB = 1 << 20
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import construct
 import numpy as np
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_filter_xray.c_disk import (
     EXT4_EXTENT,
     EXT4_EXTENT_HEADER,

@@ -6,13 +6,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vmdelta_core.components import Filter, FilterContext, FilterResult
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.plugin import ConfigError, Filter, FilterContext, FilterResult, units_covered
 from vmdelta_filter_xray.ext4 import Ext4, Unsupported, is_ext
 from vmdelta_filter_xray.journal import replay_journal
 from vmdelta_filter_xray.partitions import Volume, find_volumes
 
-__all__ = ["XrayFilter", "free_ranges", "units_covered"]
+__all__ = ["XrayFilter", "free_ranges"]
 
 
 class XrayFilter(Filter):
@@ -31,8 +30,7 @@ class XrayFilter(Filter):
     needs_input = False
 
     def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
-        if context.kind != "disk":
-            raise ConfigError(f"xray: {context.image_name} is a {context.kind} image; xray reads disk filesystems")
+        # the core calls select only on a disk image (kinds); an input it lets through
         if context.input is not None:
             raise ConfigError("xray reads the disk itself and takes no input: use --filter xray")
         journal = context.options.get("journal", "replay")
@@ -40,6 +38,7 @@ class XrayFilter(Filter):
             raise ConfigError(f"xray: option journal={journal!r} must be replay or ignore")
         starts, ends, details = free_ranges(context.modified.data, replay=journal == "replay")
         candidates = np.asarray(candidates, dtype=np.int64)
+        # free ranges of two volumes that meet inside a unit each cover only part of it: kept
         drop = units_covered(starts, ends, candidates, context.unit_size, context.modified.size)
         details["candidates"] = int(candidates.size)
         details["dropped"] = int(np.count_nonzero(drop))
@@ -119,17 +118,3 @@ def _subtract(lo: np.ndarray, hi: np.ndarray, cut: np.ndarray) -> tuple[np.ndarr
     edges = np.flatnonzero(np.diff(np.concatenate(([False], keep, [False])).astype(np.int8)))
     first, last = edges[0::2], edges[1::2] - 1
     return left[first], right[last]
-
-
-def units_covered(starts: np.ndarray, ends: np.ndarray, units: np.ndarray, unit_size: int, size: int) -> np.ndarray:
-    """Mask of ``units`` whose bytes (clipped to ``size``) lie entirely inside one range.
-
-    The ranges of one filesystem are merged; ranges of different volumes never touch a unit
-    together in a way that matters, as partitions are separated by their tables and gaps.
-    """
-    lo = units * unit_size
-    hi = np.minimum(lo + unit_size, size)
-    if starts.size == 0 or units.size == 0:
-        return np.zeros(units.shape, dtype=bool)
-    i = np.searchsorted(starts, lo, side="right") - 1
-    return (i >= 0) & (ends[np.clip(i, 0, None)] >= hi) & (hi > lo)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import construct
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_filter_xray.c_disk import JBD2_HEADER, JBD2_SUPERBLOCK
 from vmdelta_filter_xray.ext4 import Ext4, Unsupported
 

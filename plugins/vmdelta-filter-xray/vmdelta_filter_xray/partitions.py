@@ -8,7 +8,7 @@ import attrs
 import construct
 import numpy as np
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_filter_xray.c_disk import GPT_ENTRY, GPT_HEADER, MBR
 
 __all__ = ["Volume", "find_volumes"]

@@ -7,16 +7,6 @@ from pathlib import Path
 import pytest
 from disk_helpers import qemu_img, qemu_io
 
-from vmdelta_core.testing import real_fixtures
-
-
-@pytest.fixture(scope="session")
-def fixture_dir() -> Path:
-    found = real_fixtures()
-    if found is None:
-        pytest.skip("real QEMU fixtures are not available")
-    return found
-
 
 @pytest.fixture(scope="session")
 def need_qemu_img() -> None:
@@ -25,14 +15,14 @@ def need_qemu_img() -> None:
 
 
 @pytest.fixture(scope="session")
-def disks(tmp_path_factory: pytest.TempPathFactory, fixture_dir: Path, need_qemu_img: None) -> Path:
+def disks(tmp_path_factory: pytest.TempPathFactory, fixture_set: Path, need_qemu_img: None) -> Path:
     """qcow2 images made by QEMU from the real raw pair, in one folder beside a copy of the base.
 
     ``over.qcow2`` is the modified disk as an overlay of ``base.img`` (qemu-img rebase);
     ``mid.qcow2``/``top.qcow2`` a three-level chain top -> mid -> base.img.
     """
     d = tmp_path_factory.mktemp("qcow2")
-    base, modified = fixture_dir / "base.img", fixture_dir / "modified.img"
+    base, modified = fixture_set / "base.img", fixture_set / "modified.img"
     shutil.copy(base, d / "base.img")
     os.chmod(d / "base.img", 0o644)
     qemu_img("convert", "-f", "raw", "-O", "qcow2", modified, d / "v3.qcow2")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from vmdelta_source_disk import Qcow2Source
 from vmdelta_source_disk.qcow2 import ClusterMap, read_cluster_map, read_info
 
-from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
+from vmdelta_core.plugin import ConfigError, FormatError, VmdeltaError
 
 
 def _open(path: Path) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from disk_helpers import qemu_img
 
-from vmdelta_core.plugins import new_plugin_manager
-from vmdelta_core.registry import Registry, default_registry
+from vmdelta_core.testing import default_registry
 
 
 @pytest.fixture
@@ -35,7 +34,9 @@ def test_detection(files: dict[str, Path]) -> None:
     assert registry.detect_source(files["raw"], "memory") == "file"
 
 
-def test_detection_without_the_core_fallback(files: dict[str, Path]) -> None:
-    registry = Registry(new_plugin_manager(blocked=frozenset({"core-file"})))
+def test_detection_without_the_core_fallback(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMDELTA_DISABLE_PLUGINS", "core-file")
+    registry = default_registry()
+    assert "file" not in registry.names("source")
     assert registry.detect_source(files["raw"], "disk") == "raw"
     assert registry.detect_source(files["qcow2"], "disk") == "qcow2"

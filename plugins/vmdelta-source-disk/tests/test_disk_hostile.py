@@ -19,12 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vmdelta_source_disk import Qcow2Source, RawSource, write_qcow2
 
-from vmdelta_core.cli import main
-from vmdelta_core.components import RebuiltImage, SourceImage
-from vmdelta_core.errors import FormatError
-from vmdelta_core.overlay.container import TRAILER_SIZE
-from vmdelta_core.overlay.schema import TRAILER
-from vmdelta_core.testing import rewrite_overlay
+from vmdelta_core.plugin import FormatError, RebuiltImage, SourceImage
+from vmdelta_core.testing import TRAILER, TRAILER_SIZE, main, rewrite_overlay
 
 UNIT = 4096
 SIZE = 64 * UNIT
@@ -143,7 +139,7 @@ def test_an_envelope_for_a_disk_is_refused(folder: Path) -> None:
 
 
 def test_a_cluster_size_option_that_is_not_a_number_is_a_config_error(folder: Path) -> None:
-    from vmdelta_core.errors import ConfigError
+    from vmdelta_core.plugin import ConfigError
 
     base = RawSource().open(folder / "base.img", kind="disk", options={})
     options = {"output_format": "qcow2", "qcow2_cluster_size": "64k"}

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from vmdelta_source_disk import Qcow2Source, write_qcow2
 from vmdelta_source_disk import c_qcow2 as c
 
-from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
-from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
+from vmdelta_core.plugin import ConfigError, FormatError, VmdeltaError
+from vmdelta_core.testing import check_untrusted, fuzz_settings
 
 UNIT = 4096
 #: (offset, width) of every header field, version 3 included

@@ -45,11 +45,11 @@ def test_versions_and_compression_are_reported(disks: Path) -> None:
         assert image.layout["cluster_bits"] == 12
 
 
-def test_overlay_hints_cover_every_change_and_only_allocated_clusters(disks: Path, fixture_dir: Path) -> None:
+def test_overlay_hints_cover_every_change_and_only_allocated_clusters(disks: Path, fixture_set: Path) -> None:
     raw = RawSource()
     with (
-        raw.open(fixture_dir / "base.img", kind="disk", options={}) as base,
-        raw.open(fixture_dir / "modified.img", kind="disk", options={}) as modified,
+        raw.open(fixture_set / "base.img", kind="disk", options={}) as base,
+        raw.open(fixture_set / "modified.img", kind="disk", options={}) as modified,
         Qcow2Source().open(disks / "thin.qcow2", kind="disk", options={}) as thin,
     ):
         changed = changed_units(base.data, modified.data)
@@ -92,7 +92,7 @@ def test_check_source(disks: Path, name: str) -> None:
 
 
 def test_refuses_memory_kind(disks: Path) -> None:
-    from vmdelta_core.errors import ConfigError
+    from vmdelta_core.plugin import ConfigError
 
     with pytest.raises(ConfigError):
         Qcow2Source().open(disks / "v3.qcow2", kind="memory", options={})

@@ -13,8 +13,7 @@ from disk_helpers import UNIT, changed_units, qemu_raw
 from vmdelta_source_disk import Qcow2Source, RawSource, write_qcow2
 from vmdelta_source_disk.qcow2 import read_info
 
-from vmdelta_core.components import RebuiltImage, SourceImage
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.plugin import ConfigError, RebuiltImage, SourceImage
 
 pytestmark = pytest.mark.fixtures
 
@@ -60,8 +59,8 @@ def _compare(qcow2: Path, raw: Path) -> None:
 
 
 @pytest.mark.parametrize("version", [3, 2])
-def test_thin_output_from_the_raw_pair(tmp_path: Path, fixture_dir: Path, need_qemu_img: None, version: int) -> None:
-    base_path, modified = fixture_dir / "base.img", fixture_dir / "modified.img"
+def test_thin_output_from_the_raw_pair(tmp_path: Path, fixture_set: Path, need_qemu_img: None, version: int) -> None:
+    base_path, modified = fixture_set / "base.img", fixture_set / "modified.img"
     raw = RawSource()
     with raw.open(base_path, kind="disk", options={}) as base, raw.open(modified, kind="disk", options={}) as mod:
         changed = changed_units(base.data, mod.data)
@@ -83,8 +82,8 @@ def test_thin_output_from_the_raw_pair(tmp_path: Path, fixture_dir: Path, need_q
     assert out.stat().st_size < modified.stat().st_size // 3
 
 
-def test_thin_output_cluster_size_option(tmp_path: Path, fixture_dir: Path, need_qemu_img: None) -> None:
-    base_path, modified = fixture_dir / "base.img", fixture_dir / "modified.img"
+def test_thin_output_cluster_size_option(tmp_path: Path, fixture_set: Path, need_qemu_img: None) -> None:
+    base_path, modified = fixture_set / "base.img", fixture_set / "modified.img"
     raw = RawSource()
     with raw.open(base_path, kind="disk", options={}) as base, raw.open(modified, kind="disk", options={}) as mod:
         changed = changed_units(base.data, mod.data)
@@ -122,8 +121,8 @@ def test_thin_output_cluster_size_option(tmp_path: Path, fixture_dir: Path, need
         )
 
 
-def test_grown_disk_thin_output(tmp_path: Path, fixture_dir: Path, need_qemu_img: None) -> None:
-    base_path = fixture_dir / "base.img"
+def test_grown_disk_thin_output(tmp_path: Path, fixture_set: Path, need_qemu_img: None) -> None:
+    base_path = fixture_set / "base.img"
     grown = tmp_path / "grown.img"
     subprocess.run(["cp", "--sparse=always", str(base_path), str(grown)], check=True)
     os.chmod(grown, 0o644)

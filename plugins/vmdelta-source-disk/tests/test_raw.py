@@ -11,9 +11,7 @@ import pytest
 from disk_helpers import UNIT
 from vmdelta_source_disk import RawSource, sparsify
 
-from vmdelta_core.components import RebuiltImage
-from vmdelta_core.errors import ConfigError
-from vmdelta_core.fileio import data_extents, hole_extents
+from vmdelta_core.plugin import ConfigError, RebuiltImage, data_extents, hole_extents
 from vmdelta_core.testing import check_source
 
 
@@ -23,15 +21,15 @@ def _allocated(path: Path) -> int:
 
 @pytest.mark.fixtures
 @pytest.mark.parametrize("name", ["base.img", "modified.img", "variants/discard-ignore/modified.img"])
-def test_check_source_on_real_disks(fixture_dir: Path, name: str) -> None:
-    image = check_source(RawSource(), fixture_dir / name, "disk")
+def test_check_source_on_real_disks(fixture_set: Path, name: str) -> None:
+    image = check_source(RawSource(), fixture_set / name, "disk")
     assert image.exact_artifact and image.envelope == b"" and image.hints is None
     image.close()
 
 
 @pytest.mark.fixtures
-def test_holes_are_the_sparse_ranges_and_read_as_zero(fixture_dir: Path) -> None:
-    path = fixture_dir / "modified.img"
+def test_holes_are_the_sparse_ranges_and_read_as_zero(fixture_set: Path) -> None:
+    path = fixture_set / "modified.img"
     with RawSource().open(path, kind="disk", options={}) as image:
         assert np.array_equal(image.holes, hole_extents(path))
         assert image.holes.shape[0] > 10, "the fixture disk is trimmed: it has holes"
@@ -43,15 +41,15 @@ def test_holes_are_the_sparse_ranges_and_read_as_zero(fixture_dir: Path) -> None
 
 
 @pytest.mark.fixtures
-def test_materialize_writes_holes_not_zeros(fixture_dir: Path, tmp_path: Path) -> None:
+def test_materialize_writes_holes_not_zeros(fixture_set: Path, tmp_path: Path) -> None:
     """A rebuilt disk written densely comes out as sparse as the original, and identical."""
-    original = fixture_dir / "modified.img"
+    original = fixture_set / "modified.img"
     dense = tmp_path / "rebuilt.raw"
     subprocess.run(["cp", "--sparse=never", str(original), str(dense)], check=True)
     os.chmod(dense, 0o644)
     size = dense.stat().st_size
     assert _allocated(dense) >= size
-    with RawSource().open(fixture_dir / "base.img", kind="disk", options={}) as base:
+    with RawSource().open(fixture_set / "base.img", kind="disk", options={}) as base:
         rebuilt = RebuiltImage(
             path=dense,
             size=size,
@@ -60,7 +58,7 @@ def test_materialize_writes_holes_not_zeros(fixture_dir: Path, tmp_path: Path) -
             layout={"format": "raw"},
             changed=np.arange(size // UNIT, dtype=np.int64),
             base=base,
-            base_path=fixture_dir / "base.img",
+            base_path=fixture_set / "base.img",
         )
         out = tmp_path / "out.img"
         RawSource().materialize(rebuilt, out)

@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from pathlib import Path
 
-from vmdelta_core.components import Source
-from vmdelta_core.hookspecs import hookimpl
+from vmdelta_core.plugin import Source, hookimpl
 from vmdelta_source_disk.c_qcow2 import MAGIC
 from vmdelta_source_disk.qcow2_writer import WriteResult, write_qcow2
 from vmdelta_source_disk.sources import Qcow2Source, RawSource, sparsify, write_thin_qcow2

@@ -25,8 +25,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.fileio import data_extents, open_regular
+from vmdelta_core.plugin import ConfigError, FormatError, data_extents, open_regular
 from vmdelta_source_disk import c_qcow2 as c
 from vmdelta_source_disk.extents import copy_range, intersect, normalize, subtract, to_extents, to_spans, union
 from vmdelta_source_disk.qcow2 import ClusterMap, Qcow2Info, decompress_cluster, read_cluster_map, read_info

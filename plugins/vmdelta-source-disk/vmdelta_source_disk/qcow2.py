@@ -18,7 +18,7 @@ import numpy as np
 import zstandard
 from construct import ConstructError
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_source_disk import c_qcow2 as c
 
 __all__ = ["ClusterMap", "Qcow2Info", "decompress_cluster", "read_cluster_map", "read_info"]

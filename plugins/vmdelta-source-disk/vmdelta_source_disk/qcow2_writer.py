@@ -16,8 +16,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from vmdelta_core.errors import ConfigError
-from vmdelta_core.fileio import hole_extents, map_readonly
+from vmdelta_core.plugin import ConfigError, hole_extents, map_readonly
 from vmdelta_source_disk import c_qcow2 as c
 from vmdelta_source_disk.extents import copy_range, to_spans
 

@@ -17,9 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.fileio import data_extents, map_readonly, open_file_image
+from vmdelta_core.plugin import (
+    ConfigError,
+    FormatError,
+    ImageKind,
+    RebuiltImage,
+    Source,
+    SourceImage,
+    data_extents,
+    map_readonly,
+    open_file_image,
+)
 from vmdelta_source_disk.chain import compose, open_chain
 from vmdelta_source_disk.extents import punch_hole, to_spans, unit_spans
 from vmdelta_source_disk.qcow2_writer import MAX_L1_BYTES, WriteResult, l1_bytes, write_qcow2

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from vmdelta_source_qemu import QemuSource
 
-from vmdelta_core.components import RebuiltImage, SourceImage
+from vmdelta_core.plugin import RebuiltImage, SourceImage
 
 
 def rebuilt_image(image: SourceImage, raw: Path, options: Mapping[str, Any] | None = None) -> RebuiltImage:

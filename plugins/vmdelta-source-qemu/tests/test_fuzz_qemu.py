@@ -22,8 +22,8 @@ from qemu_stream_builder import PAGE, StreamBuilder, mapped_ram_stream, pattern,
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.envelope import CheckedEnvelope, Run, read_envelope
 
-from vmdelta_core.components import SourceImage
-from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
+from vmdelta_core.plugin import SourceImage
+from vmdelta_core.testing import check_untrusted, fuzz_settings
 
 #: an accepted image at most this large is checked page by page and rebuilt
 _CHECKED = 64 << 20

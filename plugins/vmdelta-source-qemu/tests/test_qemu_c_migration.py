@@ -113,7 +113,7 @@ def test_simple_stream_parses_with_every_section_kind() -> None:
 
 
 def test_scanner_agrees_with_the_schema_on_a_real_stream(fixture_set: Path) -> None:
-    from vmdelta_core.fileio import map_readonly
+    from vmdelta_core.plugin import map_readonly
 
     buf, closers = map_readonly(fixture_set / "variants/qemu-10.0-stream/modified.mem")
     try:

@@ -16,9 +16,8 @@ from qemu_stream_builder import PAGE, StreamBuilder, pattern, simple_stream, wri
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.stream import DEFAULT_MAX_RAM
 
-from vmdelta_core.components import SourceImage
-from vmdelta_core.errors import ConfigError, FormatError, StorageError
-from vmdelta_core.fuzzing import check_untrusted
+from vmdelta_core.plugin import ConfigError, FormatError, SourceImage, StorageError
+from vmdelta_core.testing import check_untrusted
 
 GIB = 1 << 30
 CLAIM = 128 * GIB

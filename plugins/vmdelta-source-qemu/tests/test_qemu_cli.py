@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from vmdelta_core.cli import main
+from vmdelta_core.testing import main
 
 pytestmark = pytest.mark.fixtures
 

@@ -24,12 +24,8 @@ from qemu_stream_builder import PAGE, StreamBuilder, ignore_shared_stream, patte
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.envelope import MAX_BLOCKS, Envelope, Mapped, Run, read_envelope
 
-from vmdelta_core.cli import main
-from vmdelta_core.components import RebuiltImage, SourceImage
-from vmdelta_core.errors import FormatError
-from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE
-from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, TRAILER
-from vmdelta_core.testing import rewrite_overlay
+from vmdelta_core.plugin import FormatError, RebuiltImage, SourceImage
+from vmdelta_core.testing import ENTRY_SIZE, FRAME_INDEX_ENTRY, TRAILER, TRAILER_SIZE, main, rewrite_overlay
 
 MIB = 1 << 20
 

@@ -21,7 +21,7 @@ from qemu_stream_builder import (
 from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.envelope import Envelope
 
-from vmdelta_core.errors import ConfigError, FormatError
+from vmdelta_core.plugin import ConfigError, FormatError
 
 
 def open_bytes(tmp_path: Path, data: bytes, **options: str):

@@ -10,7 +10,7 @@ from qemu_helpers import rebuilt_image
 from qemu_stream_builder import ignore_shared_stream, simple_stream
 from vmdelta_source_qemu import QemuRamSource, QemuSource
 
-from vmdelta_core.registry import default_registry
+from vmdelta_core.testing import default_registry
 
 
 def test_sources_registered_through_the_entry_point() -> None:

@@ -12,7 +12,7 @@ import zstandard
 from qemu_helpers import rebuild
 from vmdelta_source_qemu import QemuRamSource, QemuSource
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_core.testing import check_source
 
 pytestmark = pytest.mark.fixtures

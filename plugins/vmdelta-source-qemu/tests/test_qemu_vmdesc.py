@@ -20,8 +20,7 @@ from vmdelta_source_qemu import QemuSource
 from vmdelta_source_qemu.stream import ParsedStream, parse_stream
 from vmdelta_source_qemu.vmdesc import VmDescription, find_description, walk_devices
 
-from vmdelta_core.errors import FormatError
-from vmdelta_core.fileio import map_readonly
+from vmdelta_core.plugin import FormatError, map_readonly
 
 REFUSED_END = r"truncated|after the end of the stream|does not end"
 

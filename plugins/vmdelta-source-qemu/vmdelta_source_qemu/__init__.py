@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from vmdelta_core.components import Source
-from vmdelta_core.hookspecs import hookimpl
+from vmdelta_core.plugin import Source, hookimpl
 from vmdelta_source_qemu.envelope import Envelope
 from vmdelta_source_qemu.source import QemuRamSource, QemuSource
 

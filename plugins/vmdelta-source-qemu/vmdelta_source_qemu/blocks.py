@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 
 __all__ = ["MappedBlock", "RamBlock", "blocks_from_layout", "image_size", "layout_of", "place_blocks"]

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 

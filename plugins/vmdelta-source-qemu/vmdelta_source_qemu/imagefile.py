@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vmdelta_core.errors import StorageError
+from vmdelta_core.plugin import SourceImage, StorageError
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 
 __all__ = ["CHUNK_PAGES", "ImageFile", "page_nonzero", "release_range"]
@@ -77,15 +77,16 @@ def page_nonzero(pages: np.ndarray) -> np.ndarray:
 
 
 def release_range(mapping: Any, start: int, stop: int) -> None:
-    """Drop the pages of ``mapping[start:stop]`` (a read-only file map) from this process's
-    memory; they fault back in from the page cache if read again."""
+    """Drop the pages of ``mapping[start:stop]`` (a read-only map from ``map_readonly``) from this
+    process's memory; they fault back in from the page cache if read again.
+
+    :meth:`SourceImage.release` does the work: the stream being parsed and the rebuilt file being
+    written are maps the source holds without an image of its own.
+    """
     if mapping is None or stop <= start:
         return
-    lo = start - start % mmap.PAGESIZE
-    hi = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, len(mapping))
-    if hi > lo:
-        with contextlib.suppress(ValueError, OSError):
-            mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    with contextlib.suppress(ValueError):  # a map closed already holds nothing to release
+        SourceImage(kind="memory", data=np.frombuffer(mapping, np.uint8), mapping=mapping).release(start, stop)
 
 
 def pwrite_all(fd: int, data: Any, offset: int) -> None:

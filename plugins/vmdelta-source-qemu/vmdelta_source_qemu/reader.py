@@ -18,8 +18,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from vmdelta_core.errors import ConfigError
-from vmdelta_core.fileio import data_extents, map_readonly
+from vmdelta_core.plugin import ConfigError, data_extents, map_readonly
 from vmdelta_source_qemu.blocks import layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Op, Run, pack_forced

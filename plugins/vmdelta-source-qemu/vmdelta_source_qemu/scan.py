@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
 from vmdelta_source_qemu.imagefile import CHUNK_PAGES, ImageFile, release_range

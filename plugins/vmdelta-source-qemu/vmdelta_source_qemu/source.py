@@ -16,9 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from vmdelta_core.components import ImageKind, RebuiltImage, Source, SourceImage
-from vmdelta_core.errors import ConfigError, FormatError
-from vmdelta_core.fileio import hole_extents, map_readonly, punch_zero_runs
+from vmdelta_core.plugin import (
+    ConfigError,
+    FormatError,
+    ImageKind,
+    RebuiltImage,
+    Source,
+    SourceImage,
+    hole_extents,
+    map_readonly,
+    punch_zero_runs,
+)
 from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import read_envelope

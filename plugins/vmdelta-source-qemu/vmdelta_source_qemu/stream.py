@@ -20,7 +20,7 @@ import attrs
 import numpy as np
 from construct import Construct, ConstructError
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_source_qemu import c_migration as c
 from vmdelta_source_qemu.blocks import MappedBlock, RamBlock, image_size, place_blocks
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag, SectionType

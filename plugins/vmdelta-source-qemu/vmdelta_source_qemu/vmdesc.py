@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_source_qemu.c_migration import SectionType
 
 __all__ = ["DESCRIPTION_MAX", "VmDescription", "find_description", "walk_devices"]

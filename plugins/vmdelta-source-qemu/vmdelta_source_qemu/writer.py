@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vmdelta_core.errors import FormatError
+from vmdelta_core.plugin import FormatError
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Run
