@@ -162,7 +162,7 @@ def overlay_rows(fx: Path, qemu: bool) -> list[list[str]]:
             ]
             output = Path(tmp) / "bench.overlay"
             report = create_overlay(CreateConfig(output=output, images=tuple(specs), cache_dir=Path(tmp) / "cache"))
-            dropped = sum(f["dropped"] for image in report.metadata["images"] for f in image.get("filters", []))
+            dropped = sum(f.dropped for image in report.metadata.images for f in image.filters)
             group = label.split(":")[0]
             reference.setdefault(group, report.size)
             ratio = report.size / reference[group]

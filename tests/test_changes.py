@@ -91,7 +91,7 @@ def test_hints_are_used_only_against_their_own_base(tmp_path: Path) -> None:
         report = create_overlay(
             CreateConfig(output=tmp_path / "o", images=[spec], cache_dir=tmp_path / "c"), registry=registry
         )
-        return report.images[0].statistics["changed"]
+        return report.images[0].statistics.changed
 
     assert changed("base") == 1  # hints hold: only unit 0 compared
     assert changed("other") == 2  # another base: full comparison finds unit 5 too

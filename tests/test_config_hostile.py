@@ -17,10 +17,12 @@ from vmdelta_core import Codec, Filter, FilterResult, Source, hookimpl
 from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, FilterSpec, ImageSpec, create_overlay
 from vmdelta_core.builtin.codecs import LzmaCodec, NoneCodec, ZstdCodec
 from vmdelta_core.cli import main
+from vmdelta_core.components import SideFile
 from vmdelta_core.config import (
     MAX_THREADS,
     check_codec_level,
     check_filter_options,
+    check_side_files,
     check_source_options,
     describe_config,
     load_pipeline,
@@ -215,6 +217,19 @@ def test_unknown_source_options_are_refused_by_name() -> None:
         check_source_options(duck, {"ram": "x"}, "modified_options")
 
 
+def test_side_files_a_source_does_not_have_are_refused_by_name() -> None:
+    class RamSource(Source):
+        name = "ramful"
+        side_files = (SideFile("ram", "a RAM file"),)
+
+    check_side_files(RamSource(), {"ram": Path("base-ram.raw")}, "base side files of base.mem")
+    with pytest.raises(ConfigError, match=r"base\.mem: source 'ramful' has no side file 'rma'; it has: ram"):
+        check_side_files(RamSource(), {"rma": Path("x")}, "base side files of base.mem")
+    duck = type("Duck", (), {"name": "duck"})()
+    with pytest.raises(ConfigError, match="source 'duck' has no side file 'ram'; it has none"):
+        check_side_files(duck, {"ram": Path("x")}, "output side files")
+
+
 def test_a_misspelt_filter_option_stops_create(pair: tuple[Path, Path], tmp_path: Path) -> None:
     b, m = pair
     spec = ImageSpec("disk", b, m, filters=[FilterSpec("journaled", options={"jurnal": "ignore"})])
@@ -301,8 +316,8 @@ def test_a_bad_overlay_table_is_a_config_error(
 @pytest.mark.parametrize(
     ("image", "message"),
     [
-        ("base_options = { ram = 3 }", "base_options.ram must be a file name"),
-        ('modified_options = { ram = "a\\u0000b" }', "holds a NUL character"),
+        ("base_sides = { ram = 3 }", "base_sides/ram: 3 is not of type 'string'"),
+        ('modified_sides = { ram = "a\\u0000b" }', "holds a NUL character"),
         (
             'filters = [{ name = "trim", options = { after = 1979-05-27T07:32:00 } }]',
             "filter options.after is a datetime",
@@ -379,14 +394,14 @@ def test_create_config_refuses_what_create_cannot_do(kwargs: dict[str, Any], mes
         ),
         (lambda: ImageSpec("disk", "b", "m", encoders=["xor", 3]), "an encoder name must be a non-empty string"),
         (lambda: ImageSpec("disk", "b", "m", filters=["trim"]), "a filter must be a FilterSpec, not str 'trim'"),
-        (lambda: ImageSpec("disk", "b", "m", base_options={"ram": 3}), "base_options.ram must be a file name"),
+        (lambda: ImageSpec("disk", "b", "m", base_sides={"ram": 3}), "base_sides.ram must be a file name"),
         (
             lambda: FilterSpec("trim", options={"x": object()}),
             "filter options.x is an object, not a string, number, boolean or null",
         ),
         (lambda: FilterSpec(""), "a filter name must be a non-empty string"),
         (lambda: ApplyImageSpec("tape", "b", "o"), "image kind must be one of memory, disk"),
-        (lambda: ApplyImageSpec("memory", "b", "o", output_options={"ram_output": "\0"}), "NUL character"),
+        (lambda: ApplyImageSpec("memory", "b", "o", output_sides={"ram": "\0"}), "NUL character"),
         (lambda: ApplyConfig(overlay="o", images=[], threads=0), "threads 0 is out of range (1 to 1024)"),
         (lambda: ApplyConfig(overlay="o", images=[], strict="no"), "strict must be true or false, not str 'no'"),
         (lambda: ApplyConfig(overlay="o", images=[("disk", "b", "o")]), "an image must be an ApplyImageSpec"),
@@ -448,7 +463,7 @@ def test_file_names_that_are_not_utf8_are_recorded_escaped() -> None:
     spec = ImageSpec("disk", odd, "m", filters=[FilterSpec("trim", odd)])
     settings = describe_config(CreateConfig(output="o", images=[spec]))
     # what OverlayWriter.finish does with the metadata: it must not fail at the end of a create
-    text = json.dumps(settings, ensure_ascii=False).encode()
+    text = json.dumps(settings.to_json(), ensure_ascii=False).encode()
     assert b"caf\\\\xe9 \\\\xff.img" in text
 
 

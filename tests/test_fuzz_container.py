@@ -32,7 +32,7 @@ from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
 from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
 from vmdelta_core.overlay.container import ENTRY_SIZE, MAX_FRAME, TRAILER_SIZE, OverlayReader
 from vmdelta_core.overlay.items import pack_items, unpack_items
-from vmdelta_core.overlay.metadata import read_metadata
+from vmdelta_core.overlay.metadata import OverlayMetadata
 from vmdelta_core.overlay.schema import DELTA_ITEM, FRAME_INDEX_ENTRY, TRAILER, ItemType, Ref
 
 GOLDEN = Path(__file__).resolve().parent.parent / "schemas" / "golden"
@@ -160,7 +160,7 @@ def _codec_of(name: str) -> Codec:
 def _read(path: Path, codecs: dict[int, Codec]) -> tuple[Any, list[tuple[Any, Any]]]:
     with OverlayReader(path) as reader:
         reader.verify()
-        meta = read_metadata(reader.metadata, reader.frames)
+        meta = OverlayMetadata.from_json(reader.metadata, reader.frames)
         frames = []
         for entry in reader.frames:
             if entry.kind == "items" and entry.codec in codecs:
@@ -183,7 +183,7 @@ def _check_accepted(meta: Any, frames: list[tuple[Any, Any]]) -> None:
         ends = cols.offsets + cols.lengths.astype(np.uint64)
         assert int(cols.offsets[0]) == entry.first_offset and int(ends[-1]) == entry.end_offset
         assert (cols.offsets >= entry.first_offset).all() and (ends <= entry.end_offset).all()
-        assert (ends <= meta.images[entry.image]["size"]).all(), "an accepted item lies outside its image"
+        assert (ends <= meta.images[entry.image].size).all(), "an accepted item lies outside its image"
         for k, payload in enumerate(cols.payloads):
             ref = int(cols.refs[k])
             if ref in (Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM, Ref.ZEROS):

@@ -20,7 +20,7 @@ from vmdelta_core.errors import FormatError
 from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
 from vmdelta_core.jsonvalue import decode_object
 from vmdelta_core.overlay.container import OverlayReader
-from vmdelta_core.overlay.metadata import OverlayMetadata, read_metadata
+from vmdelta_core.overlay.metadata import OverlayMetadata
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
 from vmdelta_core.testing import rewrite_overlay
@@ -104,9 +104,9 @@ def mutated(draw: Any, metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_and_render(metadata: Any, capsys: pytest.CaptureFixture[str]) -> OverlayMetadata:
-    meta = read_metadata(metadata)
+    meta = OverlayMetadata.from_json(metadata)
     # accepted: the table and the JSON of inspect must render it, whatever it holds
-    render_overlay(metadata, size=1234, frames=[])
+    render_overlay(meta, size=1234, frames=[])
     print_json({"metadata": metadata})
     capsys.readouterr()
     return meta
@@ -124,7 +124,7 @@ def test_fuzz_metadata_fields(made: tuple[Path, bytes, dict[str, Any]], capsys: 
 @given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_fuzz_metadata_bytes(raw: bytes) -> None:
     def parse() -> OverlayMetadata:
-        return read_metadata(decode_object(raw, "overlay metadata"))
+        return OverlayMetadata.from_json(decode_object(raw, "overlay metadata"))
 
     assert isinstance(check_untrusted("overlay metadata", parse), OverlayMetadata | FormatError)
 
@@ -140,7 +140,9 @@ def test_fuzz_metadata_nesting_and_numbers(opener: str, depth: int, leaf: str) -
     raw = (
         '{"format":"vmdelta-overlay","version":1,"settings":' + opener * depth + leaf + closer * depth + "}"
     ).encode()
-    result = check_untrusted("overlay metadata", lambda: read_metadata(decode_object(raw, "overlay metadata")))
+    result = check_untrusted(
+        "overlay metadata", lambda: OverlayMetadata.from_json(decode_object(raw, "overlay metadata"))
+    )
     assert isinstance(result, FormatError)  # nothing else is in it
 
 

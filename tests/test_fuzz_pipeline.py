@@ -31,7 +31,7 @@ modified = "modified.mem"
 encoders = ["xor", "raw"]
 policy = "best"
 filters = ["freepfn:free-pfns.txt"]
-base_options = { ram = "base-ram.raw" }
+base_sides = { ram = "base-ram.raw" }
 
 [[images]]
 kind = "disk"
@@ -115,14 +115,26 @@ plausible = {
         ),
         max_size=3,
     ),
-    "base_options": st.fixed_dictionaries({}, optional={"ram": st.just("ram.raw")}),
+    "base_options": option_tables,
+    "base_sides": st.fixed_dictionaries({}, optional={"ram": st.just("ram.raw")}),
     "modified_options": option_tables,
 }
 overlay_keys = st.sampled_from(
     ["output", "unit_size", "codec", "level", "frame_size", "threads", "cache_dir", "encoder_options"]
 )
 image_keys = st.sampled_from(
-    ["kind", "base", "modified", "format", "encoders", "policy", "filters", "base_options", "modified_options"]
+    [
+        "kind",
+        "base",
+        "modified",
+        "format",
+        "encoders",
+        "policy",
+        "filters",
+        "base_options",
+        "modified_options",
+        "base_sides",
+    ]
 )
 
 
@@ -154,7 +166,7 @@ def _accepted(config: CreateConfig) -> None:
     assert isinstance(config.unit_size, int) and 512 <= config.unit_size <= 65024 and config.unit_size % 512 == 0
     assert isinstance(config.threads, int) and 1 <= config.threads <= MAX_THREADS
     assert config.level is None or (isinstance(config.level, int) and not isinstance(config.level, bool))
-    text = json.dumps({"settings": describe_config(config)}, sort_keys=True, separators=(",", ":"))
+    text = json.dumps({"settings": describe_config(config).to_json()}, sort_keys=True, separators=(",", ":"))
     decode_object(text.encode(), "recorded settings")
 
 

@@ -22,7 +22,7 @@ from vmdelta_core.cli import main
 from vmdelta_core.errors import FormatError
 from vmdelta_core.jsonvalue import MAX_DEPTH, decode_object, find_problem, path_text
 from vmdelta_core.overlay.container import ENTRY_SIZE, TRAILER_SIZE, OverlayReader
-from vmdelta_core.overlay.metadata import read_metadata
+from vmdelta_core.overlay.metadata import OverlayMetadata
 from vmdelta_core.overlay.schema import TRAILER
 from vmdelta_core.plugins import new_plugin_manager
 from vmdelta_core.registry import Registry
@@ -179,7 +179,7 @@ def test_hostile_metadata_is_one_format_error(
     folder, data, metadata = made
     hostile = edit(metadata, _set(path, value))
     with pytest.raises(FormatError) as caught:
-        read_metadata(hostile)
+        OverlayMetadata.from_json(hostile)
     assert fragment in str(caught.value)
     refused_everywhere(capsys, folder, rewrite_overlay(data, metadata=hostile), fragment)
 
@@ -189,18 +189,18 @@ def test_duplicate_and_reserved_component_ids_are_refused(made: tuple[Path, byte
     codec = next(c for c in metadata["components"] if c["kind"] == "codec")
     encoder = next(c for c in metadata["components"] if c["kind"] == "encoder")
     with pytest.raises(FormatError, match=r"components\[\d+\].id 0 names a second codec"):
-        read_metadata({**metadata, "components": [*metadata["components"], dict(codec, name="lzma")]})
+        OverlayMetadata.from_json({**metadata, "components": [*metadata["components"], dict(codec, name="lzma")]})
     with pytest.raises(FormatError, match=r"ref 0x1 names a second encoder"):
-        read_metadata({**metadata, "components": [*metadata["components"], dict(encoder, name="other")]})
+        OverlayMetadata.from_json({**metadata, "components": [*metadata["components"], dict(encoder, name="other")]})
     with pytest.raises(FormatError, match=r"ref 0x6 is reserved for references"):
-        read_metadata({**metadata, "components": [*metadata["components"], dict(encoder, name="z", ref=6)]})
+        OverlayMetadata.from_json({**metadata, "components": [*metadata["components"], dict(encoder, name="z", ref=6)]})
 
 
 def test_what_create_writes_passes_and_odd_text_is_shown_escaped(
     made: tuple[Path, bytes, dict[str, Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder, data, metadata = made
-    read_metadata(metadata)
+    OverlayMetadata.from_json(metadata)
     odd = edit(metadata, _set("images.0.filters.0.reason", "[/red] \x1b]0;pwned\x07 :smile:"))
     odd = edit(odd, _set("images.0.filters.0.input", "t\udcff.log"))
     path = folder / "odd.vmdo"

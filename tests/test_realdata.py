@@ -35,8 +35,8 @@ def test_raw_disk_pairs_round_trip(realistic: Path, variant: str, tmp_path: Path
         registry=REGISTRY,
     )
     stats = report.images[0].statistics
-    assert stats["changed"] > 1000
-    assert report.size < 0.5 * stats["changed"] * 4096  # far below the changed bytes
+    assert stats.changed > 1000
+    assert report.size < 0.5 * stats.changed * 4096  # far below the changed bytes
     applied = apply_overlay(
         ApplyConfig(overlay=overlay, images=[ApplyImageSpec("disk", base, out)], cache_dir=tmp_path / "c"),
         registry=REGISTRY,
@@ -59,7 +59,7 @@ def test_memory_raw_ram_and_disk_together(realistic: Path, tmp_path: Path) -> No
     ]
     report = create_overlay(CreateConfig(output=overlay, images=images, cache_dir=tmp_path / "c"), registry=REGISTRY)
     memory = report.images[0].statistics
-    assert memory["base_disk"] > 1000  # file pages read from the base disk since the base snapshot
+    assert memory.base_disk > 1000  # file pages read from the base disk since the base snapshot
     outs = [tmp_path / "ram.out", tmp_path / "disk.out"]
     apply_overlay(
         ApplyConfig(

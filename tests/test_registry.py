@@ -94,10 +94,10 @@ def test_third_party_encoder_gets_a_free_ref_and_round_trips(tmp_path: Path) -> 
         ),
         registry=registry,
     )
-    ref = next(c["ref"] for c in report.metadata["components"] if c["name"] == "reverse")
+    ref = next(c.ref for c in report.metadata.components if c.name == "reverse")
     assert ref == 0xA
-    reverse = report.images[0].statistics["encoders"]["reverse"]
-    assert (reverse["units"], reverse["bytes"]) == (1, 4096) and 0 < reverse["stored_bytes"] <= 4096 + 64
+    reverse = report.images[0].statistics.encoders["reverse"]
+    assert (reverse.units, reverse.bytes) == (1, 4096) and 0 < reverse.stored_bytes <= 4096 + 64
     apply_overlay(
         ApplyConfig(
             overlay=overlay, images=[ApplyImageSpec("disk", tmp_path / "b", tmp_path / "out")], cache_dir=tmp_path / "c"

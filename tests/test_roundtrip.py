@@ -158,10 +158,10 @@ def test_dedup_across_images_and_within(tmp_path: Path) -> None:
         ),
         registry=REGISTRY,
     )
-    mem, disk = (dict(i.statistics) for i in report.images)
-    assert (mem["changed"], mem["base_disk"], mem["base_memory"], mem["encoders"]["raw"]["units"]) == (3, 1, 1, 1)
-    assert (disk["changed"], disk["self"], disk["zero"]) == (2, 1, 1)
-    assert "raw" not in disk["encoders"]
+    mem, disk = (i.statistics for i in report.images)
+    assert (mem.changed, mem.base_disk, mem.base_memory, mem.encoders["raw"].units) == (3, 1, 1, 1)
+    assert (disk.changed, disk.earlier, disk.zero) == (2, 1, 1)
+    assert "raw" not in disk.encoders
 
 
 def _w(path: Path, data: np.ndarray) -> Path:

@@ -9,7 +9,7 @@ from vmdelta_core.apply import apply_overlay
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec, CreateConfig, FilterSpec, ImageSpec, load_pipeline
 from vmdelta_core.create import create_overlay
 from vmdelta_core.overlay.container import OverlayReader
-from vmdelta_core.overlay.metadata import read_metadata
+from vmdelta_core.overlay.metadata import OverlayMetadata
 
 __all__ = [
     "ApplyConfig",
@@ -29,7 +29,7 @@ def inspect_overlay(path: Path, *, verify: bool = True) -> dict[str, Any]:
     with OverlayReader(Path(path)) as reader:
         if verify:
             reader.verify()
-        read_metadata(reader.metadata, reader.frames)
+        OverlayMetadata.from_json(reader.metadata, reader.frames)
         frames = [
             {
                 "offset": f.file_offset,

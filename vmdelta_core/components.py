@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal
 import attrs
 import numpy as np
 
+from vmdelta_core.errors import ConfigError
+
 __all__ = [
     "Codec",
     "Encoder",
@@ -28,8 +30,10 @@ __all__ = [
     "FilterResult",
     "ImageKind",
     "RebuiltImage",
+    "SideFile",
     "Source",
     "SourceImage",
+    "release_pages",
 ]
 
 ImageKind = Literal["memory", "disk"]
@@ -38,6 +42,21 @@ ImageKind = Literal["memory", "disk"]
 # --------------------------------------------------------------------------------------------
 # sources
 # --------------------------------------------------------------------------------------------
+
+
+def release_pages(mapping: mmap.mmap | None, start: int, stop: int) -> None:
+    """Drop the pages of ``mapping[start:stop]``, a read-only file map (``map_readonly``), from
+    this process's memory; they fault back in from the page cache when read again. For maps a
+    source holds without an image of its own (the stream it parses, the rebuilt file it reads).
+    A closed map holds nothing to release."""
+    if mapping is None or stop <= start:
+        return
+    page = mmap.PAGESIZE
+    lo = start - start % page
+    with contextlib.suppress(ValueError, OSError):
+        hi = min(-(-stop // page) * page, len(mapping))
+        if hi > lo:
+            mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 @attrs.define(eq=False)
@@ -69,11 +88,18 @@ class SourceImage:
     file: Path | None = None
     #: the read-only file mapping ``data`` views from byte 0, if any (see :meth:`release`)
     mapping: Any = None
-    _closers: list[Any] = attrs.field(factory=list, alias="closers")
+    #: what :meth:`close` closes, last first: the maps and files ``data`` views
+    closers: list[Any] = attrs.field(factory=list)
 
     @property
     def size(self) -> int:
         return int(self.data.shape[0])
+
+    def padded(self, start: int, length: int) -> bytes:
+        """``length`` bytes of the image from ``start``, zero-padded past its end (a unit of a
+        grown image read from its base, say)."""
+        got = self.data[start : min(start + length, self.size)].tobytes() if start < self.size else b""
+        return got.ljust(length, b"\0")
 
     def release(self, start: int, stop: int) -> None:
         """Drop the pages of ``data[start:stop]`` from this process's memory.
@@ -82,19 +108,12 @@ class SourceImage:
         when read again; otherwise a no-op. Keeps peak memory bounded by what is being worked on
         rather than by the image size.
         """
-        if self.mapping is None or stop <= start:
-            return
-        page = mmap.PAGESIZE
-        lo = start - start % page
-        hi = min(-(-stop // page) * page, self.size)
-        if hi > lo:
-            with contextlib.suppress(ValueError, OSError):
-                self.mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        release_pages(self.mapping, start, min(stop, self.size))
 
     def close(self) -> None:
         """Release mmaps and files; the arrays must not be used afterwards."""
-        while self._closers:
-            closer = self._closers.pop()
+        while self.closers:
+            closer = self.closers.pop()
             # numpy views of an mmap may still be alive elsewhere; the mmap goes when they do
             with contextlib.suppress(BufferError):
                 closer.close()
@@ -127,6 +146,9 @@ class RebuiltImage:
     base: SourceImage
     base_path: Path
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: where each side file of the rebuilt artifact goes, by :class:`SideFile` name: unnamed
+    #: files like ``output``, written by opening the path
+    side_outputs: Mapping[str, Path] = attrs.field(factory=dict)
     #: set by ``apply``: makes the rebuilt file the output in place of what ``materialize`` got
     adopt: Callable[[Path], None] | None = attrs.field(default=None, repr=False)
 
@@ -139,6 +161,24 @@ class RebuiltImage:
             os.replace(self.path, output)
 
 
+@attrs.frozen
+class SideFile:
+    """A file an image needs beside its artifact, at create and at apply (QEMU's x-ignore-shared
+    RAM file).
+
+    It is optional: a source that needs it for some artifact says so when it opens one. The user
+    names one per artifact: ``base_sides`` and ``modified_sides`` of a pipeline image,
+    ``base_sides`` and ``output_sides`` at apply, ``--memory-side NAME BASE OTHER`` on the command
+    line. The core checks it like the artifact (it exists, is a regular file, is never an output),
+    hands its path to :meth:`Source.open` as ``options[name]`` and to :meth:`Source.materialize`
+    as ``rebuilt.side_outputs[name]``, an unnamed output put in place with the others.
+    """
+
+    name: str
+    #: one line for ``vmdelta plugins`` and messages
+    description: str
+
+
 class Source:
     """Reads an artifact format into an image, and writes the same format back.
 
@@ -148,19 +188,23 @@ class Source:
         accepted by ``apply --disk-format`` (for example ``("qcow2",)``).
     :cvar option_names: the ``base_options`` / ``modified_options`` keys ``open`` understands;
         the core refuses any other key before opening anything.
+    :cvar side_files: the files beside an artifact it reads and writes (:class:`SideFile`); the
+        core refuses any other side file by name.
     """
 
     name: ClassVar[str]
     kinds: ClassVar[frozenset[str]] = frozenset({"memory", "disk"})
     output_formats: ClassVar[tuple[str, ...]] = ()
     option_names: ClassVar[frozenset[str]] = frozenset()
+    side_files: ClassVar[tuple[SideFile, ...]] = ()
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         """Open ``path`` read-only and present its image.
 
         :param path: the artifact.
         :param kind: which kind of image the user says it holds.
-        :param options: per-image settings from the pipeline config (``source_options``).
+        :param options: the image's ``base_options`` or ``modified_options``, and the path of each
+            side file given, under its name.
         :raises FormatError: the file is not in this format or is damaged.
         """
         raise NotImplementedError
@@ -171,7 +215,7 @@ class Source:
         ``output`` is an empty temporary file the core puts in place once every image of the
         overlay has been written and checked; like ``rebuilt.path`` it may have no name of its
         own, so write it by opening this path (never rename onto it or create files beside it).
-        Side outputs named in ``rebuilt.options`` (``ram_output``) are such files too.
+        The side files in ``rebuilt.side_outputs`` are such files too.
 
         :param rebuilt: the rebuilt image, its envelope and layout.
         :param output: where to write.
@@ -253,6 +297,13 @@ class Encoder:
     name: ClassVar[str]
     wire_ref: ClassVar[int | None] = None
     default_priority: ClassVar[int | None] = None
+
+    def configure(self, options: Mapping[str, Any]) -> Encoder:
+        """A copy of this encoder with ``options`` (``--encoder-option NAME.KEY=VALUE``) applied.
+
+        :raises ConfigError: an option it does not take, or a value out of range.
+        """
+        raise ConfigError(f"encoder {self.name!r} takes no options")
 
     def encode(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> list[bytes | None]:
         """Encode a batch; ``None`` declines a unit (the policy then tries the next encoder).

@@ -21,6 +21,7 @@ from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.fileio import check_input
 from vmdelta_core.jsonvalue import MAX_INT, MIN_INT, find_problem, path_text
 from vmdelta_core.overlay.container import MAX_FRAME
+from vmdelta_core.overlay.metadata import Settings
 from vmdelta_core.overlay.schema import MAX_UNIT, MIN_UNIT
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __all__ = [
     "ImageSpec",
     "check_codec_level",
     "check_filter_options",
+    "check_side_files",
     "check_source_options",
     "load_pipeline",
     "parse_filter",
@@ -121,20 +123,30 @@ def _check_name(value: Any, what: str) -> None:
         raise ConfigError(f"{what} must be a non-empty string, not {_describe(value)}")
 
 
-def _options(what: str, *, paths: bool = False) -> Callable[[Any, Any, Any], None]:
-    """Options (see :func:`check_option_values`); with ``paths``, a source's options, whose
-    :data:`PATH_OPTIONS` name files."""
+def _options(what: str) -> Callable[[Any, Any, Any], None]:
+    """Options (see :func:`check_option_values`)."""
 
     def check(instance: Any, attribute: Any, value: Any) -> None:
         check_option_values(value, what)
-        if paths:
-            for key in PATH_OPTIONS & set(value):
-                if value[key] is not None:
-                    if not isinstance(value[key], str):
-                        raise ConfigError(f"{what}.{key} must be a file name, not {_describe(value[key])}")
-                    _paths(value[key])
 
     return check
+
+
+def _sides(what: str) -> Callable[[Any], dict[str, Path]]:
+    """Side files (:class:`~vmdelta_core.components.SideFile`): a side file's name -> its path."""
+
+    def convert(value: Any) -> dict[str, Path]:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{what} must map side-file names to files, not {_describe(value)}")
+        out = {}
+        for name, path in value.items():
+            _check_name(name, f"a side-file name in {what}")
+            if not isinstance(path, str | os.PathLike):
+                raise ConfigError(f"{what}.{name} must be a file name, not {_describe(path)}")
+            out[name] = _paths(path)
+        return out
+
+    return convert
 
 
 def _names(value: Any) -> tuple[str, ...] | None:
@@ -239,13 +251,34 @@ class ImageSpec:
     policy: str | None = attrs.field(default=DEFAULT_POLICY, validator=_one_of("policy", POLICIES, optional=True))
     filters: tuple[FilterSpec, ...] = attrs.field(default=(), converter=_tuple("filters"))
     #: options passed to the source when opening the base / the modified artifact
-    base_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("base_options", paths=True))
-    modified_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("modified_options", paths=True))
+    base_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("base_options"))
+    modified_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("modified_options"))
+    #: the side files of the base / the modified artifact, by name (``{"ram": Path(...)}``)
+    base_sides: Mapping[str, Path] = attrs.field(factory=dict, converter=_sides("base_sides"))
+    modified_sides: Mapping[str, Path] = attrs.field(factory=dict, converter=_sides("modified_sides"))
 
     def __attrs_post_init__(self) -> None:
         for f in self.filters:
             if not isinstance(f, FilterSpec):
                 raise ConfigError(f"a filter must be a FilterSpec, not {_describe(f)}")
+
+    def input_checks(self) -> list[tuple[Path, str]]:
+        """Every file this pair reads, with what it is to the user (for :func:`check_input`)."""
+        checks = [(self.base, f"base {self.kind}"), (self.modified, f"modified {self.kind}")]
+        checks += [(path, f"base {self.kind} side file {name}:") for name, path in self.base_sides.items()]
+        checks += [(path, f"modified {self.kind} side file {name}:") for name, path in self.modified_sides.items()]
+        return checks + [(f.input, f"filter {f.name!r}: input") for f in self.filters if f.input is not None]
+
+    def open_options(self, which: Literal["base", "modified"]) -> dict[str, Any]:
+        """What the source's ``open`` gets for one artifact: its options and its side files."""
+        options, sides = (
+            (self.base_options, self.base_sides) if which == "base" else (self.modified_options, self.modified_sides)
+        )
+        return {**options, **{name: str(path) for name, path in sides.items()}}
+
+    def input_paths(self) -> list[Path]:
+        """Every file this pair reads: an output may be none of them."""
+        return [path for path, _ in self.input_checks()]
 
 
 @attrs.frozen
@@ -289,8 +322,19 @@ class ApplyImageSpec:
     base: Path = attrs.field(converter=_paths)
     output: Path = attrs.field(converter=_paths)
     output_format: str | None = attrs.field(default=None, validator=_name("an output format", optional=True))
-    base_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("base_options", paths=True))
-    output_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("output_options", paths=True))
+    base_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("base_options"))
+    output_options: Mapping[str, Any] = attrs.field(factory=dict, validator=_options("output_options"))
+    #: the base artifact's side files, and where the rebuilt artifact's go, by name
+    base_sides: Mapping[str, Path] = attrs.field(factory=dict, converter=_sides("base_sides"))
+    output_sides: Mapping[str, Path] = attrs.field(factory=dict, converter=_sides("output_sides"))
+
+    def input_checks(self) -> list[tuple[Path, str]]:
+        """Every file this image reads, with what it is to the user (for :func:`check_input`)."""
+        return [(self.base, "base")] + [(path, f"base side file {name}:") for name, path in self.base_sides.items()]
+
+    def open_options(self) -> dict[str, Any]:
+        """What the source's ``open`` gets for the base: its options and its side files."""
+        return {**self.base_options, **{name: str(path) for name, path in self.base_sides.items()}}
 
 
 @attrs.frozen
@@ -307,6 +351,10 @@ class ApplyConfig:
         for image in self.images:
             if not isinstance(image, ApplyImageSpec):
                 raise ConfigError(f"an image must be an ApplyImageSpec, not {_describe(image)}")
+
+    def input_paths(self) -> list[Path]:
+        """Every file ``apply`` reads: an output may be none of them."""
+        return [self.overlay] + [path for spec in self.images for path, _ in spec.input_checks()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +404,20 @@ def check_source_options(source_component: Source, options: Mapping[str, Any], w
     :raises ConfigError: naming the unknown options and the ones the source takes.
     """
     _check_names(f"{where}: source {getattr(source_component, 'name', '?')!r}", source_component, options)
+
+
+def check_side_files(source_component: Source, sides: Mapping[str, Path], where: str) -> None:
+    """Refuse side files the source does not declare in ``side_files``, before anything is opened.
+
+    :param where: which side files these are, for the message (``"base_sides of base.mem"``).
+    :raises ConfigError: naming the unknown side files and the ones the source has.
+    """
+    known = sorted(side.name for side in getattr(source_component, "side_files", ()))
+    unknown = sorted(name for name in sides if name not in known)
+    if unknown:
+        has = f"it has: {', '.join(known)}" if known else "it has none"
+        name = getattr(source_component, "name", "?")
+        raise ConfigError(f"{where}: source {name!r} has no side file {', '.join(map(repr, unknown))}; {has}")
 
 
 def _check_names(what: str, component: Any, options: Mapping[str, Any]) -> None:
@@ -439,9 +501,9 @@ def _config_from_valid(data: Mapping[str, Any], folder: Path) -> CreateConfig:
             raise ConfigError(f"cannot expand {value!r}: no such user") from None
         return p if p.is_absolute() else folder / p
 
-    def resolve_options(options: Mapping[str, Any]) -> dict[str, Any]:
-        # options that name files ("ram") are paths relative to the pipeline too
-        return {k: str(resolve(v)) if k in PATH_OPTIONS and isinstance(v, str) else v for k, v in options.items()}
+    def resolve_sides(sides: Mapping[str, str]) -> dict[str, Path]:
+        # side files are paths relative to the pipeline too
+        return {name: resolve(path) for name, path in sides.items()}
 
     overlay = data["overlay"]
     images = []
@@ -465,8 +527,10 @@ def _config_from_valid(data: Mapping[str, Any], folder: Path) -> CreateConfig:
                 encoders=tuple(entry["encoders"]) if "encoders" in entry else DEFAULT_ENCODERS,
                 policy=entry.get("policy", DEFAULT_POLICY),
                 filters=tuple(filters),
-                base_options=resolve_options(entry.get("base_options", {})),
-                modified_options=resolve_options(entry.get("modified_options", {})),
+                base_options=entry.get("base_options", {}),
+                modified_options=entry.get("modified_options", {}),
+                base_sides=resolve_sides(entry.get("base_sides", {})),
+                modified_sides=resolve_sides(entry.get("modified_sides", {})),
             )
         )
     kwargs: dict[str, Any] = {
@@ -479,11 +543,6 @@ def _config_from_valid(data: Mapping[str, Any], folder: Path) -> CreateConfig:
     return CreateConfig(output=resolve(overlay["output"]), images=tuple(images), **kwargs)
 
 
-#: source options that name files: resolved against a pipeline's folder, and at apply time the
-#: ``*_output`` ones are written atomically with the artifact and never over an input
-PATH_OPTIONS = frozenset({"ram", "ram_output"})
-
-
 def recorded_name(path: Path) -> str:
     """A file's name as an overlay records it: UTF-8 text, with the bytes of a name that is not
     valid UTF-8 (Linux allows any) escaped as ``\\xff`` instead of failing the whole create when
@@ -491,15 +550,15 @@ def recorded_name(path: Path) -> str:
     return os.fsencode(Path(path).name).decode("utf-8", "backslashreplace")
 
 
-def describe_config(config: CreateConfig) -> dict[str, Any]:
+def describe_config(config: CreateConfig) -> Settings:
     """The settings recorded in an overlay: what was asked, without the creator's folders."""
-    return {
-        "unit_size": config.unit_size,
-        "codec": config.codec,
-        "level": config.level,
-        "frame_size": config.frame_size,
-        "encoder_options": {name: dict(options) for name, options in config.encoder_options.items()},
-        "images": [
+    return Settings(
+        unit_size=config.unit_size,
+        codec=config.codec,
+        level=config.level,
+        frame_size=config.frame_size,
+        encoder_options={name: dict(options) for name, options in config.encoder_options.items()},
+        images=[
             {
                 "kind": image.kind,
                 "base": recorded_name(image.base),
@@ -514,4 +573,4 @@ def describe_config(config: CreateConfig) -> dict[str, Any]:
             }
             for image in config.images
         ],
-    }
+    )

@@ -7,7 +7,8 @@ of this repository to it. ``docs/writing-plugins.md`` documents each name.
 Component contracts (the registry duck-types them; the classes are conveniences):
 
 * :class:`Source`, :class:`SourceImage`, :class:`RebuiltImage`, :data:`ImageKind`: read an
-  artifact into an image, and write the artifact of a rebuilt image;
+  artifact into an image, and write the artifact of a rebuilt image; :class:`SideFile`, a file
+  a source needs beside its artifact;
 * :class:`Filter`, :class:`FilterContext`, :class:`FilterResult`: drop changed units;
 * :class:`Encoder`: a unit as a payload against its base unit;
 * :class:`Codec`: compress a frame of items.
@@ -41,8 +42,10 @@ from vmdelta_core.components import (
     FilterResult,
     ImageKind,
     RebuiltImage,
+    SideFile,
     Source,
     SourceImage,
+    release_pages,
 )
 from vmdelta_core.errors import (
     BaseMismatchError,
@@ -72,6 +75,7 @@ __all__ = [
     "PluginError",
     "RebuiltImage",
     "Ref",
+    "SideFile",
     "Source",
     "SourceImage",
     "StorageError",
@@ -84,5 +88,6 @@ __all__ = [
     "open_file_image",
     "open_regular",
     "punch_zero_runs",
+    "release_pages",
     "units_covered",
 ]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
+
+if TYPE_CHECKING:
+    from vmdelta_core.overlay.metadata import ImageRecord, ImageStatistics, OverlayMetadata
 
 __all__ = ["ApplyReport", "CreateReport", "ImageReport", "NullProgress", "Progress", "RebuiltReport"]
 
@@ -32,11 +35,21 @@ class ImageReport:
     kind: str
     source: str
     size: int
-    statistics: Mapping[str, Any]
+    statistics: ImageStatistics
 
     @classmethod
-    def from_metadata(cls, image: Mapping[str, Any]) -> ImageReport:
-        return cls(image["name"], image["kind"], image["source"], image["size"], image["statistics"])
+    def from_record(cls, image: ImageRecord) -> ImageReport:
+        return cls(image.name, image.kind, image.source, image.size, image.statistics)
+
+    def to_json(self) -> dict[str, object]:
+        """As ``create --json`` prints it: the statistics as the overlay stores them."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "size": self.size,
+            "statistics": self.statistics.to_json(),
+        }
 
 
 @attrs.frozen
@@ -47,7 +60,7 @@ class CreateReport:
     size: int
     seconds: float
     images: tuple[ImageReport, ...]
-    metadata: Mapping[str, Any] = attrs.field(repr=False)
+    metadata: OverlayMetadata = attrs.field(repr=False)
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter, 
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.outputs import OutputSet
+from vmdelta_core.overlay.metadata import OverlayMetadata
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import ApplyReport, CreateReport
 from vmdelta_core.registry import default_registry
@@ -60,8 +61,8 @@ def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
         name, key, value = parse_option(text, "--encoder-option")
         encoder_options.setdefault(name, {})[key] = value
     images: list[ImageSpec] = []
+    base_sides, modified_sides = _memory_sides(args)
     if args.memory:
-        ram = args.memory_ram or (None, None)
         images.append(
             ImageSpec(
                 "memory",
@@ -71,12 +72,10 @@ def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
                 encoders=encoders,
                 policy=policy,
                 filters=[f for f in filters if _applies(f.name, "memory")],
-                base_options={"ram": ram[0]} if ram[0] else {},
-                modified_options={"ram": ram[1]} if ram[1] else {},
+                base_sides=base_sides,
+                modified_sides=modified_sides,
             )
         )
-    elif args.memory_ram:
-        raise ConfigError("--memory-ram needs --memory (the device-state streams)")
     for base, modified in args.disk:
         images.append(
             ImageSpec(
@@ -105,6 +104,22 @@ def create_config_from_args(args: argparse.Namespace) -> CreateConfig:
     )
 
 
+def _memory_sides(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The memory artifacts' side files: ``--memory-side NAME BASE OTHER``, and ``--memory-ram``
+    (the ``ram`` side file of an x-ignore-shared QEMU snapshot)."""
+    given = [*(args.memory_side or ()), *((["ram", *args.memory_ram],) if args.memory_ram else ())]
+    if given and not args.memory:
+        flag = "--memory-ram" if args.memory_ram else "--memory-side"
+        raise ConfigError(f"{flag} needs --memory (the artifacts the side files belong to)")
+    base: dict[str, Path] = {}
+    other: dict[str, Path] = {}
+    for name, first, second in given:
+        if name in base:
+            raise ConfigError(f"side file {name!r} given twice (--memory-ram is side file 'ram')")
+        base[name], other[name] = Path(first), Path(second)
+    return base, other
+
+
 def _applies(name: str, kind: str) -> bool:
     return kind in default_registry().filter(name).kinds
 
@@ -116,7 +131,7 @@ def _show_create(report: CreateReport, args: argparse.Namespace) -> None:
                 "output": str(report.output),
                 "size": report.size,
                 "seconds": round(report.seconds, 3),
-                "images": [attrs.asdict(image) for image in report.images],
+                "images": [image.to_json() for image in report.images],
             }
         )
     elif not args.quiet:
@@ -163,19 +178,11 @@ def _show_apply(report: ApplyReport, args: argparse.Namespace) -> None:
 
 def apply(args: argparse.Namespace) -> int:
     images: list[ApplyImageSpec] = []
+    base_sides, output_sides = _memory_sides(args)
     if args.memory:
-        ram = args.memory_ram or (None, None)
         images.append(
-            ApplyImageSpec(
-                "memory",
-                args.memory[0],
-                args.memory[1],
-                base_options={"ram": ram[0]} if ram[0] else {},
-                output_options={"ram_output": ram[1]} if ram[1] else {},
-            )
+            ApplyImageSpec("memory", args.memory[0], args.memory[1], base_sides=base_sides, output_sides=output_sides)
         )
-    elif args.memory_ram:
-        raise ConfigError("--memory-ram needs --memory (the device-state streams)")
     for base, output in args.disk:
         images.append(ApplyImageSpec("disk", base, output, output_format=args.disk_format))
     if not images:
@@ -192,7 +199,11 @@ def inspect(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
     else:
-        render_overlay(data["metadata"], size=data["size"], frames=data["frames"] if args.frames else None)
+        render_overlay(
+            OverlayMetadata.from_json(data["metadata"]),
+            size=data["size"],
+            frames=data["frames"] if args.frames else None,
+        )
     return 0
 
 
@@ -238,6 +249,7 @@ def plugins(args: argparse.Namespace) -> int:
     registry = default_registry()
     rows = [
         {"component": i.name, "kind": i.kind, "plugin": i.plugin, "distribution": i.distribution, "version": i.version}
+        | ({"side_files": [s.name for s in getattr(i.component, "side_files", ())]} if i.kind == "source" else {})
         for i in registry
     ]
     if args.json:
@@ -251,6 +263,9 @@ def plugins(args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(r["component"], r["kind"], r["distribution"], r["version"], r["plugin"])
     console.print(table)
+    for info in registry:
+        for side in getattr(info.component, "side_files", ()) if info.kind == "source" else ():
+            console.print(f"source {info.name} reads side file {side.name!r} (--memory-side): {side.description}")
     return 0
 
 

@@ -77,7 +77,7 @@ def run_demo(keep: Path | None, *, quiet: bool = False, as_json: bool = False, *
                     "create_seconds": round(created.seconds, 3),
                     "apply_seconds": round(applied.seconds, 3),
                     "identical": True,
-                    "statistics": {i.name: dict(i.statistics) for i in created.images},
+                    "statistics": {i.name: i.statistics.to_json() for i in created.images},
                 }
             )
         elif not quiet:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
-
-from vmdelta_core.overlay.metadata import read_metadata
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
+
+    from vmdelta_core.overlay.metadata import OverlayMetadata
 
 __all__ = ["BarProgress", "console", "print_json", "printable", "progress_for", "render_overlay"]
 
@@ -124,73 +124,61 @@ def _cell(value: Any) -> Text:
 
 
 def render_overlay(
-    metadata: Mapping[str, Any], *, size: int | None = None, frames: list[dict[str, Any]] | None = None
+    meta: OverlayMetadata, *, size: int | None = None, frames: list[dict[str, Any]] | None = None
 ) -> None:
-    """The statistics table of an overlay, one column per image.
-
-    The metadata is checked first (:func:`vmdelta_core.overlay.metadata.read_metadata`), whoever passes
-    it: every field read below is then present and of its documented type, so an odd overlay
-    ends in a FormatError, never a KeyError halfway through a table.
-    """
+    """The statistics table of an overlay, one column per image (``meta`` is checked metadata:
+    :meth:`~vmdelta_core.overlay.metadata.OverlayMetadata.from_json`)."""
     from rich.table import Table
 
-    meta = read_metadata(metadata)
     images = meta.images
     title = "overlay" + (f" — {_size(size)}" if size is not None else "")
     table = Table(title=title, title_justify="left")
     table.add_column("")
     for image in images:
-        table.add_column(_cell(f"{image['name']} ({image['source']})"), justify="right")
+        table.add_column(_cell(f"{image.name} ({image.source})"), justify="right")
 
     def row(label: str, values: list[Any]) -> None:
         table.add_row(_cell(label), *[_cell(v) for v in values])
 
-    stats = [image["statistics"] for image in images]
-    row("image size", [_size(image["size"]) for image in images])
-    row("units", [s.get("units", 0) for s in stats])
-    row("changed", [s.get("changed", 0) for s in stats])
-    names = sorted({name for s in stats for name in s.get("dropped", {})})
-    for name in names:
-        row(f"  dropped by {name}", [s.get("dropped", {}).get(name, 0) for s in stats])
-    row("  zero", [s.get("zero", 0) for s in stats])
-    row("  same as base memory", [s.get("base_memory", 0) for s in stats])
-    row("  same as base disk", [s.get("base_disk", 0) for s in stats])
-    row("  same as earlier unit", [s.get("self", 0) for s in stats])
-    encoders = sorted({name for s in stats for name in s.get("encoders", {})})
-    for name in encoders:
-        mine = [s.get("encoders", {}).get(name) for s in stats]
-        row(f"  {name}", [e["units"] if e else "-" for e in mine])
+    stats = [image.statistics for image in images]
+    row("image size", [_size(image.size) for image in images])
+    row("units", [s.units for s in stats])
+    row("changed", [s.changed for s in stats])
+    for name in sorted({name for s in stats for name in s.dropped}):
+        row(f"  dropped by {name}", [s.dropped.get(name, 0) for s in stats])
+    row("  zero", [s.zero for s in stats])
+    row("  same as base memory", [s.base_memory for s in stats])
+    row("  same as base disk", [s.base_disk for s in stats])
+    row("  same as earlier unit", [s.earlier for s in stats])
+    for name in sorted({name for s in stats for name in s.encoders}):
+        uses = [s.encoders.get(name) for s in stats]
+        row(f"  {name}", [use.units if use else "-" for use in uses])
         row(
             "    bytes → stored",
-            [f"{_size(e['bytes'])} → {_size(e.get('stored_bytes') or 0)}" if e else "-" for e in mine],
+            [f"{_size(use.bytes)} → {_size(use.stored_bytes or 0)}" if use else "-" for use in uses],
         )
-    row("  references, stored", [_size(s.get("references_stored_bytes", 0)) for s in stats])
-    row("stored (compressed)", [_size(s.get("stored_bytes", 0)) for s in stats])
+    row("  references, stored", [_size(s.references_stored_bytes) for s in stats])
+    row("stored (compressed)", [_size(s.stored_bytes) for s in stats])
     console.print(table)
     for image in images:
-        for f in image["filters"]:
+        for f in image.filters:
             console.print(
-                f"{image['name']}: filter {f['name']} dropped {f['dropped']} units ({f['reason']}); "
-                f"input {f.get('input') or '-'} {f.get('input_fingerprint') or ''}"
+                f"{image.name}: filter {f.name} dropped {f.dropped} units ({f.reason}); "
+                f"input {f.input or '-'} {f.input_fingerprint or ''}"
             )
     components = Table(title="components", title_justify="left")
     for column in ("kind", "name", "distribution", "version", "id"):
         components.add_column(column)
     for c in meta.components:
-        if c["kind"] == "encoder":
-            ident = f"{c['ref']:#x}"
-        elif c["kind"] == "codec":
-            ident = str(c["id"])
-        else:
-            ident = ""
-        components.add_row(*map(_cell, (c["kind"], c["name"], c["distribution"], c["version"], ident)))
+        ident = f"{c.ref:#x}" if c.kind == "encoder" else str(c.id) if c.kind == "codec" else ""
+        components.add_row(*map(_cell, (c.kind, c.name, c.distribution, c.version, ident)))
     console.print(components)
     if frames is not None:
         ft = Table(title="frames", title_justify="left")
         for column in ("image", "kind", "items", "addresses", "bytes", "stored"):
             ft.add_column(column, justify="right")
         for f in frames:
-            owner = images[f["image"]]["name"] if 0 <= f["image"] < len(images) else f"#{f['image']}"
+            owner = images[f["image"]].name if 0 <= f["image"] < len(images) else f"#{f['image']}"
             ft.add_row(
                 *map(
                     _cell,

@@ -121,7 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-ram",
         nargs=2,
         metavar=("BASE_RAM", "MODIFIED_RAM"),
-        help="raw RAM files of an x-ignore-shared snapshot (the stream holds device state only)",
+        help="raw RAM files of an x-ignore-shared snapshot (the stream holds device state only); "
+        "short for --memory-side ram BASE_RAM MODIFIED_RAM",
+    )
+    p.add_argument(
+        "--memory-side",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "BASE_FILE", "MODIFIED_FILE"),
+        help="a side file the memory source reads beside each artifact (`vmdelta plugins` lists them)",
     )
     p.add_argument("--memory-format", metavar="NAME", help="source of the memory artifacts (default: detected)")
     p.add_argument("--disk-format", metavar="NAME", help="source of the disk artifacts (default: detected)")
@@ -189,7 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-ram",
         nargs=2,
         metavar=("BASE_RAM", "OUTPUT_RAM"),
-        help="raw RAM files of an x-ignore-shared snapshot: the base's and where to write the result",
+        help="raw RAM files of an x-ignore-shared snapshot: the base's and where to write the result; "
+        "short for --memory-side ram BASE_RAM OUTPUT_RAM",
+    )
+    p.add_argument(
+        "--memory-side",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "BASE_FILE", "OUTPUT_FILE"),
+        help="a side file of the memory artifact: the base's, and where the rebuilt one goes",
     )
     p.add_argument(
         "--disk-format",

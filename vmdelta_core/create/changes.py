@@ -15,17 +15,9 @@ from vmdelta_core.components import SourceImage
 from vmdelta_core.index import hole_runs, intersect_runs, iter_chunks
 from vmdelta_core.overlay.digest import ImageDigest
 
-__all__ = ["changed_units", "unit_bytes"]
+__all__ = ["changed_units"]
 
 ProgressFn = Callable[[int], None]
-
-
-def unit_bytes(image: SourceImage, index: int, unit: int, length: int | None = None) -> bytes:
-    """The bytes of one unit, zero-padded past the end of the image to ``length`` (default: unit)."""
-    length = unit if length is None else length
-    start = index * unit
-    got = image.data[start : min(start + length, image.size)].tobytes() if start < image.size else b""
-    return got.ljust(length, b"\0")
 
 
 def _differ(a: np.ndarray, b: np.ndarray, unit: int) -> np.ndarray:
@@ -123,8 +115,9 @@ def _changed_among(
     if slow.size:
         keep = []
         for index in slow.tolist():
-            length = min(unit, msize - index * unit)
-            if unit_bytes(modified, index, unit, length) != unit_bytes(base, index, unit, length):
+            start = index * unit
+            length = min(unit, msize - start)
+            if modified.padded(start, length) != base.padded(start, length):
                 keep.append(index)
         out.append(np.array(keep, dtype=np.int64))
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)

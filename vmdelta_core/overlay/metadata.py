@@ -1,227 +1,417 @@
-"""The overlay's metadata block, checked before anything trusts it.
+"""The overlay's metadata as frozen records, and their one boundary with JSON.
 
-Overlays are untrusted input. Every field ``apply``, ``inspect`` and the CLI's report read is
-checked here, once, for presence, type and range, so that what they read afterwards is known to be
-there and of the right kind: damage or a hostile file ends in one :class:`FormatError` naming the
-field, never in a traceback or an absurd allocation. Fields nothing reads (``settings``,
-``creator``, a filter's ``details``) are only held to the bounds of :mod:`vmdelta_core.jsonvalue`.
+Overlays are untrusted input. :meth:`OverlayMetadata.from_json` checks every field ``apply``,
+``inspect`` and the reports read, once, for presence, type and range, and builds the records;
+afterwards a field is known to be there and of its type: damage or a hostile file ends in one
+:class:`FormatError` naming the field, never in a traceback or an absurd allocation. Values that
+are the business of a plugin or of people (an image's ``layout``, a filter's ``details``, the
+recorded ``settings`` of each image) are only held to the bounds of :mod:`vmdelta_core.jsonvalue`.
+:meth:`OverlayMetadata.to_json` gives back the document as ``create`` writes it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 from vmdelta_core.errors import FormatError
 from vmdelta_core.jsonvalue import find_problem, path_text
-from vmdelta_core.overlay.container import KIND_ITEMS, FrameEntry
+from vmdelta_core.overlay.container import FORMAT_VERSION, KIND_ITEMS, FrameEntry
+from vmdelta_core.overlay.fields import Fields
 from vmdelta_core.overlay.schema import MAX_UNIT, MIN_UNIT, NON_PAYLOAD_REFS
 
-__all__ = ["MAX_IMAGE_SIZE", "OverlayMetadata", "read_metadata"]
+__all__ = [
+    "MAX_IMAGE_SIZE",
+    "BaseRecord",
+    "ComponentRecord",
+    "EncoderUse",
+    "EnvelopeRecord",
+    "FilterRecord",
+    "ImageRecord",
+    "ImageStatistics",
+    "OverlayMetadata",
+    "Settings",
+]
 
+FORMAT_NAME = "vmdelta-overlay"
 MAX_IMAGE_SIZE = 1 << 52  # what a base/self ref address can reach
 MAX_IMAGES = 4096
 MAX_COMPONENTS = 4096
 MAX_COUNT = (1 << 63) - 1  # statistics: units, bytes
-#: names the core and plugins chose (components, images, digests): printable, one line, short
-_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,255}")
-#: ``statistics`` counters, all optional (an overlay from an older writer may lack some)
-_COUNTERS = (
-    "units",
-    "changed",
-    "zero",
-    "base_memory",
-    "base_disk",
-    "self",
-    "stored_bytes",
-    "references_stored_bytes",
-)
 
-_TYPE_NAMES = {
-    dict: "an object",
-    list: "an array",
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
+ImageKindName = Literal["memory", "disk"]
+
+
+def _frozen_map(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return dict(value)
+
+
+@attrs.frozen
+class ComponentRecord:
+    """A component that made the overlay: a codec has its frame ``id``, an encoder its ``ref``."""
+
+    kind: Literal["codec", "encoder", "source", "filter"]
+    name: str
+    distribution: str
+    version: str
+    id: int | None = None
+    ref: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+        }
+        if self.kind == "codec":
+            out["id"] = self.id
+        elif self.kind == "encoder":
+            out["ref"] = self.ref
+        return out
+
+    @classmethod
+    def from_json(cls, fields: Fields) -> ComponentRecord:
+        kind = fields.choice("kind", ("codec", "encoder", "source", "filter"))
+        ident = ref = None
+        if kind == "codec":
+            ident = fields.integer("id", 0, 255)
+        elif kind == "encoder":
+            ref = fields.integer("ref", 0, 0xF)
+            if ref in NON_PAYLOAD_REFS:
+                raise FormatError(f"overlay metadata: {fields.at('ref')} {ref:#x} is reserved for references")
+        return cls(kind, fields.name("name"), fields.name("distribution"), fields.name("version"), ident, ref)  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class BaseRecord:
+    """The base an image was made against, as ``apply`` checks it."""
+
+    name: str  # as the user spelt it, for messages
+    source: str
+    size: int
+    fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "size": self.size, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, fields: Fields, default_source: str) -> BaseRecord:
+        source = fields.name("source", optional=True)
+        return cls(
+            fields.text("name"),
+            default_source if source is None else source,
+            fields.integer("size", 0, MAX_IMAGE_SIZE - 1),
+            fields.name("fingerprint"),
+        )
+
+
+@attrs.frozen
+class FilterRecord:
+    """What one filter dropped from an image, and from what input."""
+
+    name: str
+    reason: str
+    dropped: int
+    input: str | None = None
+    input_fingerprint: str | None = None
+    details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_map)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input": self.input,
+            "input_fingerprint": self.input_fingerprint,
+            "reason": self.reason,
+            "dropped": self.dropped,
+            "details": dict(self.details),
+        }
+
+    @classmethod
+    def from_json(cls, fields: Fields) -> FilterRecord:
+        details = fields.object("details", optional=True)
+        return cls(
+            fields.name("name"),
+            fields.text("reason"),
+            fields.integer("dropped", 0, MAX_COUNT),
+            fields.text("input", optional=True, null=True),
+            fields.name("input_fingerprint", optional=True, null=True),
+            {} if details is None else details.value,
+        )
+
+
+@attrs.frozen
+class EnvelopeRecord:
+    """An image's envelope: its length, and what it costs stored."""
+
+    length: int
+    stored: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"length": self.length, "stored": self.stored}
+
+
+@attrs.frozen
+class EncoderUse:
+    """How much of an image one encoder wrote: units, payload bytes, share of the stored frames."""
+
+    units: int
+    bytes: int
+    stored_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"units": self.units, "bytes": self.bytes}
+        if self.stored_bytes is not None:
+            out["stored_bytes"] = self.stored_bytes
+        return out
+
+
+@attrs.frozen
+class ImageStatistics:
+    """The counts of one image: every counter is optional in the format (an older writer may
+    lack some) and reads as 0 then."""
+
+    units: int = 0
+    changed: int = 0
+    dropped: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_map)
+    zero: int = 0
+    base_memory: int = 0
+    base_disk: int = 0
+    earlier: int = 0  # same as an earlier unit of the overlay ("self" in the document)
+    encoders: Mapping[str, EncoderUse] = attrs.field(factory=dict, converter=_frozen_map)
+    stored_bytes: int = 0
+    references_stored_bytes: int = 0
+
+    _COUNTERS = (
+        ("units", "units"),
+        ("changed", "changed"),
+        ("zero", "zero"),
+        ("base_memory", "base_memory"),
+        ("base_disk", "base_disk"),
+        ("self", "earlier"),
+        ("stored_bytes", "stored_bytes"),
+        ("references_stored_bytes", "references_stored_bytes"),
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {key: getattr(self, attr) for key, attr in self._COUNTERS}
+        out["dropped"] = dict(self.dropped)
+        out["encoders"] = {name: use.to_json() for name, use in self.encoders.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, fields: Fields) -> ImageStatistics:
+        counts = {attr: fields.integer(key, 0, MAX_COUNT, optional=True) or 0 for key, attr in cls._COUNTERS}
+        dropped = fields.object("dropped", optional=True)
+        encoders = fields.object("encoders", optional=True)
+        uses = {}
+        for name in [] if encoders is None else encoders.names():
+            entry = encoders.object(name)
+            uses[name] = EncoderUse(
+                entry.integer("units", 0, MAX_COUNT),
+                entry.integer("bytes", 0, MAX_COUNT),
+                entry.integer("stored_bytes", 0, MAX_COUNT, optional=True),
+            )
+        return cls(
+            dropped={} if dropped is None else {name: dropped.integer(name, 0, MAX_COUNT) for name in dropped.names()},
+            encoders=uses,
+            **counts,
+        )
+
+
+@attrs.frozen
+class ImageRecord:
+    """One image of the overlay: what it is, what it was made against, how to check it."""
+
+    name: str
+    kind: ImageKindName
+    source: str
+    base_source: str
+    size: int
+    digest: str
+    base: BaseRecord
+    statistics: ImageStatistics
+    artifact: str | None = None
+    artifact_digest: str | None = None
+    layout: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_map)
+    envelope: EnvelopeRecord | None = None
+    filters: tuple[FilterRecord, ...] = attrs.field(default=(), converter=tuple)
+    encoders: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    policy: str = "fixed"
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Units each filter dropped (rebuilt from the base at apply)."""
+        return {f.name: f.dropped for f in self.filters}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "base_source": self.base_source,
+            "artifact": self.artifact,
+            "size": self.size,
+            "digest": self.digest,
+            "artifact_digest": self.artifact_digest,
+            "layout": dict(self.layout),
+            "envelope": None if self.envelope is None else self.envelope.to_json(),
+            "filters": [f.to_json() for f in self.filters],
+            "encoders": list(self.encoders),
+            "policy": self.policy,
+            "statistics": self.statistics.to_json(),
+            "base": self.base.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, fields: Fields) -> ImageRecord:
+        envelope = fields.object("envelope", optional=True, null=True)
+        base_source = fields.name("base_source")
+        encoders = fields.value.get("encoders", [])
+        policy = fields.value.get("policy", "fixed")
+        return cls(
+            name=fields.name("name"),
+            kind=fields.choice("kind", ("memory", "disk")),  # type: ignore[arg-type]
+            source=fields.name("source"),
+            base_source=base_source,
+            size=fields.integer("size", 0, MAX_IMAGE_SIZE - 1),
+            digest=fields.name("digest"),
+            base=BaseRecord.from_json(fields.object("base"), base_source),
+            statistics=ImageStatistics.from_json(fields.object("statistics")),
+            artifact=fields.text("artifact", optional=True, null=True),
+            artifact_digest=fields.name("artifact_digest", optional=True, null=True),
+            layout=fields.object("layout").value,
+            envelope=None
+            if envelope is None
+            else EnvelopeRecord(envelope.integer("length", 0, MAX_COUNT), envelope.integer("stored", 0, MAX_COUNT)),
+            filters=[
+                FilterRecord.from_json(Fields(entry, f"{fields.at('filters')}[{j}]"))
+                for j, entry in enumerate(fields.array("filters", MAX_COMPONENTS))
+            ],
+            # recorded for people: their shape is not checked beyond the JSON bounds
+            encoders=[e for e in encoders if isinstance(e, str)] if isinstance(encoders, list) else [],
+            policy=policy if isinstance(policy, str) else "fixed",
+        )
+
+
+@attrs.frozen
+class Settings:
+    """What ``create`` was asked, without the creator's folders: recorded for people and never
+    read by ``apply``; ``images`` holds each image's settings as recorded."""
+
+    unit_size: int
+    codec: str
+    level: int | None
+    frame_size: int
+    encoder_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=_frozen_map)
+    images: tuple[Mapping[str, Any], ...] = attrs.field(default=(), converter=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit_size": self.unit_size,
+            "codec": self.codec,
+            "level": self.level,
+            "frame_size": self.frame_size,
+            "encoder_options": {name: dict(options) for name, options in self.encoder_options.items()},
+            "images": [dict(image) for image in self.images],
+        }
+
+    @classmethod
+    def from_json(cls, fields: Fields) -> Settings:
+        options = fields.object("encoder_options")
+        return cls(
+            fields.integer("unit_size", MIN_UNIT, MAX_UNIT),
+            fields.name("codec"),
+            fields.integer("level", -(1 << 31), 1 << 31, null=True),
+            fields.integer("frame_size", 1, MAX_COUNT),
+            {name: options.object(name).value for name in options.names()},
+            [
+                Fields(entry, f"{fields.at('images')}[{k}]").value
+                for k, entry in enumerate(fields.array("images", MAX_IMAGES))
+            ],
+        )
 
 
 @attrs.frozen
 class OverlayMetadata:
-    """The checked metadata: ``components`` and ``images`` are the lists of the JSON document,
-    every field the readers use present and of the documented type and range."""
+    """The metadata of an overlay, checked (:meth:`from_json`) or about to be written."""
 
     unit_size: int
-    components: list[dict[str, Any]]
-    images: list[dict[str, Any]]
-    raw: Mapping[str, Any]
+    creator: Mapping[str, Any] = attrs.field(converter=_frozen_map)
+    components: tuple[ComponentRecord, ...] = attrs.field(converter=tuple)
+    images: tuple[ImageRecord, ...] = attrs.field(converter=tuple)
+    settings: Settings
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``create`` writes."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "creator": dict(self.creator),
+            "unit_size": self.unit_size,
+            "components": [c.to_json() for c in self.components],
+            "images": [image.to_json() for image in self.images],
+            "settings": self.settings.to_json(),
+        }
+
+    def codecs(self) -> dict[int, ComponentRecord]:
+        """Codecs by the frame id they were given."""
+        return {c.id: c for c in self.components if c.kind == "codec" and c.id is not None}
+
+    def encoders(self) -> dict[int, ComponentRecord]:
+        """Encoders by the ref id they were given."""
+        return {c.ref: c for c in self.components if c.kind == "encoder" and c.ref is not None}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], frames: Sequence[FrameEntry] = ()) -> OverlayMetadata:
+        """Check ``raw`` (the decoded metadata) against the format and the frame index.
+
+        :raises FormatError: naming the first field that is missing, of the wrong type or out of
+            range.
+        """
+        problem = find_problem(raw)
+        if problem is not None:
+            raise FormatError(f"overlay metadata: {path_text(problem[0]) or 'the document'} {problem[1]}")
+        top = Fields(raw, "")
+        if raw.get("format") != FORMAT_NAME or type(raw.get("version")) is not int or raw["version"] != FORMAT_VERSION:
+            raise FormatError("overlay metadata does not describe a version 1 vmdelta overlay")
+        unit = top.integer("unit_size", MIN_UNIT, MAX_UNIT)
+        if unit % MIN_UNIT:
+            raise FormatError(f"overlay metadata: unit_size {unit} is not a multiple of {MIN_UNIT}")
+        components = [
+            ComponentRecord.from_json(Fields(entry, f"components[{k}]"))
+            for k, entry in enumerate(top.array("components", MAX_COMPONENTS))
+        ]
+        _check_unique(components)
+        images = [
+            ImageRecord.from_json(Fields(entry, f"images[{k}]"))
+            for k, entry in enumerate(top.array("images", MAX_IMAGES))
+        ]
+        if not images:
+            raise FormatError("overlay metadata lists no images")
+        for frame in frames:
+            if frame.image >= len(images):
+                raise FormatError(
+                    f"frame at byte {frame.file_offset} belongs to image {frame.image}, which does not exist"
+                )
+            if frame.kind == KIND_ITEMS and frame.end_offset > images[frame.image].size:
+                raise FormatError(f"frame at byte {frame.file_offset} reaches past the end of its image")
+        creator = raw.get("creator")
+        settings = Settings.from_json(top.object("settings"))
+        return cls(unit, creator if isinstance(creator, dict) else {}, components, images, settings)
 
 
-class _Fields:
-    """Checked access to one JSON object of the metadata, at ``where`` (``images[0].base``)."""
-
-    def __init__(self, value: Any, where: str) -> None:
-        if not isinstance(value, dict):
-            raise FormatError(f"overlay metadata: {where or 'the document'} is {_type_name(value)}, not an object")
-        self.value = value
-        self.where = where
-
-    def _get(self, key: str, kinds: tuple[type, ...], optional: bool, null: bool) -> Any:
-        """The value at ``key``; ``None`` when it may be absent (``optional``) and is, or may be
-        null (``null``) and is. Nothing else is ever ``None``, so readers may rely on
-        ``get(key, default)`` giving the default's type."""
-        if key not in self.value:
-            if optional:
-                return None
-            raise FormatError(f"overlay metadata: {self.where or 'the document'} lacks {key!r}")
-        value = self.value[key]
-        if null and value is None:
-            return None
-        # bool is an int to Python, never to this format
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            expected = " or ".join([*(_TYPE_NAMES[k] for k in kinds), *(["null"] if null else [])])
-            raise FormatError(f"overlay metadata: {self.at(key)} is {_type_name(value)}, not {expected}")
-        return value
-
-    def at(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def integer(self, key: str, low: int, high: int, *, optional: bool = False) -> Any:
-        value = self._get(key, (int,), optional, False)
-        if value is not None and not low <= value <= high:
-            raise FormatError(f"overlay metadata: {self.at(key)} = {value} is out of range ({low} to {high})")
-        return value
-
-    def name(self, key: str, *, optional: bool = False, null: bool = False) -> Any:
-        value = self._get(key, (str,), optional, null)
-        if value is not None and not _NAME.fullmatch(value):
-            raise FormatError(f"overlay metadata: {self.at(key)} is not a one-line name of 1 to 255 characters")
-        return value
-
-    def text(self, key: str, *, optional: bool = False, null: bool = False) -> Any:
-        """Any string (a file name as the user spelt it; shown escaped)."""
-        return self._get(key, (str,), optional, null)
-
-    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
-        value = self._get(key, (str,), False, False)
-        if value not in allowed:
-            raise FormatError(f"overlay metadata: {self.at(key)} is {value[:40]!r}, not one of {', '.join(allowed)}")
-        return value
-
-    def object(self, key: str, *, optional: bool = False, null: bool = False) -> Any:
-        """The object at ``key`` as :class:`_Fields`, or ``None`` as :meth:`_get` allows."""
-        value = self._get(key, (dict,), optional, null)
-        return None if value is None else _Fields(value, self.at(key))
-
-    def array(self, key: str, most: int) -> list[Any]:
-        value = self._get(key, (list,), False, False)
-        if len(value) > most:
-            raise FormatError(f"overlay metadata: {self.at(key)} has {len(value)} entries, more than {most}")
-        return value
-
-
-def _type_name(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
-
-
-def read_metadata(raw: Mapping[str, Any], frames: Sequence[FrameEntry] = ()) -> OverlayMetadata:
-    """Check ``raw`` (the decoded metadata) against the format and the frame index.
-
-    :raises FormatError: naming the first field that is missing, of the wrong type or out of range.
-    """
-    problem = find_problem(raw)
-    if problem is not None:
-        raise FormatError(f"overlay metadata: {path_text(problem[0]) or 'the document'} {problem[1]}")
-    top = _Fields(raw, "")
-    if raw.get("format") != "vmdelta-overlay" or type(raw.get("version")) is not int or raw["version"] != 1:
-        raise FormatError("overlay metadata does not describe a version 1 vmdelta overlay")
-    unit = top.integer("unit_size", MIN_UNIT, MAX_UNIT)
-    if unit % MIN_UNIT:
-        raise FormatError(f"overlay metadata: unit_size {unit} is not a multiple of 512")
-    components = top.array("components", MAX_COMPONENTS)
-    _check_components(components)
-    images = top.array("images", MAX_IMAGES)
-    if not images:
-        raise FormatError("overlay metadata lists no images")
-    for k, image in enumerate(images):
-        _check_image(_Fields(image, f"images[{k}]"))
-    for frame in frames:
-        if frame.image >= len(images):
-            raise FormatError(f"frame at byte {frame.file_offset} belongs to image {frame.image}, which does not exist")
-        if frame.kind == KIND_ITEMS and frame.end_offset > images[frame.image]["size"]:
-            raise FormatError(f"frame at byte {frame.file_offset} reaches past the end of its image")
-    return OverlayMetadata(unit, components, images, raw)
-
-
-def _check_components(components: list[Any]) -> None:
-    codec_ids: set[int] = set()
-    encoder_refs: set[int] = set()
-    for k, entry in enumerate(components):
-        component = _Fields(entry, f"components[{k}]")
-        kind = component.choice("kind", ("codec", "encoder", "source", "filter"))
-        for key in ("name", "distribution", "version"):
-            component.name(key)
-        if kind == "codec":
-            ident = component.integer("id", 0, 255)
-            if ident in codec_ids:
-                raise FormatError(f"overlay metadata: {component.at('id')} {ident} names a second codec")
-            codec_ids.add(ident)
-        elif kind == "encoder":
-            ref = component.integer("ref", 0, 0xF)
-            if ref in NON_PAYLOAD_REFS:
-                raise FormatError(f"overlay metadata: {component.at('ref')} {ref:#x} is reserved for references")
-            if ref in encoder_refs:
-                raise FormatError(f"overlay metadata: {component.at('ref')} {ref:#x} names a second encoder")
-            encoder_refs.add(ref)
-
-
-def _check_image(image: _Fields) -> None:
-    for key in ("name", "source", "base_source", "digest"):
-        image.name(key)
-    image.choice("kind", ("memory", "disk"))
-    image.integer("size", 0, MAX_IMAGE_SIZE - 1)
-    image.name("artifact_digest", optional=True, null=True)
-    image.text("artifact", optional=True)
-    base = image.object("base")
-    base.text("name")
-    base.name("fingerprint")
-    base.integer("size", 0, MAX_IMAGE_SIZE - 1)
-    image.object("layout")
-    envelope = image.object("envelope", optional=True, null=True)
-    if envelope is not None:
-        envelope.integer("length", 0, MAX_COUNT)
-        envelope.integer("stored", 0, MAX_COUNT)
-    for j, entry in enumerate(image.array("filters", MAX_COMPONENTS)):
-        f = _Fields(entry, f"{image.at('filters')}[{j}]")
-        f.name("name")
-        f.text("reason")
-        f.integer("dropped", 0, MAX_COUNT)
-        f.text("input", optional=True, null=True)
-        f.name("input_fingerprint", optional=True, null=True)
-        f.object("details", optional=True)
-    stats = image.object("statistics")
-    for key in _COUNTERS:
-        stats.integer(key, 0, MAX_COUNT, optional=True)
-    dropped = stats.object("dropped", optional=True)
-    if dropped is not None:
-        for name in dropped.value:
-            _check_key(name, dropped)
-            dropped.integer(name, 0, MAX_COUNT)
-    encoders = stats.object("encoders", optional=True)
-    if encoders is not None:
-        for name in encoders.value:
-            _check_key(name, encoders)
-            entry = encoders.object(name)
-            entry.integer("units", 0, MAX_COUNT)
-            entry.integer("bytes", 0, MAX_COUNT)
-            entry.integer("stored_bytes", 0, MAX_COUNT, optional=True)
-
-
-def _check_key(name: str, where: _Fields) -> None:
-    if not _NAME.fullmatch(name):
-        raise FormatError(f"overlay metadata: {where.where} has a key that is not a one-line name")
+def _check_unique(components: list[ComponentRecord]) -> None:
+    """One codec per frame id, one encoder per ref."""
+    seen: set[tuple[str, int]] = set()
+    for k, c in enumerate(components):
+        key = ("codec", c.id) if c.kind == "codec" else ("encoder", c.ref) if c.kind == "encoder" else None
+        if key is None:
+            continue
+        if key in seen:
+            field, what = ("id", "codec") if c.kind == "codec" else ("ref", "encoder")
+            value = key[1] if c.kind == "codec" else f"{key[1]:#x}"
+            raise FormatError(f"overlay metadata: components[{k}].{field} {value} names a second {what}")
+        seen.add(key)  # type: ignore[arg-type]

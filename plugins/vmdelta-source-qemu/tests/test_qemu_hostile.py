@@ -61,7 +61,7 @@ class Target:
             changed=np.zeros(0, np.int64),
             base=self.image,
             base_path=self.raw,
-            options={"ram_output": str(folder / "ram-out.raw")},
+            side_outputs={"ram": folder / "ram-out.raw"},
         )
         QemuSource().materialize(rebuilt, folder / "out.mem")
 

@@ -238,6 +238,6 @@ def test_ignore_shared_apply_without_ram_output_names_the_option(tmp_path: Path)
     with pytest.raises(ConfigError, match="--memory-ram"):
         rebuild(image, tmp_path)
     out_ram = tmp_path / "out-ram.raw"
-    out = rebuild(image, tmp_path, {"ram_output": str(out_ram)})
+    out = rebuild(image, tmp_path, {"ram": out_ram})
     assert out.read_bytes() == (tmp_path / "bad.mem").read_bytes()
     assert out_ram.read_bytes() == ram.read_bytes()

@@ -33,9 +33,11 @@ def test_detection_by_magic(tmp_path: Path) -> None:
     assert registry.detect_source(other, "memory") != "qemu"
 
 
-def test_declared_option_names() -> None:
-    assert QemuSource.option_names == {"ram", "tmpdir", "max_ram"}
+def test_declared_option_names_and_side_files() -> None:
+    assert QemuSource.option_names == {"tmpdir", "max_ram"}
+    assert [side.name for side in QemuSource.side_files] == ["ram"]
     assert QemuRamSource.option_names == {"block", "guest_address"}
+    assert QemuRamSource.side_files == ()
 
 
 def _unnamed(folder: Path) -> tuple[int, Path]:
@@ -58,7 +60,7 @@ def test_outputs_may_be_unnamed_files(tmp_path: Path) -> None:
     ram_fd, ram_out = _unnamed(out_dir)
     try:
         os.write(raw_fd, image.data.tobytes())
-        QemuSource().materialize(rebuilt_image(image, raw, {"ram_output": str(ram_out)}), out)
+        QemuSource().materialize(rebuilt_image(image, raw, {"ram": ram_out}), out)
         assert list(out_dir.iterdir()) == []
         assert os.pread(out_fd, len(stream) + 1, 0) == stream
         assert os.pread(ram_fd, len(ram) + 1, 0) == ram

@@ -62,7 +62,7 @@ def test_ignore_shared_round_trip(fixture_set: Path, tmp_path: Path, variant: st
         # the RAM file is only named, never part of the envelope
         assert len(image.envelope) < 300_000
         out_ram = tmp_path / "rebuilt-ram.raw"
-        out = rebuild(image, tmp_path, {"ram_output": str(out_ram)})
+        out = rebuild(image, tmp_path, {"ram": out_ram})
         assert out.read_bytes() == (folder / "modified.mem").read_bytes()
         assert out_ram.read_bytes() == ram.read_bytes()
         # rebuilt RAM files are sparse where the guest RAM is zero

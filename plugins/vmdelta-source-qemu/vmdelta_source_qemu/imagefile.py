@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from vmdelta_core.plugin import SourceImage, StorageError
+from vmdelta_core.plugin import StorageError
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 
-__all__ = ["CHUNK_PAGES", "ImageFile", "page_nonzero", "release_range"]
+__all__ = ["CHUNK_PAGES", "ImageFile", "page_nonzero"]
 
 #: pages gathered, checked and written at a time (4 MiB; also Linux's IOV_MAX)
 CHUNK_PAGES = 1 << 10
@@ -74,19 +74,6 @@ def page_nonzero(pages: np.ndarray) -> np.ndarray:
     if rest.shape[0]:
         out[rest] = pages[rest].any(axis=1)
     return out
-
-
-def release_range(mapping: Any, start: int, stop: int) -> None:
-    """Drop the pages of ``mapping[start:stop]`` (a read-only map from ``map_readonly``) from this
-    process's memory; they fault back in from the page cache if read again.
-
-    :meth:`SourceImage.release` does the work: the stream being parsed and the rebuilt file being
-    written are maps the source holds without an image of its own.
-    """
-    if mapping is None or stop <= start:
-        return
-    with contextlib.suppress(ValueError):  # a map closed already holds nothing to release
-        SourceImage(kind="memory", data=np.frombuffer(mapping, np.uint8), mapping=mapping).release(start, stop)
 
 
 def pwrite_all(fd: int, data: Any, offset: int) -> None:

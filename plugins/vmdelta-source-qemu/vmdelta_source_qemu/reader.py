@@ -18,11 +18,11 @@ from typing import Any
 import attrs
 import numpy as np
 
-from vmdelta_core.plugin import ConfigError, data_extents, map_readonly
+from vmdelta_core.plugin import ConfigError, data_extents, map_readonly, release_pages
 from vmdelta_source_qemu.blocks import layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Op, Run, pack_forced
-from vmdelta_source_qemu.imagefile import CHUNK_PAGES, page_nonzero, release_range
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES, page_nonzero
 from vmdelta_source_qemu.pageruns import bitmap_runs, intersect, merge, pack_runs, runs_of, subtract, uncovered
 from vmdelta_source_qemu.scan import KIND_PAGE
 from vmdelta_source_qemu.stream import DEFAULT_MAX_RAM, ParsedStream, parse_stream
@@ -149,7 +149,7 @@ def _fill_mapped(
         marked, padding_clear = bitmap_runs(buf[at : at + nbytes], block.pages)
         exact &= padding_clear
         exact &= not buf[at + nbytes : block.mapped.pages_offset].any()
-        release_range(stream_map, at, block.mapped.pages_offset)
+        release_pages(stream_map, at, block.mapped.pages_offset)
         data[index] = marked
         pages_at = block.mapped.pages_offset
         stored = _page_extents(data_extents(path, pages_at, pages_at + block.length) - [pages_at, 0])
@@ -162,14 +162,14 @@ def _fill_mapped(
                 nonzero = parsed.image.write_pages(block.first_page + first, pages)
                 if not nonzero.all():
                     zero.append(runs_of(first + np.flatnonzero(~nonzero)))
-                release_range(stream_map, at, pages_at + last * PAGE_SIZE)
+                release_pages(stream_map, at, pages_at + last * PAGE_SIZE)
         forced[index] = merge(np.concatenate(zero))
         # data QEMU left in pages it did not mark (it never does after a single save) is lost
         for start, stop in subtract(stored, marked).tolist():
             for first in range(start, stop, CHUNK_PAGES):
                 lo, hi = pages_at + first * PAGE_SIZE, pages_at + min(first + CHUNK_PAGES, stop) * PAGE_SIZE
                 exact &= not buf[lo:hi].any()
-                release_range(stream_map, lo, hi)
+                release_pages(stream_map, lo, hi)
     return bool(exact)
 
 

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from vmdelta_core.plugin import FormatError
+from vmdelta_core.plugin import FormatError, release_pages
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
-from vmdelta_source_qemu.imagefile import CHUNK_PAGES, ImageFile, release_range
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES, ImageFile
 
 __all__ = ["KIND_PAGE", "KIND_ZERO", "RecordScanner", "RecordTable"]
 
@@ -216,7 +216,7 @@ class RecordScanner:
                 self.image.fill_pages(block.first_page + pages[nonzero], fill[nonzero])
         done = data + count * stride - 8
         if done - self.released >= _RELEASE_STEP:
-            release_range(self.mapping, self.released, done)
+            release_pages(self.mapping, self.released, done)
             self.released = done
         self.table.add(pos, end, block_index, pages, kind, fill, named, nonzero)
 

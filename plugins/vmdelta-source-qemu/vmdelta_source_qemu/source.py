@@ -21,16 +21,18 @@ from vmdelta_core.plugin import (
     FormatError,
     ImageKind,
     RebuiltImage,
+    SideFile,
     Source,
     SourceImage,
     hole_extents,
     map_readonly,
     punch_zero_runs,
+    release_pages,
 )
 from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import read_envelope
-from vmdelta_source_qemu.imagefile import CHUNK_PAGES, release_range
+from vmdelta_source_qemu.imagefile import CHUNK_PAGES
 from vmdelta_source_qemu.reader import read_snapshot
 from vmdelta_source_qemu.writer import write_snapshot
 
@@ -43,13 +45,14 @@ def _memory_only(name: str, kind: str) -> None:
 
 
 class QemuSource(Source):
-    """QEMU migration streams and mapped-ram files; options: ``ram`` (x-ignore-shared RAM file),
-    ``tmpdir`` (where the image file goes), ``max_ram`` (the most RAM a block table may claim, in
-    bytes; default 1 TiB), and at apply ``ram_output`` (where the rebuilt RAM file goes)."""
+    """QEMU migration streams and mapped-ram files; options: ``tmpdir`` (where the image file
+    goes), ``max_ram`` (the most RAM a block table may claim, in bytes; default 1 TiB); side file
+    ``ram``: the RAM file of an x-ignore-shared stream (``--memory-ram``)."""
 
     name = "qemu"
     kinds = frozenset({"memory"})
-    option_names = frozenset({"ram", "tmpdir", "max_ram"})
+    option_names = frozenset({"tmpdir", "max_ram"})
+    side_files = (SideFile("ram", "the guest RAM file of a stream saved with x-ignore-shared"),)
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         _memory_only(self.name, kind)
@@ -69,7 +72,7 @@ class QemuSource(Source):
         # the envelope comes from the overlay: untrusted until read_envelope has checked it
         checked = read_envelope(rebuilt.envelope, rebuilt.size)
         envelope, blocks, external = checked.envelope, checked.blocks, checked.external
-        ram_output = rebuilt.options.get("ram_output")
+        ram_output = rebuilt.side_outputs.get("ram")
         if external is not None and not ram_output:
             raise ConfigError(
                 f"the stream was saved with x-ignore-shared: name where the rebuilt RAM file of block "
@@ -79,7 +82,7 @@ class QemuSource(Source):
         mapping = closers[0] if closers else None
 
         def release(start: int, stop: int) -> None:
-            release_range(mapping, start, stop)
+            release_pages(mapping, start, stop)
 
         try:
             with open(output, "w+b") as out:
