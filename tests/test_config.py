@@ -209,11 +209,6 @@ def test_parse_option_splits_name_key_and_value(text: str, parsed: tuple[str, st
     assert parse_option(text, "--encoder-option") == parsed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_option reads the value as a TOML document, so a value holding a line break keeps "
-    "only what precedes it ('1\\ny = 2' becomes 1) instead of being kept whole or refused",
-)
 def test_a_value_holding_a_line_break_is_kept_whole_or_refused() -> None:
     try:
         parsed = parse_option("xdelta3.level=1\nwindow = 2", "--encoder-option")

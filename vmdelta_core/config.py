@@ -211,7 +211,9 @@ def parse_option(text: str, flag: str) -> tuple[str, str, Any]:
     if not (sep and dot and name and key):
         raise ConfigError(f"{flag} {text!r}: expected NAME.KEY=VALUE")
     try:
-        parsed: Any = _parse_toml(f"v = {value}", f"{flag} {target}")["v"]
+        document = _parse_toml(f"v = {value}", f"{flag} {target}")
+        # one value, or it is text (``1\ny = 2`` parses as two keys: it is not one TOML value)
+        parsed: Any = document["v"] if len(document) == 1 else value
     except tomllib.TOMLDecodeError:
         parsed = value
     check_option_values({key: parsed}, f"{flag} {name}")
