@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -28,9 +29,10 @@ from vmdelta_core.components import Codec
 from vmdelta_core.errors import FormatError, IntegrityError
 from vmdelta_core.fileio import open_regular
 from vmdelta_core.overlay.items import MIN_ITEM, ItemColumns, item_sizes, pack_items, unpack_items
+from vmdelta_core.overlay.parts import join_document, split_document
 from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, HEADER, OVERLAY_MAGIC, TRAILER, TRAILER_MAGIC
 
-__all__ = ["FORMAT_VERSION", "FrameEntry", "OverlayReader", "OverlayWriter"]
+__all__ = ["FLAG_STREAM", "FORMAT_VERSION", "FrameEntry", "OverlayReader", "OverlayWriter"]
 
 FORMAT_VERSION = 1
 HEADER_SIZE = HEADER.sizeof()
@@ -40,6 +42,111 @@ MAX_FRAME = 64 << 20  # no frame, stored or decompressed, may be larger (untrust
 MAX_METADATA = 64 << 20
 KIND_ITEMS = "items"
 KIND_ENVELOPE = "envelope"
+#: header flag of the stream form (``schemas/overlay-v1-stream.md``): prologue first, each frame
+#: headed by its index entry, so a reader needs no seeking
+FLAG_STREAM = 0x1
+TAG_PROLOGUE = b"P"
+TAG_FRAME = b"F"
+TAG_EPILOGUE = b"E"
+#: a frame's head in the stream form: its tag and its index entry
+FRAME_HEAD_SIZE = 1 + 48
+#: the length before a prologue or an epilogue, and the checksum after a prologue
+LENGTH_FIELD = struct.Struct("!I")
+CHECKSUM_FIELD = struct.Struct("!Q")
+
+
+def pack_entry(entry: FrameEntry) -> bytes:
+    """The 48 bytes of an index entry."""
+    return FRAME_INDEX_ENTRY.build(attrs.asdict(entry))
+
+
+def unpack_entry(data: bytes, where: str) -> FrameEntry:
+    """An index entry from its 48 bytes.
+
+    :raises FormatError: naming ``where``.
+    """
+    try:
+        raw = FRAME_INDEX_ENTRY.parse(data)
+    except construct.ConstructError:
+        raise FormatError(f"{where} is damaged") from None
+    return FrameEntry(
+        raw.file_offset,
+        raw.stored_length,
+        raw.length,
+        raw.image,
+        str(raw.kind),
+        raw.codec,
+        raw.item_count,
+        raw.first_offset,
+        raw.end_offset,
+        raw.checksum,
+    )
+
+
+def check_entry(entry: FrameEntry, where: str) -> None:
+    """What one index entry says must be possible, before anything trusts it."""
+    if entry.stored_length > MAX_FRAME or entry.length > MAX_FRAME:
+        raise FormatError(f"{where}: a frame larger than {MAX_FRAME} bytes")
+    if entry.kind == KIND_ENVELOPE:
+        if entry.item_count or entry.first_offset or entry.end_offset:
+            raise FormatError(f"{where}: an envelope frame with items")
+    elif entry.kind != KIND_ITEMS:
+        raise FormatError(f"{where}: unknown frame kind {entry.kind}")
+    elif not 0 < entry.item_count <= entry.length // MIN_ITEM:
+        raise FormatError(f"{where}: {entry.item_count} items cannot fill {entry.length} bytes")
+    elif entry.first_offset >= entry.end_offset:
+        raise FormatError(f"{where}: its items end at {entry.end_offset}, before they start")
+
+
+def decode_document(data: bytes, what: str, at: int) -> dict[str, Any]:
+    """A JSON object of an overlay (metadata, prologue, epilogue), or one FormatError naming
+    ``what`` and the byte ``at`` which it starts."""
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{what} at byte {at} nests too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise FormatError(f"{what} at byte {at} is not usable JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    return document
+
+
+def frame_items(entry: FrameEntry, stored: bytes, codec: Codec, where: str) -> ItemColumns:
+    """The items of one stored frame, decompressed and parsed; they lie where its entry says.
+
+    Memory: the stored frame, its ``entry.length`` decompressed bytes (at most
+    :data:`MAX_FRAME`) and the columns, about four times that.
+    """
+    data = codec.decompress(stored, entry.length)
+    if len(data) != entry.length:
+        raise FormatError(f"{where} decompresses to {len(data)} bytes, the index says {entry.length}")
+    try:
+        columns = unpack_items(data)
+    except FormatError as exc:
+        raise FormatError(f"{where} (decompressed): {exc}") from None
+    if len(columns) != entry.item_count:
+        raise FormatError(f"{where} holds {len(columns)} items, the index says {entry.item_count}")
+    ends = columns.offsets + columns.lengths.astype(np.uint64)
+    if (
+        columns.offsets[0] != entry.first_offset
+        or ends[-1] != entry.end_offset
+        or (columns.offsets < entry.first_offset).any()
+        or (ends > entry.end_offset).any()
+        or (ends < columns.offsets).any()
+    ):
+        raise FormatError(
+            f"{where}: its items reach outside the range the index gives it "
+            f"({entry.first_offset} to {entry.end_offset})"
+        )
+    return columns
+
+
+def encode_json(document: Mapping[str, Any]) -> bytes:
+    """A metadata document as overlays store it: sorted keys, no insignificant white space."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @attrs.frozen
@@ -59,7 +166,12 @@ class FrameEntry:
 
 
 class OverlayWriter:
-    """Streams an overlay to ``file``: frames as they fill, metadata and index at the end."""
+    """Streams an overlay to ``file``: frames as they fill, metadata and index at the end.
+
+    In the stream form (``stream=True``) :meth:`begin` writes the prologue before any frame, each
+    frame is headed by its index entry, and the metadata at the end is the epilogue; ``file``
+    then need not be seekable (a pipe, a socket).
+    """
 
     def __init__(
         self,
@@ -71,6 +183,7 @@ class OverlayWriter:
         frame_size: int,
         pool: ThreadPoolExecutor,
         in_flight: int = 4,
+        stream: bool = False,
     ) -> None:
         self.file = file
         self.codec = codec
@@ -79,8 +192,10 @@ class OverlayWriter:
         self.frame_size = frame_size
         self.pool = pool
         self.in_flight = max(1, in_flight)
+        self.stream = stream
         self._hash = xxhash.xxh3_64()
         self._offset = 0
+        self._begun = not stream
         self._entries: list[FrameEntry] = []
         self._pending: collections.deque[tuple[Future[bytes], dict[str, Any], bytes]] = collections.deque()
         #: (image, ref) -> stored bytes, each frame's stored size shared out by its items' sizes
@@ -89,12 +204,40 @@ class OverlayWriter:
         self._part_bytes = 0
         self._frame: dict[str, Any] | None = None
         self.stored_bytes_by_image: dict[int, int] = collections.defaultdict(int)
-        self._write(HEADER.build({"version": FORMAT_VERSION, "flags": 0, "reserved": 0}))
+        flags = FLAG_STREAM if stream else 0
+        self._write(HEADER.build({"version": FORMAT_VERSION, "flags": flags, "reserved": 0}))
 
     def _write(self, data: bytes) -> None:
         self.file.write(data)
         self._hash.update(data)
         self._offset += len(data)
+
+    def begin(self, prologue: Mapping[str, Any]) -> None:
+        """Write the stream form's prologue (:func:`~vmdelta_core.overlay.metadata.split_document`);
+        nothing in the file form, whose metadata all comes at the end."""
+        if not self.stream:
+            return
+        if self._begun:
+            raise ValueError("the prologue is written once, before any frame")
+        data = encode_json(prologue)
+        if len(data) > MAX_METADATA:
+            raise FormatError(f"overlay prologue of {len(data)} bytes is larger than {MAX_METADATA}")
+        self._write(
+            TAG_PROLOGUE + LENGTH_FIELD.pack(len(data)) + data + CHECKSUM_FIELD.pack(xxhash.xxh3_64_intdigest(data))
+        )
+        self._begun = True
+
+    def _emit(self, entry: FrameEntry, stored: bytes) -> None:
+        """Write one stored frame described by ``entry`` (its ``file_offset`` is set here)."""
+        if not self._begun:
+            raise ValueError("a stream-form overlay needs its prologue before its first frame")
+        if self.stream:
+            entry = attrs.evolve(entry, file_offset=self._offset + FRAME_HEAD_SIZE)
+            self._write(TAG_FRAME + pack_entry(entry))
+        else:
+            entry = attrs.evolve(entry, file_offset=self._offset)
+        self._entries.append(entry)
+        self._write(stored)
 
     # ----------------------------------------------------------------------------------------
 
@@ -151,8 +294,15 @@ class OverlayWriter:
         self._close_frame()
         self._drain(0)
         checksum = xxhash.xxh3_64_intdigest(stored)
-        self._entries.append(FrameEntry(self._offset, len(stored), length, image, KIND_ENVELOPE, 0, 0, 0, 0, checksum))
-        self._write(stored)
+        self._emit(FrameEntry(0, len(stored), length, image, KIND_ENVELOPE, 0, 0, 0, 0, checksum), stored)
+
+    def add_stored(self, entry: FrameEntry, stored: bytes) -> None:
+        """Copy a frame as another overlay stored it (``vmdelta convert``): same bytes, same
+        entry but for where it lies."""
+        self.flush()
+        if xxhash.xxh3_64_intdigest(stored) != entry.checksum or len(stored) != entry.stored_length:
+            raise IntegrityError(f"frame at byte {entry.file_offset} does not match its index entry")
+        self._emit(entry, stored)
 
     def _close_frame(self) -> None:
         if self._frame is None:
@@ -171,7 +321,7 @@ class OverlayWriter:
             if len(stored) > MAX_FRAME:
                 raise FormatError(f"codec {self.codec.name} produced a frame over {MAX_FRAME} bytes")
             entry = FrameEntry(
-                self._offset,
+                0,
                 len(stored),
                 len(data),
                 frame["image"],
@@ -182,11 +332,12 @@ class OverlayWriter:
                 frame["end"],
                 xxhash.xxh3_64_intdigest(stored),
             )
-            self._entries.append(entry)
             self.stored_bytes_by_image[frame["image"]] += len(stored)
             for ref, nbytes in frame["by_ref"].items():
                 self.stored_bytes_by_ref[frame["image"], ref] += len(stored) * nbytes / max(len(data), 1)
-            self._write(stored)
+            self._emit(entry, stored)
+            if self.stream:
+                self.file.flush()  # a frame leaves as soon as it is made
 
     def flush(self) -> None:
         """Compress and write every pending frame (the per-image byte counts are then final)."""
@@ -194,28 +345,19 @@ class OverlayWriter:
         self._drain(0)
 
     def finish(self, metadata: Mapping[str, Any]) -> int:
-        """Write metadata, index and trailer; returns the overlay's size in bytes."""
+        """Write metadata (the epilogue in the stream form), index and trailer; returns the
+        overlay's size in bytes."""
         self.flush()
-        meta = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if not self._begun:
+            raise ValueError("a stream-form overlay needs its prologue")
+        if self.stream:
+            meta = encode_json(split_document(metadata)[1])
+            self._write(TAG_EPILOGUE + LENGTH_FIELD.pack(len(meta)))
+        else:
+            meta = encode_json(metadata)
         meta_offset = self._offset
         self._write(meta)
-        index = b"".join(
-            FRAME_INDEX_ENTRY.build(
-                {
-                    "file_offset": e.file_offset,
-                    "stored_length": e.stored_length,
-                    "length": e.length,
-                    "image": e.image,
-                    "kind": e.kind,
-                    "codec": e.codec,
-                    "item_count": e.item_count,
-                    "first_offset": e.first_offset,
-                    "end_offset": e.end_offset,
-                    "checksum": e.checksum,
-                }
-            )
-            for e in self._entries
-        )
+        index = b"".join(pack_entry(e) for e in self._entries)
         index_offset = self._offset
         self._write(index)
         head = TRAILER.build(
@@ -286,7 +428,7 @@ class OverlayReader:
             raise FormatError(
                 f"{self.path}: overlay format version {header.version}; this vmdelta reads {FORMAT_VERSION}"
             )
-        if header.flags or header.reserved:
+        if header.flags & ~FLAG_STREAM or header.reserved:
             raise FormatError(f"{self.path}: overlay header has unknown flags set ({header.flags:#x})")
         try:
             trailer = TRAILER.parse(self._pread(size - TRAILER_SIZE, TRAILER_SIZE))
@@ -309,58 +451,44 @@ class OverlayReader:
         meta_bytes = self._pread(m_off, m_len)
         if xxhash.xxh3_64_intdigest(meta_bytes) != trailer.metadata_checksum:
             raise IntegrityError(f"{self.path}: overlay metadata checksum mismatch")
-        try:
-            self.metadata: dict[str, Any] = json.loads(meta_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{self.path}: overlay metadata is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise FormatError(f"{self.path}: overlay metadata at byte {m_off} nests too deeply") from None
-        except ValueError as exc:  # an integer of more digits than Python converts
-            raise FormatError(f"{self.path}: overlay metadata at byte {m_off} is not usable JSON: {exc}") from None
-        if not isinstance(self.metadata, dict):
-            raise FormatError(f"{self.path}: overlay metadata is not a JSON object")
+        document = decode_document(meta_bytes, f"{self.path}: overlay metadata", m_off)
+        self.stream_form = bool(header.flags & FLAG_STREAM)
+        pos = HEADER_SIZE
+        if self.stream_form:
+            prologue, pos = self._read_prologue()
+            document = join_document(prologue, document)
+        self.metadata: dict[str, Any] = document
         index_bytes = self._pread(i_off, i_count * ENTRY_SIZE)
         if xxhash.xxh3_64_intdigest(index_bytes) != trailer.index_checksum:
             raise IntegrityError(f"{self.path}: overlay frame index checksum mismatch")
         self.frames: list[FrameEntry] = []
-        pos = HEADER_SIZE
+        head = FRAME_HEAD_SIZE if self.stream_form else 0
         for k in range(i_count):
-            try:
-                raw = FRAME_INDEX_ENTRY.parse(index_bytes[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
-            except construct.ConstructError:
-                raise FormatError(f"{self.path}: frame index entry {k} is damaged") from None
-            entry = FrameEntry(
-                raw.file_offset,
-                raw.stored_length,
-                raw.length,
-                raw.image,
-                str(raw.kind),
-                raw.codec,
-                raw.item_count,
-                raw.first_offset,
-                raw.end_offset,
-                raw.checksum,
+            entry = unpack_entry(
+                index_bytes[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE], f"{self.path}: frame index entry {k}"
             )
-            if entry.file_offset != pos or entry.stored_length > MAX_FRAME or entry.length > MAX_FRAME:
+            if entry.file_offset != pos + head:
                 raise FormatError(f"{self.path}: frame {k} lies outside its place in the file")
-            self._check_entry(k, entry, i_off + k * ENTRY_SIZE)
-            pos += entry.stored_length
+            check_entry(entry, f"{self.path}: frame index entry {k} (at byte {i_off + k * ENTRY_SIZE})")
+            pos = entry.file_offset + entry.stored_length
             self.frames.append(entry)
-        if pos != m_off:
+        if pos + (len(TAG_EPILOGUE) + LENGTH_FIELD.size if self.stream_form else 0) != m_off:
             raise FormatError(f"{self.path}: frames do not fill the space before the metadata")
 
-    def _check_entry(self, k: int, entry: FrameEntry, at: int) -> None:
-        """What one index entry says must be possible, before anything trusts it."""
-        where = f"{self.path}: frame index entry {k} (at byte {at})"
-        if entry.kind == KIND_ENVELOPE:
-            if entry.item_count or entry.first_offset or entry.end_offset:
-                raise FormatError(f"{where}: an envelope frame with items")
-        elif entry.kind != KIND_ITEMS:
-            raise FormatError(f"{where}: unknown frame kind {entry.kind}")
-        elif not 0 < entry.item_count <= entry.length // MIN_ITEM:
-            raise FormatError(f"{where}: {entry.item_count} items cannot fill {entry.length} bytes")
-        elif entry.first_offset >= entry.end_offset:
-            raise FormatError(f"{where}: its items end at {entry.end_offset}, before they start")
+    def _read_prologue(self) -> tuple[dict[str, Any], int]:
+        """The stream form's prologue, and where the first frame's head starts."""
+        at = HEADER_SIZE
+        head = self._pread(at, 1 + LENGTH_FIELD.size)
+        if head[:1] != TAG_PROLOGUE:
+            raise FormatError(f"{self.path}: stream-form overlay without its prologue")
+        (length,) = LENGTH_FIELD.unpack(head[1:])
+        if length > MAX_METADATA:
+            raise FormatError(f"{self.path}: overlay prologue claims {length} bytes")
+        data = self._pread(at + len(head), length + CHECKSUM_FIELD.size)
+        body, (checksum,) = data[:length], CHECKSUM_FIELD.unpack(data[length:])
+        if xxhash.xxh3_64_intdigest(body) != checksum:
+            raise IntegrityError(f"{self.path}: overlay prologue checksum mismatch")
+        return decode_document(body, f"{self.path}: overlay prologue", at), at + len(head) + len(data)
 
     # ----------------------------------------------------------------------------------------
 
@@ -388,34 +516,8 @@ class OverlayReader:
         return data
 
     def items(self, entry: FrameEntry, codec: Codec) -> ItemColumns:
-        """The items of one frame, decompressed and parsed; they lie where the index says.
-
-        Memory: the stored frame, its ``entry.length`` decompressed bytes (at most
-        :data:`MAX_FRAME`) and the columns, about four times that.
-        """
-        where = f"{self.path}: frame at byte {entry.file_offset}"
-        data = codec.decompress(self.stored(entry), entry.length)
-        if len(data) != entry.length:
-            raise FormatError(f"{where} decompresses to {len(data)} bytes, the index says {entry.length}")
-        try:
-            columns = unpack_items(data)
-        except FormatError as exc:
-            raise FormatError(f"{where} (decompressed): {exc}") from None
-        if len(columns) != entry.item_count:
-            raise FormatError(f"{where} holds {len(columns)} items, the index says {entry.item_count}")
-        ends = columns.offsets + columns.lengths.astype(np.uint64)
-        if (
-            columns.offsets[0] != entry.first_offset
-            or ends[-1] != entry.end_offset
-            or (columns.offsets < entry.first_offset).any()
-            or (ends > entry.end_offset).any()
-            or (ends < columns.offsets).any()
-        ):
-            raise FormatError(
-                f"{where}: its items reach outside the range the index gives it "
-                f"({entry.first_offset} to {entry.end_offset})"
-            )
-        return columns
+        """The items of one frame, checked (:func:`frame_items`)."""
+        return frame_items(entry, self.stored(entry), codec, f"{self.path}: frame at byte {entry.file_offset}")
 
     def frames_of(self, image: int, kind: str = KIND_ITEMS) -> Iterator[FrameEntry]:
         return (e for e in self.frames if e.image == image and e.kind == kind)

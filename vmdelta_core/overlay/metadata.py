@@ -20,6 +20,7 @@ from vmdelta_core.errors import FormatError
 from vmdelta_core.jsonvalue import find_problem, path_text
 from vmdelta_core.overlay.container import FORMAT_VERSION, KIND_ITEMS, FrameEntry
 from vmdelta_core.overlay.fields import Fields
+from vmdelta_core.overlay.parts import join_document, split_document
 from vmdelta_core.overlay.schema import MAX_UNIT, MIN_UNIT, NON_PAYLOAD_REFS
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "ImageStatistics",
     "OverlayMetadata",
     "Settings",
+    "join_document",
+    "split_document",
 ]
 
 FORMAT_NAME = "vmdelta-overlay"
@@ -266,23 +269,30 @@ class ImageRecord:
         }
 
     @classmethod
-    def from_json(cls, fields: Fields) -> ImageRecord:
-        envelope = fields.object("envelope", optional=True, null=True)
+    def from_json(cls, fields: Fields, *, prologue: bool = False) -> ImageRecord:
+        """The image ``fields`` describe; with ``prologue``, only its prologue fields, the others
+        left empty until the epilogue arrives."""
         base_source = fields.name("base_source")
         encoders = fields.value.get("encoders", [])
         policy = fields.value.get("policy", "fixed")
+        common = {
+            "name": fields.name("name"),
+            "kind": fields.choice("kind", ("memory", "disk")),
+            "source": fields.name("source"),
+            "base_source": base_source,
+            "size": fields.integer("size", 0, MAX_IMAGE_SIZE - 1),
+            "base": BaseRecord.from_json(fields.object("base"), base_source),
+            "artifact": fields.text("artifact", optional=True, null=True),
+            "layout": fields.object("layout").value,
+        }
+        if prologue:
+            return cls(digest="", statistics=ImageStatistics(), **common)  # type: ignore[arg-type]
+        envelope = fields.object("envelope", optional=True, null=True)
         return cls(
-            name=fields.name("name"),
-            kind=fields.choice("kind", ("memory", "disk")),  # type: ignore[arg-type]
-            source=fields.name("source"),
-            base_source=base_source,
-            size=fields.integer("size", 0, MAX_IMAGE_SIZE - 1),
+            **common,  # type: ignore[arg-type]
             digest=fields.name("digest"),
-            base=BaseRecord.from_json(fields.object("base"), base_source),
             statistics=ImageStatistics.from_json(fields.object("statistics")),
-            artifact=fields.text("artifact", optional=True, null=True),
             artifact_digest=fields.name("artifact_digest", optional=True, null=True),
-            layout=fields.object("layout").value,
             envelope=None
             if envelope is None
             else EnvelopeRecord(envelope.integer("length", 0, MAX_COUNT), envelope.integer("stored", 0, MAX_COUNT)),
@@ -365,9 +375,13 @@ class OverlayMetadata:
         return {c.ref: c for c in self.components if c.kind == "encoder" and c.ref is not None}
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any], frames: Sequence[FrameEntry] = ()) -> OverlayMetadata:
+    def from_json(
+        cls, raw: Mapping[str, Any], frames: Sequence[FrameEntry] = (), *, prologue: bool = False
+    ) -> OverlayMetadata:
         """Check ``raw`` (the decoded metadata) against the format and the frame index.
 
+        :param prologue: ``raw`` is the prologue of a stream-form overlay: its images lack what
+            comes after the frames (digests, statistics, filters, envelope), left empty here.
         :raises FormatError: naming the first field that is missing, of the wrong type or out of
             range.
         """
@@ -386,7 +400,7 @@ class OverlayMetadata:
         ]
         _check_unique(components)
         images = [
-            ImageRecord.from_json(Fields(entry, f"images[{k}]"))
+            ImageRecord.from_json(Fields(entry, f"images[{k}]"), prologue=prologue)
             for k, entry in enumerate(top.array("images", MAX_IMAGES))
         ]
         if not images:
