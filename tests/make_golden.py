@@ -1,8 +1,10 @@
 """Writes the golden files in ``schemas/golden/`` (run it after a deliberate format change).
 
-    python tests/make_golden.py
+    python tests/make_golden.py          # every file
+    python tests/make_golden.py stream   # only overlay-zstd-stream.vmds, from overlay-zstd.vmdo
 
-Everything is derived from fixed seeds, so the files are reproducible.
+Everything is derived from fixed seeds, so the files are reproducible. The stream form is made by
+converting the file form, so it holds the same frames byte for byte.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ sys.path.insert(0, str(HERE))
 from samples import sample_pair  # noqa: E402
 
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay  # noqa: E402
+from vmdelta_core.overlay.container import OverlayReader  # noqa: E402
+from vmdelta_core.overlay.convert import convert_overlay  # noqa: E402
 from vmdelta_core.overlay.items import pack_items  # noqa: E402
 from vmdelta_core.overlay.schema import ItemType, Ref  # noqa: E402
 from vmdelta_core.plugins import new_plugin_manager  # noqa: E402
@@ -72,12 +76,20 @@ def golden_overlay(folder: Path, output: Path, codec: str) -> None:
     )
 
 
+def golden_stream(source: Path, output: Path) -> None:
+    """The stream form of the overlay at ``source``."""
+    with OverlayReader(source) as reader, open(output, "wb") as f:
+        convert_overlay(reader, f, stream=True)
+
+
 if __name__ == "__main__":
     import tempfile
 
     GOLDEN.mkdir(parents=True, exist_ok=True)
-    (GOLDEN / "items.bin").write_bytes(golden_items())
-    for codec in ("none", "zstd"):
-        with tempfile.TemporaryDirectory() as tmp:
-            golden_overlay(Path(tmp), GOLDEN / f"overlay-{codec}.vmdo", codec)
+    if sys.argv[1:] != ["stream"]:
+        (GOLDEN / "items.bin").write_bytes(golden_items())
+        for codec in ("none", "zstd"):
+            with tempfile.TemporaryDirectory() as tmp:
+                golden_overlay(Path(tmp), GOLDEN / f"overlay-{codec}.vmdo", codec)
+    golden_stream(GOLDEN / "overlay-zstd.vmdo", GOLDEN / "overlay-zstd-stream.vmds")
     print("wrote", *sorted(p.name for p in GOLDEN.iterdir()))
