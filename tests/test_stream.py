@@ -304,11 +304,6 @@ def test_an_epilogue_redefining_a_prologue_field_is_refused(change: str, message
     _refused_by_both(build_stream(prologue, epilogue, frames), tmp_path, message)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="join_document lets a prologue image carry an epilogue field (digest) and the epilogue's "
-    "value silently replaces it; a prologue image should hold only PROLOGUE_IMAGE_KEYS",
-)
 def test_a_prologue_that_gives_an_epilogue_field_is_refused(golden_dir: Path, tmp_path: Path) -> None:
     meta, frames = read_file(golden_dir / "overlay-zstd.vmdo")
     prologue, epilogue = split_document(meta)
@@ -316,11 +311,6 @@ def test_a_prologue_that_gives_an_epilogue_field_is_refused(golden_dir: Path, tm
     _refused_by_both(build_stream(prologue, epilogue, frames), tmp_path, "prologue")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OverlayReader does not read a stream-form file's frame heads (nor the epilogue's tag and "
-    "length), so it accepts a file whose heads differ from its index, which StreamReader refuses",
-)
 def test_a_frame_head_that_differs_from_the_index_is_refused_by_both_readers(golden_dir: Path, tmp_path: Path) -> None:
     data = bytearray((golden_dir / STREAM).read_bytes())
     at = heads(data)[0] + 1 + 32  # the first head's end_offset

@@ -12,31 +12,48 @@ import contextlib
 
 import attrs
 
+from vmdelta_core.apply.feed import FileFeed, StreamFeed
 from vmdelta_core.components import Codec, Encoder, SourceImage
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec, check_side_files, check_source_options
 from vmdelta_core.errors import BaseMismatchError, ConfigError, FormatError, PluginError
 from vmdelta_core.fileio import check_input
 from vmdelta_core.index import image_digest, load_or_build_index
-from vmdelta_core.overlay.container import OverlayReader
 from vmdelta_core.overlay.digest import ImageDigest, digest_kind
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
 from vmdelta_core.records import Progress
 from vmdelta_core.registry import Registry
 
-__all__ = ["Decoders", "check_claimed_size", "open_base", "read_overlay"]
+__all__ = ["Decoders", "check_claimed_size", "finish_overlay", "open_base", "read_overlay"]
 
 
-def read_overlay(reader: OverlayReader, config: ApplyConfig, progress: Progress) -> OverlayMetadata:
-    """The overlay's checked metadata, once its bytes are verified and its images match the command."""
-    reader.verify(progress.start("verify overlay", reader.size))
-    meta = OverlayMetadata.from_json(reader.metadata, reader.frames)
+def read_overlay(feed: FileFeed | StreamFeed, config: ApplyConfig, progress: Progress) -> OverlayMetadata:
+    """The overlay's checked metadata (of a stream: its prologue), its images matched against the
+    command; a file's bytes are verified first."""
+    meta = OverlayMetadata.from_json(feed.start(progress), feed.frames_seen, prologue=feed.partial)
+    feed.bind(meta)
     _match_images(meta, config)
+    if not feed.partial:
+        _check_strict(meta, config)
+    return meta
+
+
+def finish_overlay(feed: FileFeed | StreamFeed, meta: OverlayMetadata, config: ApplyConfig) -> OverlayMetadata:
+    """The whole metadata, once every frame has come: of a stream, its prologue completed by the
+    epilogue and checked, now that the stream's end is."""
+    document = feed.finish()
+    if not feed.partial:
+        return meta
+    whole = OverlayMetadata.from_json(document)
+    _check_strict(whole, config)
+    return whole
+
+
+def _check_strict(meta: OverlayMetadata, config: ApplyConfig) -> None:
     if config.strict:
         lossy = {f.name: f.dropped for image in meta.images for f in image.filters if f.dropped}
         if lossy:
             dropped = ", ".join(f"{n} dropped {c}" for n, c in lossy.items())
             raise ConfigError(f"--strict: this overlay rebuilds some units from the base ({dropped})")
-    return meta
 
 
 def _match_images(meta: OverlayMetadata, config: ApplyConfig) -> None:
@@ -131,10 +148,9 @@ def open_base(
     return base
 
 
-def check_claimed_size(reader: OverlayReader, number: int, image: ImageRecord, base: SourceImage) -> None:
-    """An image may be larger than its base only as far as its items reach: a claimed size
+def check_claimed_size(reach: int, image: ImageRecord, base: SourceImage) -> None:
+    """An image may be larger than its base only as far as its items ``reach``: a claimed size
     beyond that would cost time (hashing zeros) for data that is not there."""
-    reach = max((f.end_offset for f in reader.frames_of(number)), default=0)
     if image.size > max(base.size, reach):
         raise FormatError(
             f"overlay claims {image.name} is {image.size} bytes, but its base holds {base.size} and its "

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from vmdelta_core.apply.bases import Decoders
+from vmdelta_core.apply.feed import FileFeed, StreamFeed
 from vmdelta_core.components import Encoder, SourceImage
 from vmdelta_core.errors import FormatError, IntegrityError, PluginError
 from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs
-from vmdelta_core.overlay.container import FrameEntry, OverlayReader
+from vmdelta_core.overlay.container import FrameEntry, frame_items
 from vmdelta_core.overlay.digest import digest_kind, file_digest
 from vmdelta_core.overlay.items import ItemColumns, split_address
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
@@ -33,9 +34,10 @@ _KIND_OF_BASE_REF = {int(ref): kind for kind, ref in BASE_REFS.items()}
 
 
 def copy_base(base: SourceImage, fd: int, size: int, unit: int, advance: Callable[[int], None]) -> None:
-    """Start the rebuilt image as the base's image, sparse where the base is zero."""
-    os.ftruncate(fd, size)
+    """Start the rebuilt image as the base's image, sparse where the base is zero: as long as the
+    base at most (the items extend it; its claimed size is set once it is found plausible)."""
     limit = min(size, base.size)
+    os.ftruncate(fd, limit)
     if base.file is not None:
         # the base image is a file: let the kernel copy its data extents (a reflink where it can)
         with open(base.file, "rb") as src:
@@ -67,14 +69,14 @@ class ImageRebuilder:
 
     def __init__(
         self,
-        reader: OverlayReader,
+        feed: FileFeed | StreamFeed,
         meta: OverlayMetadata,
         decoders: Decoders,
         bases: Sequence[SourceImage],
         scratch_fds: Sequence[int],
         pool: ThreadPoolExecutor,
     ) -> None:
-        self.reader = reader
+        self.feed = feed
         self.meta = meta
         self.decoders = decoders
         self.bases = bases
@@ -87,21 +89,20 @@ class ImageRebuilder:
     def apply_items(self, number: int, progress: Progress) -> np.ndarray:
         """Write every item of image ``number``; the sorted indices of the units written."""
         image = self.meta.images[number]
-        frames = list(self.reader.frames_of(number))
-        advance = progress.start(f"rebuild {image.name}", sum(f.length for f in frames))
+        advance = progress.start(f"rebuild {image.name}", image.size)
         written: list[np.ndarray] = []
-        previous = -1
-        for frame in frames:
+        previous, done = -1, 0
+        for frame, stored in self.feed.frames(number):
+            where = f"frame at byte {frame.file_offset}"
             codec = self.decoders.codecs.get(frame.codec)
             if codec is None:
-                raise FormatError(
-                    f"frame at byte {frame.file_offset} names codec {frame.codec}, which the metadata does not list"
-                )
-            cols = self.reader.items(frame, codec)
+                raise FormatError(f"{where} names codec {frame.codec}, which the metadata does not list")
+            cols = frame_items(frame, stored, codec, f"{self.feed.name}: {where}")
             previous = _check_frame(cols, frame, image, self.meta.unit_size, previous)
-            self._write(number, cols, f"frame at byte {frame.file_offset}")
+            self._write(number, cols, where)
             written.append(cols.offsets.astype(np.int64) // self.meta.unit_size)
-            advance(frame.length)
+            advance(frame.end_offset - done)
+            done = frame.end_offset
         for base in self.bases:  # base and self references read anywhere: drop those pages
             base.release(0, base.size)
         return np.sort(np.concatenate(written)) if written else np.zeros(0, dtype=np.int64)

@@ -12,19 +12,21 @@ into its artifact by the source are the outputs put in place, together
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import attrs
 
-from vmdelta_core.apply.bases import Decoders, check_claimed_size, open_base, read_overlay
+from vmdelta_core.apply.bases import Decoders, check_claimed_size, finish_overlay, open_base, read_overlay
+from vmdelta_core.apply.feed import FileFeed, StreamFeed, open_feed
 from vmdelta_core.apply.rebuild import ImageRebuilder, copy_base, verify_rebuilt
 from vmdelta_core.components import RebuiltImage, SourceImage
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec
-from vmdelta_core.errors import FormatError, IntegrityError, PluginError
+from vmdelta_core.errors import IntegrityError, PluginError
 from vmdelta_core.outputs import OutputSet, PendingFile
-from vmdelta_core.overlay.container import KIND_ENVELOPE, OverlayReader
 from vmdelta_core.overlay.digest import digest_kind, file_digest
 from vmdelta_core.overlay.envelope import decompress_envelope
 from vmdelta_core.overlay.metadata import ImageRecord
@@ -35,33 +37,46 @@ __all__ = ["apply_overlay"]
 
 
 def apply_overlay(
-    config: ApplyConfig, *, registry: Registry | None = None, progress: Progress | None = None
+    config: ApplyConfig,
+    *,
+    registry: Registry | None = None,
+    progress: Progress | None = None,
+    stream: BinaryIO | None = None,
 ) -> ApplyReport:
-    """Rebuild every image of ``config.overlay`` from the bases in ``config`` and verify it."""
+    """Rebuild every image of ``config.overlay`` from the bases in ``config`` and verify it.
+
+    :param stream: read the overlay, in the stream form, from this file object (standard input,
+        a socket) as it arrives, instead of from ``config.overlay`` (which then only names it).
+    """
     started = time.monotonic()
     registry = registry or default_registry()
     progress = progress or NullProgress()
     with contextlib.ExitStack() as stack:
-        reader = stack.enter_context(OverlayReader(config.overlay))
+        feed = open_feed(config.overlay, stream)
+        stack.callback(feed.close)
         # every output checked and its file made (proving its folder writable) before any work
-        outputs = stack.enter_context(OutputSet(config.input_paths()))
+        inputs = [path for path in config.input_paths() if stream is None or path != config.overlay]
+        outputs = stack.enter_context(OutputSet(inputs))
         targets = [Targets.make(outputs, spec) for spec in config.images]
-        meta = read_overlay(reader, config, progress)
+        meta = read_overlay(feed, config, progress)
         decoders = Decoders.find(meta, registry)
         bases = [
             open_base(stack, registry, meta, image, spec, config, progress)
             for image, spec in zip(meta.images, config.images, strict=True)
         ]
-        for number, (image, base) in enumerate(zip(meta.images, bases, strict=True)):
-            check_claimed_size(reader, number, image, base)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
-        rebuilder = ImageRebuilder(reader, meta, decoders, bases, [t.scratch.fd for t in targets], pool)
+        rebuilder = ImageRebuilder(feed, meta, decoders, bases, [t.scratch.fd for t in targets], pool)
         try:
-            rebuilt = [
-                _rebuild(number, rebuilder, targets[number], spec, progress)
-                for number, spec in enumerate(config.images)
+            applied = [
+                _apply(number, rebuilder, targets[number], spec, progress) for number, spec in enumerate(config.images)
             ]
-            # materialize only once every image verified, so a failure leaves no output behind
+            # a stream is trusted as a whole only now; then every image is checked against its
+            # digest, and only once every one verified is anything materialized
+            meta = finish_overlay(feed, meta, config)
+            rebuilt = [
+                _verified(meta.images[number], done, spec, progress)
+                for number, (done, spec) in enumerate(zip(applied, config.images, strict=True))
+            ]
             reports = [_materialize(registry, done, spec) for done, spec in zip(rebuilt, config.images, strict=True)]
         except OSError as exc:
             raise outputs.explain(exc, ", ".join(str(spec.output) for spec in config.images)) from None
@@ -103,21 +118,25 @@ class _Rebuilt:
     digest: str
 
 
-def _rebuild(
+def _apply(
     number: int, rebuilder: ImageRebuilder, files: Targets, spec: ApplyImageSpec, progress: Progress
 ) -> _Rebuilt:
-    """Image ``number`` rebuilt in its scratch file and verified, ready to materialize."""
+    """Image ``number`` rebuilt in its scratch file from its base and its frames."""
     image = rebuilder.meta.images[number]
     base: SourceImage = rebuilder.bases[number]
     unit = rebuilder.meta.unit_size
+    feed = rebuilder.feed
+    if not feed.partial:  # a file's index tells how far the items reach before any is read
+        check_claimed_size(feed.reach(number), image, base)
     copy_base(base, files.scratch.fd, image.size, unit, progress.start(f"copy base {spec.base.name}", image.size))
     changed = rebuilder.apply_items(number, progress)
-    digest = verify_rebuilt(image, files.scratch.path, spec.output_format, progress)
+    check_claimed_size(feed.reach(number), image, base)
+    os.ftruncate(files.scratch.fd, image.size)
     rebuilt = RebuiltImage(
         path=files.scratch.path,
         size=image.size,
         unit_size=unit,
-        envelope=_envelope(rebuilder.reader, number, base.envelope),
+        envelope=_envelope(rebuilder.feed, number, base.envelope),
         layout=image.layout,
         changed=changed,
         base=base,
@@ -126,7 +145,13 @@ def _rebuild(
         side_outputs={name: side.path for name, side in files.sides.items()},
         adopt=files.adopt,
     )
-    return _Rebuilt(image, rebuilt, files, digest)
+    return _Rebuilt(image, rebuilt, files, "")
+
+
+def _verified(image: ImageRecord, done: _Rebuilt, spec: ApplyImageSpec, progress: Progress) -> _Rebuilt:
+    """``done``, its image checked against the digest the (now whole) metadata records."""
+    digest = verify_rebuilt(image, done.files.scratch.path, spec.output_format, progress)
+    return attrs.evolve(done, image=image, digest=digest)
 
 
 def _materialize(registry: Registry, done: _Rebuilt, spec: ApplyImageSpec) -> RebuiltReport:
@@ -142,11 +167,9 @@ def _materialize(registry: Registry, done: _Rebuilt, spec: ApplyImageSpec) -> Re
     return RebuiltReport(image.name, image.kind, spec.output, image.size, done.digest, identical, image.dropped)
 
 
-def _envelope(reader: OverlayReader, number: int, base_envelope: bytes) -> bytes:
-    entries = list(reader.frames_of(number, KIND_ENVELOPE))
-    if not entries:
+def _envelope(feed: FileFeed | StreamFeed, number: int, base_envelope: bytes) -> bytes:
+    frame = feed.envelope(number)
+    if frame is None:
         return b""
-    if len(entries) > 1:
-        raise FormatError(f"image {number} has {len(entries)} envelopes")
-    entry = entries[0]
-    return decompress_envelope(reader.stored(entry), entry.length, base_envelope, f"image {number}")
+    entry, stored = frame
+    return decompress_envelope(stored, entry.length, base_envelope, f"image {number}")

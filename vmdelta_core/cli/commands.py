@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 
@@ -18,11 +19,13 @@ from vmdelta_core.api import (
     inspect_overlay,
     load_pipeline,
 )
-from vmdelta_core.cli.output import console, print_json, progress_for, render_overlay
+from vmdelta_core.apply.feed import StreamFeed, open_feed
+from vmdelta_core.cli.output import console, err_console, print_json, progress_for, render_overlay
 from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter, parse_option
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.outputs import OutputSet
+from vmdelta_core.overlay.convert import convert_overlay
 from vmdelta_core.overlay.metadata import OverlayMetadata
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import ApplyReport, CreateReport
@@ -124,7 +127,7 @@ def _applies(name: str, kind: str) -> bool:
     return kind in default_registry().filter(name).kinds
 
 
-def _show_create(report: CreateReport, args: argparse.Namespace) -> None:
+def _show_create(report: CreateReport, args: argparse.Namespace, *, to_stderr: bool = False) -> None:
     if args.json:
         print_json(
             {
@@ -132,19 +135,38 @@ def _show_create(report: CreateReport, args: argparse.Namespace) -> None:
                 "size": report.size,
                 "seconds": round(report.seconds, 3),
                 "images": [image.to_json() for image in report.images],
-            }
+            },
+            stderr=to_stderr,
         )
     elif not args.quiet:
-        render_overlay(report.metadata, size=report.size)
-        console.print(f"wrote {report.output} ({report.size} bytes) in {report.seconds:.2f} s")
+        out = err_console if to_stderr else console
+        render_overlay(report.metadata, size=report.size, to=out)
+        where = "the overlay to standard output" if to_stderr else report.output
+        out.print(f"wrote {where} ({report.size} bytes) in {report.seconds:.2f} s")
 
 
 def create(args: argparse.Namespace) -> int:
     config = create_config_from_args(args)
+    to_stdout = args.output == "-"
+    stream = _binary_stdout("the overlay") if to_stdout else None
     with progress_for(args.quiet or args.json) as progress:
-        report = create_overlay(config, progress=progress)
-    _show_create(report, args)
+        report = create_overlay(config, progress=progress, stream=stream)
+    _show_create(report, args, to_stderr=to_stdout)
     return 0
+
+
+def _binary_stdout(what: str) -> BinaryIO:
+    """Standard output for ``what``, which is binary: never a terminal."""
+    if sys.stdout.isatty():
+        raise ConfigError(f"refusing to write {what} to a terminal: redirect standard output or pipe it")
+    sys.stdout.flush()
+    return sys.stdout.buffer
+
+
+def _binary_stdin(what: str) -> BinaryIO:
+    if sys.stdin.isatty():
+        raise ConfigError(f"{what} is read from standard input, which is a terminal: pipe or redirect it")
+    return sys.stdin.buffer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,15 +209,21 @@ def apply(args: argparse.Namespace) -> int:
         images.append(ApplyImageSpec("disk", base, output, output_format=args.disk_format))
     if not images:
         raise ConfigError("nothing to rebuild: give the --memory and --disk pairs the overlay was made from")
-    config = ApplyConfig(overlay=Path(args.overlay), images=tuple(images), strict=args.strict, **_threads(args))
+    from_stdin = args.overlay == "-"
+    overlay = Path("standard input") if from_stdin else Path(args.overlay)
+    config = ApplyConfig(overlay=overlay, images=tuple(images), strict=args.strict, **_threads(args))
+    stream = _binary_stdin("the overlay") if from_stdin else None
     with progress_for(args.quiet or args.json) as progress:
-        report = apply_overlay(config, progress=progress)
+        report = apply_overlay(config, progress=progress, stream=stream)
     _show_apply(report, args)
     return 0
 
 
 def inspect(args: argparse.Namespace) -> int:
-    data = inspect_overlay(Path(args.overlay), verify=not args.no_verify)
+    if args.overlay == "-":
+        data = inspect_overlay(Path("standard input"), stream=_binary_stdin("the overlay"))
+    else:
+        data = inspect_overlay(Path(args.overlay), verify=not args.no_verify)
     if args.json:
         print_json(data)
     else:
@@ -204,6 +232,33 @@ def inspect(args: argparse.Namespace) -> int:
             size=data["size"],
             frames=data["frames"] if args.frames else None,
         )
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from_stdin, to_stdout = args.overlay == "-", args.output == "-"
+    source = Path("standard input") if from_stdin else Path(args.overlay)
+    feed = open_feed(source, _binary_stdin("the overlay") if from_stdin else None)
+    try:
+        reader = feed.reader
+        stream = (args.to == "stream") if args.to else not (isinstance(feed, StreamFeed) or reader.stream_form)
+        form = "stream" if stream else "file"
+        if to_stdout:
+            size = convert_overlay(reader, _binary_stdout("the overlay"), stream=stream)
+        else:
+            with OutputSet([] if from_stdin else [source]) as outputs:
+                pending = outputs.add(Path(args.output))
+                try:
+                    with open(pending.path, "wb") as f:
+                        size = convert_overlay(reader, f, stream=stream)
+                except OSError as exc:
+                    raise outputs.explain(exc, Path(args.output)) from None
+                outputs.commit()
+    finally:
+        feed.close()
+    if not args.quiet:
+        where = "the overlay to standard output" if to_stdout else args.output
+        (err_console if to_stdout else console).print(f"wrote {where} in the {form} form ({size} bytes)")
     return 0
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from vmdelta_core.overlay.metadata import OverlayMetadata
 
-__all__ = ["BarProgress", "console", "print_json", "printable", "progress_for", "render_overlay"]
+__all__ = ["BarProgress", "console", "err_console", "print_json", "printable", "progress_for", "render_overlay"]
 
 #: C0 and C1 controls (a terminal's escape sequences) and lone surrogates (undecodable file names,
 #: which the terminal's encoding refuses)
@@ -56,6 +56,8 @@ class _LazyConsole:
 
 console: Any = _LazyConsole(stderr=False)
 _err: Any = _LazyConsole(stderr=True)
+#: where reports go when standard output carries an overlay or an artifact
+err_console: Any = _err
 
 
 class BarProgress:
@@ -104,8 +106,8 @@ def progress_for(quiet: bool) -> Iterator[Any]:
         yield bars
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def print_json(data: Any, *, stderr: bool = False) -> None:
+    (sys.stderr if stderr else sys.stdout).write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _size(n: int) -> str:
@@ -124,11 +126,17 @@ def _cell(value: Any) -> Text:
 
 
 def render_overlay(
-    meta: OverlayMetadata, *, size: int | None = None, frames: list[dict[str, Any]] | None = None
+    meta: OverlayMetadata,
+    *,
+    size: int | None = None,
+    frames: list[dict[str, Any]] | None = None,
+    to: Any = None,
 ) -> None:
     """The statistics table of an overlay, one column per image (``meta`` is checked metadata:
     :meth:`~vmdelta_core.overlay.metadata.OverlayMetadata.from_json`)."""
     from rich.table import Table
+
+    out = console if to is None else to
 
     images = meta.images
     title = "overlay" + (f" — {_size(size)}" if size is not None else "")
@@ -159,10 +167,10 @@ def render_overlay(
         )
     row("  references, stored", [_size(s.references_stored_bytes) for s in stats])
     row("stored (compressed)", [_size(s.stored_bytes) for s in stats])
-    console.print(table)
+    out.print(table)
     for image in images:
         for f in image.filters:
-            console.print(
+            out.print(
                 f"{image.name}: filter {f.name} dropped {f.dropped} units ({f.reason}); "
                 f"input {f.input or '-'} {f.input_fingerprint or ''}"
             )
@@ -172,7 +180,7 @@ def render_overlay(
     for c in meta.components:
         ident = f"{c.ref:#x}" if c.kind == "encoder" else str(c.id) if c.kind == "codec" else ""
         components.add_row(*map(_cell, (c.kind, c.name, c.distribution, c.version, ident)))
-    console.print(components)
+    out.print(components)
     if frames is not None:
         ft = Table(title="frames", title_justify="left")
         for column in ("image", "kind", "items", "addresses", "bytes", "stored"):
@@ -185,4 +193,4 @@ def render_overlay(
                     (owner, f["kind"], f["items"], f"{f['first']:#x}-{f['end']:#x}", f["length"], f["stored"]),
                 )
             )
-        console.print(ft)
+        out.print(ft)

@@ -105,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         "create",
         help="create an overlay from base/modified pairs",
         description="Create an overlay holding what it takes to turn each base into its modified "
-        "counterpart. The overlay file appears only when everything succeeded.",
+        "counterpart. The overlay file appears only when everything succeeded. With -o - the "
+        "overlay goes to standard output in the stream form, frame by frame as it is made "
+        "(the report then goes to standard error): `vmdelta create -o - ... | vmdelta apply - ...`.",
     )
-    p.add_argument("-o", "--output", required=True, metavar="OVERLAY", help="overlay file to write")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OVERLAY", help="overlay file to write; - for standard output"
+    )
     p.add_argument("--memory", nargs=2, metavar=("BASE", "MODIFIED"), help="memory snapshot pair (one per VM)")
     p.add_argument(
         "--disk",
@@ -181,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild the modified VM from its bases and an overlay",
         description="Rebuild each image of OVERLAY from its base. Every base is checked against the "
         "overlay before anything is written; every output is verified against the digest recorded "
-        "at create time before it replaces a file.",
+        "at create time before it replaces a file. OVERLAY - is read from standard input as it arrives, "
+        "in the stream form, each image rebuilt while the rest is still coming; the outputs "
+        "appear once the whole stream has arrived and checked.",
     )
-    p.add_argument("overlay", metavar="OVERLAY", help="the overlay file made by `vmdelta create`")
+    p.add_argument("overlay", metavar="OVERLAY", help="the overlay made by `vmdelta create`; - for standard input")
     p.add_argument("--memory", nargs=2, metavar=("BASE", "OUTPUT"), help="memory base and where to write the result")
     p.add_argument(
         "--disk",
@@ -219,11 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect", help="describe an overlay", description="Show what an overlay holds and how it was made."
     )
-    p.add_argument("overlay", metavar="OVERLAY", help="the overlay file to describe")
+    p.add_argument("overlay", metavar="OVERLAY", help="the overlay to describe (either form); - for standard input")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--frames", action="store_true", help="list every frame too")
     p.add_argument("--no-verify", action="store_true", help="skip the whole-file checksum")
     p.set_defaults(handler=commands.inspect)
+
+    p = sub.add_parser(
+        "convert",
+        help="rewrite an overlay in the other form (file <-> stream)",
+        description="Rewrite OVERLAY in the stream form (prologue first, each frame headed by its "
+        "index entry, for pipes and sockets: `vmdelta apply -`) or in the file form (read from its "
+        "end, for random access). Frames are copied byte for byte, so converting back gives the "
+        "same file. Without --to, the other form of the input.",
+    )
+    p.add_argument("overlay", metavar="OVERLAY", help="the overlay to convert (either form); - for standard input")
+    p.add_argument("output", metavar="OUTPUT", help="where to write it; - for standard output")
+    p.add_argument("--to", choices=("stream", "file"), help="the form to write (default: the other one)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(handler=commands.convert)
 
     p = sub.add_parser(
         "index",

@@ -12,6 +12,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import attrs
 
@@ -34,8 +35,10 @@ from vmdelta_core.overlay.metadata import (
     ComponentRecord,
     EnvelopeRecord,
     ImageRecord,
+    ImageStatistics,
     OverlayMetadata,
 )
+from vmdelta_core.overlay.parts import split_document
 from vmdelta_core.plugins import core_version
 from vmdelta_core.records import CreateReport, ImageReport, NullProgress, Progress
 from vmdelta_core.registry import ComponentInfo, Registry, default_registry
@@ -47,12 +50,20 @@ _IN_FLIGHT_BYTES = 512 << 20
 
 
 def create_overlay(
-    config: CreateConfig, *, registry: Registry | None = None, progress: Progress | None = None
+    config: CreateConfig,
+    *,
+    registry: Registry | None = None,
+    progress: Progress | None = None,
+    stream: BinaryIO | None = None,
 ) -> CreateReport:
     """Create the overlay ``config.output`` from the image pairs of ``config``.
 
     The output appears only when everything succeeded; an existing file of that name is replaced
     then and not before.
+
+    :param stream: write the overlay to this file object instead (standard output, a socket), in
+        the stream form, frame by frame as they are made; ``config.output`` then only names it.
+        A failure leaves it cut short, which every reader refuses.
     """
     started = time.monotonic()
     registry = registry or default_registry()
@@ -61,13 +72,19 @@ def create_overlay(
     with contextlib.ExitStack() as stack:
         # the output is checked, and its file made, before anything is read
         outputs = stack.enter_context(OutputSet(plan.inputs))
-        pending = outputs.add(config.output)
+        pending = None if stream is not None else outputs.add(config.output)
         pairs = open_pairs(plan, registry, stack, progress)
         bases, base_records = index_bases(pairs, config.unit_size, config.cache_dir, progress)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
         dedup = Deduplicator(config.unit_size, bases, [pair.modified for pair in pairs])
+        skeleton = _skeleton(plan, registry, pairs, base_records)
         try:
-            size, metadata = _write_overlay(pending.path, plan, registry, pairs, base_records, dedup, pool, progress)
+            if stream is not None:
+                size, metadata = _write_overlay(stream, True, plan, skeleton, pairs, dedup, pool, registry, progress)
+            else:
+                assert pending is not None
+                with open(pending.path, "wb") as f:
+                    size, metadata = _write_overlay(f, False, plan, skeleton, pairs, dedup, pool, registry, progress)
         except OSError as exc:
             raise outputs.explain(exc, config.output) from None
         outputs.commit()
@@ -81,55 +98,106 @@ def create_overlay(
 
 
 def _write_overlay(
-    path: Path,
+    file: BinaryIO,
+    stream_form: bool,
     plan: OverlayPlan,
-    registry: Registry,
+    skeleton: OverlayMetadata,
     pairs: list[OpenedPair],
-    base_records: list[BaseRecord],
     dedup: Deduplicator,
     pool: ThreadPoolExecutor,
+    registry: Registry,
     progress: Progress,
 ) -> tuple[int, OverlayMetadata]:
-    """Encode every image into the overlay file at ``path``: its size and metadata."""
+    """Encode every image into ``file``: the overlay's size and metadata."""
     config = plan.config
-    with open(path, "wb") as f:
-        writer = OverlayWriter(
-            f,
-            codec=plan.codec.component,
-            codec_id=0,
-            level=config.level,
-            frame_size=config.frame_size,
-            pool=pool,
-            # two frames a thread keeps every core busy; never more than 512 MiB of them at once
-            in_flight=max(2, min(config.threads * 2, _IN_FLIGHT_BYTES // config.frame_size)),
-        )
-        units = UnitEncoder(dedup, plan.refs, writer, pool, config.unit_size)
-        try:
-            images = [
-                _encode_image(number, pair, base_records[number], units, registry, progress)
-                for number, pair in enumerate(pairs)
-            ]
-        except BaseException:
-            writer.abort()
-            raise
-        writer.flush()
-        metadata = _metadata(plan, registry, images, writer)
-        document = metadata.to_json()
-        problem = find_problem(document)
-        if problem is not None:  # a source's layout or a filter's details that apply would refuse
-            where, what = problem
-            raise PluginError(f"overlay metadata: {path_text(where)} {what}; the overlay was not written")
-        size = writer.finish(document)
-        f.flush()
+    writer = OverlayWriter(
+        file,
+        codec=plan.codec.component,
+        codec_id=0,
+        level=config.level,
+        frame_size=config.frame_size,
+        pool=pool,
+        # two frames a thread keeps every core busy; never more than 512 MiB of them at once
+        in_flight=max(2, min(config.threads * 2, _IN_FLIGHT_BYTES // config.frame_size)),
+        stream=stream_form,
+    )
+    writer.begin(split_document(_checked(skeleton.to_json()))[0])
+    units = UnitEncoder(dedup, plan.refs, writer, pool, config.unit_size)
+    try:
+        images = [
+            _encode_image(number, pair, skeleton.images[number], units, registry, progress)
+            for number, pair in enumerate(pairs)
+        ]
+    except BaseException:
+        writer.abort()
+        raise
+    writer.flush()
+    metadata = _metadata(skeleton, images, plan, writer)
+    size = writer.finish(_checked(metadata.to_json()))
+    file.flush()
     return size, metadata
 
 
+def _checked(document: dict[str, Any]) -> dict[str, Any]:
+    """``document``, if it holds nothing apply would refuse (a source's layout, a filter's
+    details out of bounds)."""
+    problem = find_problem(document)
+    if problem is not None:
+        where, what = problem
+        raise PluginError(f"overlay metadata: {path_text(where)} {what}; the overlay was not written")
+    return document
+
+
+def _skeleton(
+    plan: OverlayPlan, registry: Registry, pairs: list[OpenedPair], base_records: list[BaseRecord]
+) -> OverlayMetadata:
+    """The metadata known before the first frame (a stream's prologue): components, settings and
+    each image but its outcome (digests, statistics, filters, envelope)."""
+
+    def component(info: ComponentInfo, **ids: int) -> ComponentRecord:
+        return ComponentRecord(info.kind, info.name, info.distribution, info.version, **ids)  # type: ignore[arg-type]
+
+    components = [component(plan.codec, id=0)]
+    components += [component(registry.info("encoder", n), ref=choice.ref) for n, choice in sorted(plan.refs.items())]
+    sources = sorted({s for image in plan.images for s in (image.source, image.base_source)})
+    components += [component(registry.info("source", name)) for name in sources]
+    filters = sorted({f.name for image in plan.images for f in image.spec.filters})
+    components += [component(registry.info("filter", name)) for name in filters]
+    images = [
+        ImageRecord(
+            name=pair.plan.name,
+            kind=pair.plan.spec.kind,
+            source=pair.plan.source,
+            base_source=pair.plan.base_source,
+            size=pair.modified.size,
+            digest="",
+            base=base,
+            statistics=ImageStatistics(),
+            artifact=recorded_name(pair.plan.spec.modified),
+            layout=pair.modified.layout,
+            encoders=pair.plan.encoders,
+            policy=pair.plan.policy,
+        )
+        for pair, base in zip(pairs, base_records, strict=True)
+    ]
+    return OverlayMetadata(
+        unit_size=plan.config.unit_size,
+        creator={"name": "vmdelta-core", "version": core_version()},
+        components=components,
+        images=images,
+        settings=describe_config(plan.config),
+    )
+
+
 def _encode_image(
-    number: int, pair: OpenedPair, base: BaseRecord, units: UnitEncoder, registry: Registry, progress: Progress
+    number: int, pair: OpenedPair, image: ImageRecord, units: UnitEncoder, registry: Registry, progress: Progress
 ) -> ImageRecord:
-    """Every stage of one image: changes, filters, dedup and encoding, envelope, digest."""
+    """Every stage of one image: envelope, changes, filters, dedup and encoding, digest; ``image``
+    completed with their outcome."""
     unit = units.unit
     name, spec, modified = pair.plan.name, pair.plan.spec, pair.modified
+    # the envelope first: a reader streaming the artifact out needs its head before the pages
+    envelope = _store_envelope(number, pair, units.writer)
     # hints hold against the file the modified was made from; against another base they lie
     use_hints = modified.hints is not None and _same_file(modified.hints_base, spec.base)
     running = None if use_hints else ImageDigest()  # reading the whole image anyway: digest it on the way
@@ -137,29 +205,19 @@ def _encode_image(
     changed = changed_units(pair.base, modified, unit, progress=advance, use_hints=use_hints, digest=running)
     selection = select_units(pair, changed, registry, unit)
     counts = units.write(number, pair, selection.kept, progress.start(f"encode {name}", selection.kept.size * unit))
-    envelope = _store_envelope(number, pair, units.writer)
     digest, artifact_digest = _digests(pair, selection, running, unit, progress)
-    return ImageRecord(
-        name=name,
-        kind=spec.kind,
-        source=pair.plan.source,
-        base_source=pair.plan.base_source,
-        size=modified.size,
+    return attrs.evolve(
+        image,
         digest=digest,
-        base=base,
         statistics=attrs.evolve(
             counts,
             units=-(-modified.size // unit),
             changed=int(changed.size),
             dropped={f.name: f.dropped for f in selection.filters},
         ),
-        artifact=recorded_name(spec.modified),
         artifact_digest=artifact_digest,
-        layout=modified.layout,
         envelope=envelope,
         filters=selection.filters,
-        encoders=pair.plan.encoders,
-        policy=pair.plan.policy,
     )
 
 
@@ -198,26 +256,12 @@ def _same_file(a: Path | None, b: Path) -> bool:
 
 
 def _metadata(
-    plan: OverlayPlan, registry: Registry, images: list[ImageRecord], writer: OverlayWriter
+    skeleton: OverlayMetadata, images: list[ImageRecord], plan: OverlayPlan, writer: OverlayWriter
 ) -> OverlayMetadata:
     """The overlay's metadata, once every frame is written (the stored sizes are final then)."""
-
-    def component(info: ComponentInfo, **ids: int) -> ComponentRecord:
-        return ComponentRecord(info.kind, info.name, info.distribution, info.version, **ids)  # type: ignore[arg-type]
-
-    components = [component(plan.codec, id=0)]
-    components += [component(registry.info("encoder", n), ref=choice.ref) for n, choice in sorted(plan.refs.items())]
-    sources = sorted({s for image in plan.images for s in (image.source, image.base_source)})
-    components += [component(registry.info("source", name)) for name in sources]
-    filters = sorted({f.name for image in plan.images for f in image.spec.filters})
-    components += [component(registry.info("filter", name)) for name in filters]
     names = {choice.ref: name for name, choice in plan.refs.items()}
-    return OverlayMetadata(
-        unit_size=plan.config.unit_size,
-        creator={"name": "vmdelta-core", "version": core_version()},
-        components=components,
-        images=[_with_stored_bytes(number, image, names, writer) for number, image in enumerate(images)],
-        settings=describe_config(plan.config),
+    return attrs.evolve(
+        skeleton, images=[_with_stored_bytes(number, image, names, writer) for number, image in enumerate(images)]
     )
 
 

@@ -207,6 +207,12 @@ class OverlayWriter:
         flags = FLAG_STREAM if stream else 0
         self._write(HEADER.build({"version": FORMAT_VERSION, "flags": flags, "reserved": 0}))
 
+    @classmethod
+    def copying(cls, file: BinaryIO, *, stream: bool) -> OverlayWriter:
+        """A writer that only copies frames already stored (:meth:`add_stored`): it compresses
+        nothing, so it needs no codec and no threads."""
+        return cls(file, codec=None, codec_id=0, level=None, frame_size=MAX_FRAME, pool=None, stream=stream)  # type: ignore[arg-type]
+
     def _write(self, data: bytes) -> None:
         self.file.write(data)
         self._hash.update(data)
@@ -464,16 +470,20 @@ class OverlayReader:
         self.frames: list[FrameEntry] = []
         head = FRAME_HEAD_SIZE if self.stream_form else 0
         for k in range(i_count):
-            entry = unpack_entry(
-                index_bytes[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE], f"{self.path}: frame index entry {k}"
-            )
+            data = index_bytes[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE]
+            entry = unpack_entry(data, f"{self.path}: frame index entry {k}")
             if entry.file_offset != pos + head:
                 raise FormatError(f"{self.path}: frame {k} lies outside its place in the file")
+            if head and self._pread(pos, head) != TAG_FRAME + data:
+                # the stream form says each frame twice: both must agree, as a stream reader checks
+                raise FormatError(f"{self.path}: the head of frame {k} differs from its index entry")
             check_entry(entry, f"{self.path}: frame index entry {k} (at byte {i_off + k * ENTRY_SIZE})")
             pos = entry.file_offset + entry.stored_length
             self.frames.append(entry)
         if pos + (len(TAG_EPILOGUE) + LENGTH_FIELD.size if self.stream_form else 0) != m_off:
             raise FormatError(f"{self.path}: frames do not fill the space before the metadata")
+        if self.stream_form and self._pread(pos, 5) != TAG_EPILOGUE + LENGTH_FIELD.pack(m_len):
+            raise FormatError(f"{self.path}: the epilogue's head differs from the trailer")
 
     def _read_prologue(self) -> tuple[dict[str, Any], int]:
         """The stream form's prologue, and where the first frame's head starts."""

@@ -7,25 +7,14 @@ so converting a file to the stream form and back gives the same bytes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from vmdelta_core.components import Codec
 from vmdelta_core.errors import FormatError
 from vmdelta_core.overlay.container import FrameEntry, OverlayReader, OverlayWriter
 from vmdelta_core.overlay.parts import split_document
 from vmdelta_core.overlay.stream import StreamReader
 
 __all__ = ["convert_overlay"]
-
-
-class _CopyOnly(Codec):
-    """The writer's codec when every frame arrives already stored: it is never asked to compress."""
-
-    name = "copy-only"
-
-    def compress(self, data: bytes, level: int | None) -> bytes:
-        raise AssertionError("a converted overlay copies its frames; nothing is compressed")
 
 
 def convert_overlay(source: OverlayReader | StreamReader, output: BinaryIO, *, stream: bool) -> int:
@@ -50,15 +39,12 @@ def convert_overlay(source: OverlayReader | StreamReader, output: BinaryIO, *, s
             raise ValueError(f"{source.name}: its frames were read before the conversion")
         prologue = _prologue(source.prologue, source.name)
         frames = iter(source.next_frame, None)
-    with ThreadPoolExecutor(1) as pool:  # starts no thread: add_stored never compresses
-        writer = OverlayWriter(
-            output, codec=_CopyOnly(), codec_id=0, level=None, frame_size=1 << 20, pool=pool, stream=stream
-        )
-        writer.begin(prologue)
-        for entry, stored in frames:
-            writer.add_stored(entry, stored)
-        assert source.metadata is not None  # next_frame gives None only once the end is checked
-        size = writer.finish(source.metadata)
+    writer = OverlayWriter.copying(output, stream=stream)
+    writer.begin(prologue)
+    for entry, stored in frames:
+        writer.add_stored(entry, stored)
+    assert source.metadata is not None  # next_frame gives None only once the end is checked
+    size = writer.finish(source.metadata)
     output.flush()
     return size
 

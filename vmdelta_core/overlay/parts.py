@@ -41,7 +41,9 @@ def join_document(prologue: Mapping[str, Any], epilogue: Mapping[str, Any]) -> d
         raise FormatError("overlay epilogue holds fields other than images")
     joined = []
     for k, (image, outcome) in enumerate(zip(images, outcomes, strict=True)):
-        if not isinstance(image, dict) or not isinstance(outcome, dict) or PROLOGUE_IMAGE_KEYS & set(outcome):
+        if not isinstance(image, dict) or set(image) - PROLOGUE_IMAGE_KEYS:
+            raise FormatError(f"overlay prologue: images[{k}] holds what only the epilogue may give")
+        if not isinstance(outcome, dict) or PROLOGUE_IMAGE_KEYS & set(outcome):
             raise FormatError(f"overlay epilogue: images[{k}] does not complete its prologue")
         joined.append({**image, **outcome})
     return {**prologue, "images": joined}
