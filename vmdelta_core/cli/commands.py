@@ -31,7 +31,7 @@ from vmdelta_core.plugins import core_version
 from vmdelta_core.records import ApplyReport, CreateReport
 from vmdelta_core.registry import default_registry
 
-__all__ = ["apply", "create", "demo", "index", "inspect", "plugins", "run", "version"]
+__all__ = ["apply", "create", "demo", "index", "inspect", "plugins", "run", "send", "serve", "version"]
 
 
 def version() -> str:
@@ -149,6 +149,8 @@ def create(args: argparse.Namespace) -> int:
     config = create_config_from_args(args)
     to_stdout = args.output == "-"
     stream = _binary_stdout("the overlay") if to_stdout else None
+    if to_stdout:
+        config = attrs.evolve(config, output=Path("standard output"))
     with progress_for(args.quiet or args.json) as progress:
         report = create_overlay(config, progress=progress, stream=stream)
     _show_create(report, args, to_stderr=to_stdout)
@@ -328,3 +330,67 @@ def demo(args: argparse.Namespace) -> int:
     from vmdelta_core.cli.demo import run_demo
 
     return run_demo(Path(args.keep) if args.keep else None, quiet=args.quiet, as_json=args.json, **_threads(args))
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from vmdelta_core.serve import BaseCatalog, OverlayServer, ServedBase, load_serve_config
+
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s vmdelta serve: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    bases = [ServedBase("memory", Path(p)) for p in args.memory_base] + [
+        ServedBase("disk", Path(p)) for p in args.disk_base
+    ]
+    config = load_serve_config(
+        Path(args.config) if args.config else None,
+        listen=args.listen,
+        output=Path(args.output) if args.output else None,
+        token_file=Path(args.token_file) if args.token_file else None,
+        token_env=args.token_env,
+        timeout=args.timeout,
+        max_connections=args.max_connections,
+        threads=args.threads,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        bases=bases,
+    )
+    registry = default_registry()
+    catalog = BaseCatalog.build(config.bases, registry, config.cache_dir)
+    server = OverlayServer(config, catalog, registry)
+    server.serve_forever()  # until a signal; its finally closes the socket and breaks off clients
+    return 0
+
+
+def send(args: argparse.Namespace) -> int:
+    from vmdelta_core.serve import client_tls_context, send_overlay
+    from vmdelta_core.serve.settings import parse_address, read_token
+
+    host, port = parse_address(args.address)
+    token = read_token(Path(args.token_file) if args.token_file else None, None)
+    from_stdin = args.overlay == "-"
+    tls = client_tls_context(Path(args.tls_ca) if args.tls_ca else None) if (args.tls or args.tls_ca) else None
+    answer = send_overlay(
+        Path("standard input") if from_stdin else Path(args.overlay),
+        host,
+        port,
+        token=token,
+        name=args.name,
+        stream=_binary_stdin("the overlay") if from_stdin else None,
+        timeout=args.timeout,
+        tls=tls,
+    )
+    if args.json:
+        print_json(answer)
+    elif not args.quiet:
+        for output in answer.get("outputs", []):
+            console.print(
+                f"{output.get('image')}: {answer.get('target')}/{output.get('file')} "
+                f"({output.get('size')} bytes, {output.get('digest')})"
+            )
+        console.print(f"sent to {args.address}: rebuilt as {answer.get('target')} in {answer.get('seconds')} s")
+    return 0

@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=commands.run)
 
+    _serve_parsers(sub)
+
     p = sub.add_parser(
         "demo",
         help="create and apply an overlay on a small real sample",
@@ -287,3 +289,49 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=commands.demo)
     return parser
+
+
+def _serve_parsers(sub: Any) -> None:
+    """``serve`` and ``send``: overlays over the network (schemas/transport-v1.md)."""
+    p = sub.add_parser(
+        "serve",
+        help="receive overlays over TCP and rebuild their VMs from the bases held here",
+        description="Listen for `vmdelta send`: each connection carries one overlay in the stream "
+        "form, whose bases are found among those held here by fingerprint before any frame is read; "
+        "its images are rebuilt into a folder of the output folder named after the sender's --name "
+        "(or a connection id), and appear only once verified. Clients give the shared token; TLS "
+        "when a certificate and key are given. Flags override the config file's keys.",
+    )
+    p.add_argument("--config", metavar="SERVE.toml", help="the server's config (see the README)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:7478)")
+    p.add_argument("--output", metavar="DIR", help="where each connection's folder of outputs goes")
+    p.add_argument("--memory-base", action="append", default=[], metavar="PATH", help="a memory base to hold")
+    p.add_argument("--disk-base", action="append", default=[], metavar="PATH", help="a disk base to hold")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the shared token")
+    p.add_argument("--token-env", metavar="NAME", help="environment variable holding it (default VMDELTA_TOKEN)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="drop a client silent this long (default 60)")
+    p.add_argument("--max-connections", type=int, metavar="N", help="connections served at once (default 16)")
+    p.add_argument("--threads", type=_threads, metavar="N", help="worker threads per connection (default 4)")
+    p.add_argument("--tls-cert", metavar="PEM", help="certificate (chain) for TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="its private key")
+    p.add_argument("--cache-dir", metavar="DIR", help="where base indexes are cached")
+    p.add_argument("-q", "--quiet", action="store_true", help="log refusals and failures only")
+    p.set_defaults(handler=commands.serve)
+
+    p = sub.add_parser(
+        "send",
+        help="stream an overlay to a `vmdelta serve`",
+        description="Send OVERLAY (either form; - for a stream on standard input) to the server at "
+        "HOST:PORT, which rebuilds the VM from the bases it holds, and print its answer. The exit "
+        "status is the one `vmdelta apply` would have had for the server's error.",
+    )
+    p.add_argument("overlay", metavar="OVERLAY", help="the overlay to send; - for standard input")
+    p.add_argument("address", metavar="HOST:PORT", help="the server")
+    p.add_argument("--name", help="the name of the VM: the folder the server writes it to")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the shared token (default: $VMDELTA_TOKEN)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="socket timeout (default 60)")
+    p.add_argument("--tls", action="store_true", help="TLS, checking the server with the system's authorities")
+    p.add_argument("--tls-ca", metavar="PEM", help="TLS, checking the server with this certificate or CA")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+    p.set_defaults(handler=commands.send)
