@@ -341,3 +341,17 @@ def test_prologue_end_reads_the_record_length(vm) -> None:
     assert end is not None and stream[end : end + 1] == b"F"  # the first frame's head follows
     assert prologue_end(stream[:10]) is None
     assert pack_hello(TOKEN, None).startswith(MAGIC)
+
+
+def test_the_readme_config_is_one_serve_reads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme[readme.index('```toml\nlisten = "0.0.0.0') + len("```toml\n") :]
+    (tmp_path / "serve.toml").write_text(block[: block.index("```")])
+    (tmp_path / "token").write_text(TOKEN)
+    config = load_serve_config(tmp_path / "serve.toml")
+    assert (config.host, config.port, config.timeout) == ("0.0.0.0", 7478, 60)
+    assert [(b.kind, b.path) for b in config.bases] == [
+        ("memory", tmp_path / "base.mem"),
+        ("disk", tmp_path / "base.img"),
+    ]
+    assert config.tls_key == tmp_path / "key.pem" and config.token == TOKEN

@@ -255,21 +255,24 @@ class OverlayServer:
             answer = self._receive(conn, peer, ident, target)
         except Refused as exc:
             log.warning("refused %s: %s", peer, exc)
-            self._answer_and_drain(conn, error_line(exc.kind, str(exc)))
-            return
+            failure = error_line(exc.kind, str(exc))
         except VmdeltaError as exc:
             log.warning("failed %s (%s): %s", peer, target or ident, exc)
-            self._answer_and_drain(conn, error_line(kind_of(exc), str(exc)))
-            return
+            failure = error_line(kind_of(exc), str(exc))
         except Exception as exc:  # a bug: the client hears of it and the server goes on
             log.exception("failed %s (%s): internal error", peer, target or ident)
-            self._answer_and_drain(conn, error_line("internal", f"internal error: {type(exc).__name__}"))
-            return
+            failure = error_line("internal", f"internal error: {type(exc).__name__}")
+        else:
+            failure = None
+            log.info("served %s: %s", peer, target)
         finally:
+            # the name is free again before the client hears the answer, so that it may send again
             if target is not None:
                 with self._lock:
                     self._targets.discard(target)
-        log.info("served %s: %s", peer, target)
+        if failure is not None:
+            self._answer_and_drain(conn, failure)
+            return
         with contextlib.suppress(OSError):
             conn.sendall(answer)
 
