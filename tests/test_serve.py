@@ -188,6 +188,17 @@ def test_a_second_client_writing_the_same_name_is_refused(vm, server) -> None:
     send(server, vm["file_form"], name="same")  # once the first is done, the name is free again
 
 
+def test_a_client_past_max_connections_is_refused(vm, tmp_path: Path) -> None:
+    stream = vm["stream_form"].read_bytes()
+    for server in serving(vm, tmp_path / "out", max_connections=1):
+        with raw_client(server, "first") as first:
+            send_chunk(first, stream[: prologue_end(stream)])
+            assert read_line(first)["status"] == "ready"
+            with pytest.raises(VmdeltaError, match="too many connections"):
+                send(server, vm["file_form"], name="second")
+        assert not (tmp_path / "out" / "second").exists()
+
+
 def test_a_client_that_is_not_the_transport_is_refused(server) -> None:
     with socket.create_connection(server.address, timeout=20) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
