@@ -15,7 +15,7 @@ import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import attrs
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 from vmdelta_core.errors import ConfigError
 
 __all__ = [
+    "ArtifactStream",
     "Codec",
     "Encoder",
     "Filter",
@@ -179,8 +180,36 @@ class SideFile:
     description: str
 
 
+class ArtifactStream(Protocol):
+    """Where a source writes its artifact while the image is still being rebuilt (``apply`` with
+    the output ``-``: a QEMU ``-incoming`` reading the memory stream as the overlay arrives).
+
+    The source writes the artifact front to back, waiting before each piece of the image it
+    reads; its last bytes (those that let the consumer complete, a QEMU stream's device state
+    and end) go to :meth:`finish`, which the core writes only once every image is verified and
+    every other output is in place. A failure anywhere makes these methods raise, and the
+    consumer never gets the end.
+    """
+
+    def write(self, data: bytes | memoryview | np.ndarray) -> None:
+        """Write the next bytes of the artifact."""
+        ...
+
+    def wait_image(self, end: int) -> None:
+        """Block until bytes ``[0, end)`` of the rebuilt image (``rebuilt.path``) are final."""
+        ...
+
+    def finish(self, tail: bytes) -> None:
+        """Hand over the artifact's last bytes; returns once they are written, or raises."""
+        ...
+
+
 class Source:
     """Reads an artifact format into an image, and writes the same format back.
+
+    A source may also define ``stream_artifact(rebuilt, out: ArtifactStream)``: the artifact
+    written front to back while the image is rebuilt, for ``apply`` to a pipe. It may refuse
+    (raise ``ConfigError``) an artifact that cannot be written in one pass.
 
     :cvar name: unique component name (``--format NAME``).
     :cvar kinds: the image kinds it can read (``{"memory"}``, ``{"disk"}`` or both).

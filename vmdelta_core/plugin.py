@@ -35,6 +35,7 @@ Wire: :class:`Ref`, the ref ids of the item format (an encoder's ``wire_ref``).
 from __future__ import annotations
 
 from vmdelta_core.components import (
+    ArtifactStream,
     Codec,
     Encoder,
     Filter,
@@ -62,6 +63,7 @@ from vmdelta_core.overlay.schema import Ref
 from vmdelta_core.units import units_covered
 
 __all__ = [
+    "ArtifactStream",
     "BaseMismatchError",
     "Codec",
     "ConfigError",

@@ -86,8 +86,14 @@ class ImageRebuilder:
         for base, image in zip(bases, meta.images, strict=True):
             self._bases_by_kind[image.kind].append(base)
 
-    def apply_items(self, number: int, progress: Progress) -> np.ndarray:
-        """Write every item of image ``number``; the sorted indices of the units written."""
+    def apply_items(
+        self, number: int, progress: Progress, *, on_final: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        """Write every item of image ``number``; the sorted indices of the units written.
+
+        :param on_final: told, after each frame, the offset below which the image is final (its
+            items come in address order, and what no item names is the base's, already there).
+        """
         image = self.meta.images[number]
         advance = progress.start(f"rebuild {image.name}", image.size)
         written: list[np.ndarray] = []
@@ -103,6 +109,8 @@ class ImageRebuilder:
             written.append(cols.offsets.astype(np.int64) // self.meta.unit_size)
             advance(frame.end_offset - done)
             done = frame.end_offset
+            if on_final is not None:
+                on_final(done)
         for base in self.bases:  # base and self references read anywhere: drop those pages
             base.release(0, base.size)
         return np.sort(np.concatenate(written)) if written else np.zeros(0, dtype=np.int64)

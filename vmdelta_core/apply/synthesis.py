@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 import attrs
+import numpy as np
 
 from vmdelta_core.apply.bases import Decoders, check_claimed_size, finish_overlay, open_base, read_overlay
 from vmdelta_core.apply.feed import FileFeed, StreamFeed, open_feed
 from vmdelta_core.apply.rebuild import ImageRebuilder, copy_base, verify_rebuilt
+from vmdelta_core.apply.streamout import StreamedArtifact
 from vmdelta_core.components import RebuiltImage, SourceImage
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec
-from vmdelta_core.errors import IntegrityError, PluginError
+from vmdelta_core.errors import ConfigError, IntegrityError, PluginError
 from vmdelta_core.outputs import OutputSet, PendingFile
+from vmdelta_core.overlay.container import FrameEntry
 from vmdelta_core.overlay.digest import digest_kind, file_digest
 from vmdelta_core.overlay.envelope import decompress_envelope
 from vmdelta_core.overlay.metadata import ImageRecord
@@ -42,11 +45,15 @@ def apply_overlay(
     registry: Registry | None = None,
     progress: Progress | None = None,
     stream: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
 ) -> ApplyReport:
     """Rebuild every image of ``config.overlay`` from the bases in ``config`` and verify it.
 
     :param stream: read the overlay, in the stream form, from this file object (standard input,
         a socket) as it arrives, instead of from ``config.overlay`` (which then only names it).
+    :param stdout: where the image whose output is ``-`` goes (a pipe to QEMU's ``-incoming``):
+        its source writes the artifact there while the image is rebuilt, and its end only once
+        every image is verified and every other output is in place.
     """
     started = time.monotonic()
     registry = registry or default_registry()
@@ -58,6 +65,7 @@ def apply_overlay(
         inputs = [path for path in config.input_paths() if stream is None or path != config.overlay]
         outputs = stack.enter_context(OutputSet(inputs))
         targets = [Targets.make(outputs, spec) for spec in config.images]
+        streamed = _streamed_output(config, stdout)
         meta = read_overlay(feed, config, progress)
         decoders = Decoders.find(meta, registry)
         bases = [
@@ -66,9 +74,13 @@ def apply_overlay(
         ]
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
         rebuilder = ImageRebuilder(feed, meta, decoders, bases, [t.scratch.fd for t in targets], pool)
+        gate = None if streamed is None else StreamedArtifact(stdout, meta.images[streamed].name)  # type: ignore[arg-type]
         try:
             applied = [
-                _apply(number, rebuilder, targets[number], spec, progress) for number, spec in enumerate(config.images)
+                _apply(
+                    number, rebuilder, targets[number], spec, progress, registry, gate if number == streamed else None
+                )
+                for number, spec in enumerate(config.images)
             ]
             # a stream is trusted as a whole only now; then every image is checked against its
             # digest, and only once every one verified is anything materialized
@@ -77,10 +89,22 @@ def apply_overlay(
                 _verified(meta.images[number], done, spec, progress)
                 for number, (done, spec) in enumerate(zip(applied, config.images, strict=True))
             ]
-            reports = [_materialize(registry, done, spec) for done, spec in zip(rebuilt, config.images, strict=True)]
-        except OSError as exc:
-            raise outputs.explain(exc, ", ".join(str(spec.output) for spec in config.images)) from None
-        outputs.commit()
+            reports = [
+                _streamed_report(done, gate) if number == streamed else _materialize(registry, done, spec)
+                for number, (done, spec) in enumerate(zip(rebuilt, config.images, strict=True))
+            ]
+            outputs.commit()
+            if gate is not None:  # the other outputs are in place: the streamed artifact may end
+                gate.release(meta.images[streamed].artifact_digest)  # type: ignore[index]
+                gate.join()
+        except BaseException as exc:
+            if gate is not None:
+                gate.fail(exc)
+                with contextlib.suppress(BaseException):
+                    gate.join()
+            if isinstance(exc, OSError):
+                raise outputs.explain(exc, ", ".join(str(spec.output) for spec in config.images)) from None
+            raise
     return ApplyReport(overlay=config.overlay, seconds=time.monotonic() - started, images=tuple(reports))
 
 
@@ -95,6 +119,8 @@ class Targets:
 
     @classmethod
     def make(cls, outputs: OutputSet, spec: ApplyImageSpec) -> Targets:
+        if spec.output == STDOUT:  # written to a pipe, not a file: only the image has a file
+            return cls(None, {}, outputs.scratch(Path.cwd() / "stream"))  # type: ignore[arg-type]
         output = outputs.add(spec.output)
         sides = {name: outputs.add(path) for name, path in spec.output_sides.items()}
         return cls(output, sides, outputs.scratch(spec.output))
@@ -119,9 +145,16 @@ class _Rebuilt:
 
 
 def _apply(
-    number: int, rebuilder: ImageRebuilder, files: Targets, spec: ApplyImageSpec, progress: Progress
+    number: int,
+    rebuilder: ImageRebuilder,
+    files: Targets,
+    spec: ApplyImageSpec,
+    progress: Progress,
+    registry: Registry,
+    gate: StreamedArtifact | None,
 ) -> _Rebuilt:
-    """Image ``number`` rebuilt in its scratch file from its base and its frames."""
+    """Image ``number`` rebuilt in its scratch file from its base and its frames; with ``gate``,
+    its artifact written out as the image becomes final."""
     image = rebuilder.meta.images[number]
     base: SourceImage = rebuilder.bases[number]
     unit = rebuilder.meta.unit_size
@@ -129,23 +162,42 @@ def _apply(
     if not feed.partial:  # a file's index tells how far the items reach before any is read
         check_claimed_size(feed.reach(number), image, base)
     copy_base(base, files.scratch.fd, image.size, unit, progress.start(f"copy base {spec.base.name}", image.size))
-    changed = rebuilder.apply_items(number, progress)
+
+    def rebuilt(changed: np.ndarray, envelope: bytes) -> RebuiltImage:
+        return RebuiltImage(
+            path=files.scratch.path,
+            size=image.size,
+            unit_size=unit,
+            envelope=envelope,
+            layout=image.layout,
+            changed=changed,
+            base=base,
+            base_path=spec.base,
+            options={
+                **dict(spec.output_options),
+                **({"output_format": spec.output_format} if spec.output_format else {}),
+            },
+            side_outputs={name: side.path for name, side in files.sides.items()},
+            adopt=files.adopt,
+        )
+
+    early = None
+    if gate is not None and image.size <= base.size:
+        # the envelope comes before the items (as create writes it): the artifact can start now
+        frame = feed.envelope(number)
+        if frame is not None:
+            early = _decompressed(frame, number, base.envelope)
+            os.ftruncate(files.scratch.fd, image.size)
+            gate.start(registry.source(image.source), rebuilt(np.zeros(0, np.int64), early))
+    changed = rebuilder.apply_items(number, progress, on_final=gate.advance if early is not None else None)
     check_claimed_size(feed.reach(number), image, base)
     os.ftruncate(files.scratch.fd, image.size)
-    rebuilt = RebuiltImage(
-        path=files.scratch.path,
-        size=image.size,
-        unit_size=unit,
-        envelope=_envelope(rebuilder.feed, number, base.envelope),
-        layout=image.layout,
-        changed=changed,
-        base=base,
-        base_path=spec.base,
-        options={**dict(spec.output_options), **({"output_format": spec.output_format} if spec.output_format else {})},
-        side_outputs={name: side.path for name, side in files.sides.items()},
-        adopt=files.adopt,
-    )
-    return _Rebuilt(image, rebuilt, files, "")
+    envelope = early if early is not None else _envelope(feed, number, base.envelope)
+    if gate is not None:
+        if early is None:
+            gate.start(registry.source(image.source), rebuilt(changed, envelope))
+        gate.advance(image.size)
+    return _Rebuilt(image, rebuilt(changed, envelope), files, "")
 
 
 def _verified(image: ImageRecord, done: _Rebuilt, spec: ApplyImageSpec, progress: Progress) -> _Rebuilt:
@@ -168,8 +220,34 @@ def _materialize(registry: Registry, done: _Rebuilt, spec: ApplyImageSpec) -> Re
 
 
 def _envelope(feed: FileFeed | StreamFeed, number: int, base_envelope: bytes) -> bytes:
-    frame = feed.envelope(number)
+    return _decompressed(feed.envelope(number), number, base_envelope)
+
+
+def _decompressed(frame: tuple[FrameEntry, bytes] | None, number: int, base_envelope: bytes) -> bytes:
     if frame is None:
         return b""
     entry, stored = frame
     return decompress_envelope(stored, entry.length, base_envelope, f"image {number}")
+
+
+#: the output that is not a file but the ``stdout`` apply is given
+STDOUT = Path("-")
+
+
+def _streamed_output(config: ApplyConfig, stdout: BinaryIO | None) -> int | None:
+    """The number of the image written to ``stdout``, if any (at most one)."""
+    numbers = [number for number, spec in enumerate(config.images) if spec.output == STDOUT]
+    if len(numbers) > 1:
+        raise ConfigError("only one image can be written to standard output")
+    if numbers and stdout is None:
+        raise ConfigError("an output named - needs standard output to write to")
+    if numbers and config.images[numbers[0]].output_sides:
+        raise ConfigError("an image written to standard output has no side files")
+    return numbers[0] if numbers else None
+
+
+def _streamed_report(done: _Rebuilt, gate: StreamedArtifact | None) -> RebuiltReport:
+    """What the report says of the image written to standard output (its end still withheld)."""
+    image = done.image
+    identical = bool(image.artifact_digest)  # checked against what is written before the end goes
+    return RebuiltReport(image.name, image.kind, STDOUT, image.size, done.digest, identical, image.dropped)

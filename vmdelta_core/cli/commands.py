@@ -182,22 +182,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_apply(report: ApplyReport, args: argparse.Namespace) -> None:
+def _show_apply(report: ApplyReport, args: argparse.Namespace, *, to_stderr: bool = False) -> None:
     if args.json:
         print_json(
             {
                 "overlay": str(report.overlay),
                 "seconds": round(report.seconds, 3),
                 "images": [attrs.asdict(image) for image in report.images],
-            }
+            },
+            stderr=to_stderr,
         )
     elif not args.quiet:
+        out = err_console if to_stderr else console
         for image in report.images:
             same = "artifact identical to the original" if image.artifact_identical else "image verified"
             dropped = sum(image.dropped.values())
             note = f"; {dropped} units rebuilt from the base by filters" if dropped else ""
-            console.print(f"{image.name}: wrote {image.output} ({image.size} bytes), {same} ({image.digest}){note}")
-        console.print(f"applied {report.overlay} in {report.seconds:.2f} s")
+            where = "standard output" if str(image.output) == "-" else image.output
+            out.print(f"{image.name}: wrote {where} ({image.size} bytes), {same} ({image.digest}){note}")
+        out.print(f"applied {report.overlay} in {report.seconds:.2f} s")
 
 
 def apply(args: argparse.Namespace) -> int:
@@ -215,9 +218,11 @@ def apply(args: argparse.Namespace) -> int:
     overlay = Path("standard input") if from_stdin else Path(args.overlay)
     config = ApplyConfig(overlay=overlay, images=tuple(images), strict=args.strict, **_threads(args))
     stream = _binary_stdin("the overlay") if from_stdin else None
+    to_stdout = any(str(spec.output) == "-" for spec in images)
+    stdout = _binary_stdout("the rebuilt artifact") if to_stdout else None
     with progress_for(args.quiet or args.json) as progress:
-        report = apply_overlay(config, progress=progress, stream=stream)
-    _show_apply(report, args)
+        report = apply_overlay(config, progress=progress, stream=stream, stdout=stdout)
+    _show_apply(report, args, to_stderr=to_stdout)
     return 0
 
 

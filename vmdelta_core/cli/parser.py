@@ -190,7 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         "appear once the whole stream has arrived and checked.",
     )
     p.add_argument("overlay", metavar="OVERLAY", help="the overlay made by `vmdelta create`; - for standard input")
-    p.add_argument("--memory", nargs=2, metavar=("BASE", "OUTPUT"), help="memory base and where to write the result")
+    p.add_argument(
+        "--memory",
+        nargs=2,
+        metavar=("BASE", "OUTPUT"),
+        help="memory base and where to write the result; OUTPUT - streams it to standard output as it "
+        "is rebuilt (for QEMU's -incoming), its end only once everything is verified",
+    )
     p.add_argument(
         "--disk",
         nargs=2,

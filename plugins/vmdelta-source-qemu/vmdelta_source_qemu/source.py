@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vmdelta_core.plugin import (
+    ArtifactStream,
     ConfigError,
     FormatError,
     ImageKind,
@@ -34,7 +35,7 @@ from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import read_envelope
 from vmdelta_source_qemu.imagefile import CHUNK_PAGES
 from vmdelta_source_qemu.reader import read_snapshot
-from vmdelta_source_qemu.writer import write_snapshot
+from vmdelta_source_qemu.writer import stream_snapshot, write_snapshot
 
 __all__ = ["QemuRamSource", "QemuSource"]
 
@@ -90,6 +91,21 @@ class QemuSource(Source):
             # the stream is complete before the RAM file replaces anything
             if external is not None:
                 _write_ram_file(Path(ram_output), image, external, release)
+        finally:
+            del image
+            for closer in closers:
+                with contextlib.suppress(BufferError):
+                    closer.close()  # type: ignore[attr-defined]
+
+    def stream_artifact(self, rebuilt: RebuiltImage, out: ArtifactStream) -> None:
+        """The migration stream written front to back while the image is rebuilt (``apply`` to
+        a pipe, QEMU's ``-incoming fd:0``); its end held back until everything is verified."""
+        checked = read_envelope(rebuilt.envelope, rebuilt.size)
+        if checked.external is not None:
+            raise ConfigError("an x-ignore-shared snapshot keeps its RAM in a file: write the memory to a file")
+        image, closers = map_readonly(Path(rebuilt.path))
+        try:
+            stream_snapshot(checked.envelope, checked.blocks, image, out)
         finally:
             del image
             for closer in closers:

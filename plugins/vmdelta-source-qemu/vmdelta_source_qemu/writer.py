@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vmdelta_core.plugin import FormatError
+from vmdelta_core.plugin import ArtifactStream, ConfigError, FormatError
 from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Run
@@ -24,7 +24,7 @@ from vmdelta_source_qemu.imagefile import CHUNK_PAGES as _CHUNK_PAGES
 from vmdelta_source_qemu.imagefile import page_nonzero as _nonzero
 from vmdelta_source_qemu.imagefile import pwrite_all
 
-__all__ = ["write_snapshot"]
+__all__ = ["stream_snapshot", "write_snapshot"]
 
 Release = Callable[[int, int], None]
 
@@ -65,13 +65,44 @@ def write_snapshot(
     os.ftruncate(fd, pos)
 
 
+def stream_snapshot(envelope: Envelope, blocks: Sequence[RamBlock], image: np.ndarray, out: ArtifactStream) -> None:
+    """Write a migration stream front to back while ``image`` is still being rebuilt: each run of
+    pages once ``out`` says the image is final that far, and the bytes after the last run (the
+    device state and the end QEMU needs to complete the load) through ``out.finish``, which
+    writes them only once everything is verified.
+
+    :raises ConfigError: a mapped-ram file (written at fixed offsets, not front to back), or a
+        stream without bytes after its pages.
+    """
+    ops = list(envelope.ops)
+    if any(isinstance(op, Mapped) for op in ops):
+        raise ConfigError("a mapped-ram snapshot is written at fixed offsets, not as a stream: write it to a file")
+    last_run = max((k for k, op in enumerate(ops) if isinstance(op, Run)), default=-1)
+    tail = b"".join(op for op in ops[last_run + 1 :] if isinstance(op, bytes))
+    if not tail:
+        raise ConfigError("this snapshot has no bytes after its pages to hold back: write it to a file")
+    for op in ops[: last_run + 1]:
+        if isinstance(op, Run):
+            block = _block(blocks, op.block)
+            if op.first_page + op.count > block.pages:
+                raise FormatError(f"QEMU envelope: a run past the end of block {block.name!r}")
+            _write_run(out, op, block, image, _keep, ready=out.wait_image)  # type: ignore[arg-type]
+        else:
+            out.write(op)
+    out.finish(tail)
+
+
 def _block(blocks: Sequence[RamBlock], index: int) -> RamBlock:
     if not 0 <= index < len(blocks):
         raise FormatError(f"QEMU envelope names RAM block {index}, the layout has {len(blocks)}")
     return blocks[index]
 
 
-def _write_run(out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray, release: Release) -> int:
+def _write_run(
+    out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray, release: Release, ready: Release | None = None
+) -> int:
+    """The run's records, a chunk at a time; ``ready(end)`` first waits for the image to be final
+    up to the chunk's end, when it is still being rebuilt."""
     forced = run.forced_mask()
     name = block.name.encode("latin-1")
     written = 0
@@ -79,6 +110,8 @@ def _write_run(out: BinaryIO, run: Run, block: RamBlock, image: np.ndarray, rele
         count = min(_CHUNK_PAGES, run.count - first)
         page0 = run.first_page + first
         at = block.offset + page0 * PAGE_SIZE
+        if ready is not None:
+            ready(at + count * PAGE_SIZE)
         pages = image[at : at + count * PAGE_SIZE].reshape(count, PAGE_SIZE)
         is_page = _nonzero(pages) | forced[first : first + count]
         flags = np.where(is_page, int(RamFlag.PAGE), int(RamFlag.ZERO)).astype(np.uint64)
