@@ -6,11 +6,12 @@ from __future__ import annotations
 from vmdelta_core.serve.client import client_tls_context, send_overlay
 from vmdelta_core.serve.protocol import TransportError
 from vmdelta_core.serve.server import BaseCatalog, OverlayServer
-from vmdelta_core.serve.settings import ServeConfig, ServedBase, load_serve_config
+from vmdelta_core.serve.settings import QemuLaunch, ServeConfig, ServedBase, load_serve_config
 
 __all__ = [
     "BaseCatalog",
     "OverlayServer",
+    "QemuLaunch",
     "ServeConfig",
     "ServedBase",
     "TransportError",

@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from vmdelta_core.serve.protocol import (
     recv_exactly,
     unpack_hello,
 )
-from vmdelta_core.serve.settings import ServeConfig, ServedBase
+from vmdelta_core.serve.settings import QemuLaunch, ServeConfig, ServedBase
 
 __all__ = ["BaseCatalog", "CatalogEntry", "OverlayServer", "target_name"]
 
@@ -54,6 +55,10 @@ _MAX_NAME = 64
 #: read before the connection closes (closing with unread data resets it)
 _DRAIN_SECONDS = 2.0
 _DRAIN_BYTES = 64 << 20
+#: how long a VM whose stream failed has to exit after SIGTERM before it is killed
+_TERMINATE_SECONDS = 5.0
+#: the memory output that is the launched VM's standard input
+_STDOUT = Path("-")
 
 
 class Refused(VmdeltaError):
@@ -301,19 +306,34 @@ class OverlayServer:
         specs = [self._spec(meta, number, self.catalog.find(image), folder) for number, image in enumerate(meta.images)]
         if not specs:
             raise Refused("format", "the overlay holds no image")
+        launch = self.config.qemu
+        argv = None
+        if launch is not None:
+            argv = self._argv(launch, target, specs)
+            specs = [
+                attrs.evolve(spec, output=_STDOUT, output_sides={}) if spec.kind == "memory" else spec for spec in specs
+            ]
         conn.sendall(answer_line({"status": "ready", "target": target}))
         chunks.replay()
         made = not folder.exists()
         folder.mkdir(exist_ok=True)
+        vm: subprocess.Popen[bytes] | None = None
         try:
+            if argv is not None:
+                vm = _launch(argv, target)
             report = apply_overlay(
                 ApplyConfig(
                     overlay=Path(label), images=specs, threads=self.config.threads, cache_dir=self.config.cache_dir
                 ),
                 registry=self.registry,
                 stream=chunks,  # type: ignore[arg-type]
+                stdout=None if vm is None else vm.stdin,
             )
+            if vm is not None:
+                vm.stdin.close()  # type: ignore[union-attr]  # the stream is whole: QEMU resumes
         except BaseException:
+            if vm is not None:
+                _abort(vm, target)
             if made:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: nothing appeared in it
@@ -322,7 +342,23 @@ class OverlayServer:
             {"image": r.name, "kind": r.kind, "file": r.output.name, "size": r.size, "digest": r.digest}
             for r in report.images
         ]
-        return answer_line({"status": "ok", "target": target, "outputs": outputs, "seconds": round(report.seconds, 3)})
+        answer = {"status": "ok", "target": target, "outputs": outputs, "seconds": round(report.seconds, 3)}
+        if vm is not None:
+            log.info("started VM %s: process %d", target, vm.pid)
+            threading.Thread(target=_reap, args=(vm, target), name=f"vmdelta-vm-{target}", daemon=True).start()
+            answer["vm"] = {"status": "started", "pid": vm.pid}
+        return answer_line(answer)
+
+    def _argv(self, launch: QemuLaunch, target: str, specs: list[ApplyImageSpec]) -> list[str]:
+        """The VM's command for this overlay, which must hold exactly one memory image (the
+        stream the VM resumes from) and every disk the template names."""
+        memories = sum(1 for spec in specs if spec.kind == "memory")
+        if memories != 1:
+            raise Refused("config", f"this server starts a VM from one memory image; the overlay holds {memories}")
+        try:
+            return launch.argv(target, [spec.output for spec in specs if spec.kind == "disk"])
+        except ConfigError as exc:
+            raise Refused("config", str(exc)) from None
 
     def _spec(self, meta: OverlayMetadata, number: int, entry: CatalogEntry, folder: Path) -> ApplyImageSpec:
         """Where image ``number`` is rebuilt: named after its kind and its number among its kind's,
@@ -352,6 +388,36 @@ class OverlayServer:
                 if not data:
                     break
                 dropped += len(data)
+
+
+def _launch(argv: list[str], target: str) -> subprocess.Popen[bytes]:
+    """The VM's process, its standard input a pipe; a session of its own, so that a signal to the
+    server (a Ctrl-C) does not reach the VMs it started."""
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot start the VM for {target} ({argv[0]}): {exc.strerror or exc}") from None
+
+
+def _reap(vm: subprocess.Popen[bytes], target: str) -> None:
+    """Wait for a started VM to exit (so that it leaves no zombie), and log it."""
+    log.info("VM %s (process %d) exited with status %d", target, vm.pid, vm.wait())
+
+
+def _abort(vm: subprocess.Popen[bytes], target: str) -> None:
+    """The stream failed: close the pipe without its end (QEMU's load fails), then make sure the
+    process is gone."""
+    with contextlib.suppress(OSError):
+        vm.stdin.close()  # type: ignore[union-attr]
+    with contextlib.suppress(OSError):
+        vm.terminate()
+    try:
+        vm.wait(_TERMINATE_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            vm.kill()
+        vm.wait()
+    log.warning("stopped the VM for %s (process %d): its memory stream failed", target, vm.pid)
 
 
 def _tls_context(config: ServeConfig) -> ssl.SSLContext | None:

@@ -16,12 +16,18 @@ path = "base.mem"
 format = "qemu"               # the source; detected when absent
 options = {}                  # the source's options
 sides = { ram = "base-ram.raw" }
+
+[qemu]                        # optional: start the VM instead of writing its memory to a file
+command = ["qemu-system-x86_64", "-m", "2048", "-drive", "file={disk0},format=raw",
+           "-name", "{name}", "-incoming", "fd:0"]
 ```
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +39,15 @@ from vmdelta_core.config import default_threads
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.serve.protocol import DEFAULT_PORT
 
-__all__ = ["DEFAULT_TOKEN_ENV", "ServeConfig", "ServedBase", "load_serve_config", "parse_address", "read_token"]
+__all__ = [
+    "DEFAULT_TOKEN_ENV",
+    "QemuLaunch",
+    "ServeConfig",
+    "ServedBase",
+    "load_serve_config",
+    "parse_address",
+    "read_token",
+]
 
 DEFAULT_TOKEN_ENV = "VMDELTA_TOKEN"
 _KEYS = {
@@ -48,8 +62,15 @@ _KEYS = {
     "tls_cert",
     "tls_key",
     "bases",
+    "qemu",
 }
 _BASE_KEYS = {"kind", "path", "format", "options", "sides"}
+_QEMU_KEYS = {"command"}
+#: a placeholder: ``{name}`` or ``{diskN}``; other braces (QEMU's JSON options) are left alone
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DISK = re.compile(r"disk(0|[1-9][0-9]{0,2})")
+#: the ``-incoming`` values that read the migration stream from the process's standard input
+_STDIN_INCOMING = ("fd:0", "exec:cat")
 
 
 @attrs.frozen
@@ -67,6 +88,47 @@ class ServedBase:
         return {**self.options, **{name: str(path) for name, path in self.sides.items()}}
 
 
+def _placeholders(argument: str) -> list[str]:
+    return _PLACEHOLDER.findall(argument)
+
+
+@attrs.frozen
+class QemuLaunch:
+    """The process ``serve`` starts for each overlay, its standard input the memory stream:
+    ``command`` is an argv template, ``{disk0}``, ``{disk1}``, … standing for the rebuilt disks'
+    paths and ``{name}`` for the connection's target name, each replaced within its argument
+    (never through a shell)."""
+
+    command: tuple[str, ...] = attrs.field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.command or not all(isinstance(arg, str) and arg for arg in self.command):
+            raise ConfigError("qemu.command must be a non-empty list of non-empty strings")
+        for arg in self.command:
+            for name in _placeholders(arg):
+                if name != "name" and not _DISK.fullmatch(name):
+                    raise ConfigError(f"qemu.command: unknown placeholder {{{name}}} (known: {{name}}, {{disk0}}, …)")
+        pairs = itertools.pairwise(self.command)
+        if not any(flag in ("-incoming", "--incoming") and value in _STDIN_INCOMING for flag, value in pairs):
+            raise ConfigError("qemu.command must read the migration stream from standard input: -incoming fd:0")
+
+    @property
+    def disks(self) -> int:
+        """How many disks the template names (one more than the highest ``{diskN}``)."""
+        numbers = [int(n[4:]) for arg in self.command for n in _placeholders(arg) if n != "name"]
+        return max(numbers, default=-1) + 1
+
+    def argv(self, name: str, disks: list[Path]) -> list[str]:
+        """The command for target ``name`` whose rebuilt disks are ``disks``.
+
+        :raises ConfigError: the template names a disk the overlay does not hold.
+        """
+        if self.disks > len(disks):
+            raise ConfigError(f"qemu.command names {{disk{self.disks - 1}}}; the overlay holds {len(disks)} disk(s)")
+        values = {"name": name, **{f"disk{n}": str(path) for n, path in enumerate(disks)}}
+        return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in self.command]
+
+
 @attrs.frozen
 class ServeConfig:
     """Everything ``serve`` needs. The token is never shown (``repr``)."""
@@ -82,6 +144,7 @@ class ServeConfig:
     cache_dir: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    qemu: QemuLaunch | None = None
 
     def __attrs_post_init__(self) -> None:
         if not self.token:
@@ -169,10 +232,24 @@ def _base(data: Any, folder: Path, number: int) -> ServedBase:
     )
 
 
+def _qemu(data: Any) -> QemuLaunch | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError("qemu must be a table ([qemu])")
+    stray = set(data) - _QEMU_KEYS
+    if stray:
+        raise ConfigError(f"qemu: unknown key {sorted(stray)[0]!r}")
+    command = data.get("command")
+    if not isinstance(command, list):
+        raise ConfigError("qemu.command must be a list of strings")
+    return QemuLaunch(command)
+
+
 def load_serve_config(path: Path | None, **overrides: Any) -> ServeConfig:
     """The config of ``path`` (optional), each override that is not ``None`` replacing its key:
     ``listen``, ``output``, ``token_file``, ``token_env``, ``timeout``, ``max_connections``,
-    ``threads``, ``cache_dir``, ``tls_cert``, ``tls_key`` and ``bases`` (a list of
+    ``threads``, ``cache_dir``, ``tls_cert``, ``tls_key``, ``qemu`` and ``bases`` (a list of
     :class:`ServedBase`, added to the file's)."""
     data: dict[str, Any] = {}
     folder = Path.cwd()
@@ -214,5 +291,6 @@ def load_serve_config(path: Path | None, **overrides: Any) -> ServeConfig:
         cache_dir=data.get("cache_dir"),
         tls_cert=data.get("tls_cert"),
         tls_key=data.get("tls_key"),
+        qemu=data["qemu"] if isinstance(data.get("qemu"), QemuLaunch) else _qemu(data.get("qemu")),
         **extra,
     )

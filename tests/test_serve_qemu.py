@@ -1,0 +1,185 @@
+"""``vmdelta serve`` starting the VM: the memory stream goes to the process's standard input as the
+overlay arrives, and a process whose overlay fails never sees the stream's end and is stopped.
+
+The "VM" is a small script reading its standard input to its end, so no QEMU is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from samples import sample_pair, write_pair
+
+from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
+from vmdelta_core.errors import ConfigError
+from vmdelta_core.overlay.container import OverlayReader
+from vmdelta_core.overlay.convert import convert_overlay
+from vmdelta_core.registry import default_registry
+from vmdelta_core.serve import BaseCatalog, OverlayServer, QemuLaunch, ServeConfig, ServedBase, send_overlay
+from vmdelta_core.serve.protocol import CHUNK_FIELD, pack_hello, prologue_end, read_line
+from vmdelta_core.serve.settings import load_serve_config
+
+TOKEN = "correct horse battery staple"
+
+FAKE_QEMU = """\
+import json, sys
+from pathlib import Path
+got = sys.stdin.buffer.read()
+folder, name = Path(sys.argv[1]), sys.argv[2]
+(folder / (name + ".got")).write_bytes(got)
+(folder / (name + ".argv")).write_text(json.dumps(sys.argv[1:]))
+(folder / (name + ".argv")).rename(folder / (name + ".done"))  # whole once it appears
+"""
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A memory of several write chunks and a disk, their overlay in the stream form."""
+    folder = tmp_path_factory.mktemp("vm")
+    memory = write_pair(folder, "memory", *sample_pair(seed=3, units=700))
+    disk = write_pair(folder, "disk", *sample_pair(seed=4, units=40, grow=3000))
+    create_overlay(
+        CreateConfig(
+            output=folder / "vm.vmdo",
+            images=[ImageSpec("memory", *memory), ImageSpec("disk", *disk)],
+            cache_dir=folder / "cache",
+        )
+    )
+    with OverlayReader(folder / "vm.vmdo") as reader, open(folder / "vm.vmds", "wb") as f:
+        convert_overlay(reader, f, stream=True)
+    script = folder / "fake_qemu.py"
+    script.write_text(FAKE_QEMU)
+    return {
+        "memory_base": memory[0],
+        "memory": memory[1],
+        "disk_base": disk[0],
+        "disk": disk[1],
+        "stream_form": folder / "vm.vmds",
+        "cache": folder / "cache",
+        "script": script,
+    }
+
+
+@pytest.fixture
+def server(vm: dict[str, Path], tmp_path: Path) -> Iterator[OverlayServer]:
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    config = ServeConfig(
+        output=tmp_path / "out",
+        bases=[ServedBase("memory", vm["memory_base"]), ServedBase("disk", vm["disk_base"])],
+        token=TOKEN,
+        port=0,
+        cache_dir=vm["cache"],
+        timeout=10.0,
+        threads=2,
+        qemu=QemuLaunch([sys.executable, str(vm["script"]), str(seen), "{name}", "{disk0}", "-incoming", "fd:0"]),
+    )
+    registry = default_registry()
+    server = OverlayServer(config, BaseCatalog.build(config.bases, registry, config.cache_dir), registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(10)
+
+
+def test_the_vm_receives_exactly_the_memory_artifact(vm, server, tmp_path: Path) -> None:
+    answer = send_overlay(vm["stream_form"], *server.address, token=TOKEN, timeout=20, name="vm1")
+    assert answer["status"] == "ok" and answer["vm"]["status"] == "started"
+    assert isinstance(answer["vm"]["pid"], int)
+    assert [o["file"] for o in answer["outputs"]] == ["-", "disk0"]
+    folder = server.config.output / "vm1"
+    assert sorted(p.name for p in folder.iterdir()) == ["disk0"]
+    assert (folder / "disk0").read_bytes() == vm["disk"].read_bytes()
+    seen = tmp_path / "seen"
+    for _ in range(200):  # the script writes once its standard input ends
+        if (seen / "vm1.done").exists():
+            break
+        threading.Event().wait(0.05)
+    assert json.loads((seen / "vm1.done").read_text())[1:] == ["vm1", str(folder / "disk0"), "-incoming", "fd:0"]
+    assert (seen / "vm1.got").read_bytes() == vm["memory"].read_bytes()
+
+
+def test_a_cut_overlay_never_ends_the_stream_and_stops_the_vm(vm, server, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, "vmdelta.serve")
+    stream = vm["stream_form"].read_bytes()
+    with socket_to(server) as sock:
+        sock.sendall(pack_hello(TOKEN, "cut"))
+        sock.sendall(CHUNK_FIELD.pack(prologue_end(stream)) + stream[: prologue_end(stream)])
+        assert read_line(sock)["status"] == "ready"
+        rest = stream[prologue_end(stream) : len(stream) * 7 // 10]
+        sock.sendall(CHUNK_FIELD.pack(len(rest)) + rest + CHUNK_FIELD.pack(0))
+        answer = read_line(sock)
+    assert answer["status"] == "error" and answer["error"] == "format" and "cut short" in answer["message"]
+    assert "vm" not in answer
+    # the process was stopped before the answer: what it read is a strict beginning of the memory
+    got = (tmp_path / "seen" / "cut.got").read_bytes() if (tmp_path / "seen" / "cut.got").exists() else b""
+    memory = vm["memory"].read_bytes()
+    assert len(got) < len(memory) and memory.startswith(got)
+    assert "stopped the VM for cut" in caplog.text
+    assert not (server.config.output / "cut").exists()
+
+
+def socket_to(server: OverlayServer) -> socket.socket:
+    return socket.create_connection(server.address, timeout=20)
+
+
+# ------------------------------------------------------------------------------------------------
+# the [qemu] table
+# ------------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, qemu: str) -> Path:
+    (tmp_path / "token").write_text(TOKEN)
+    path = tmp_path / "SERVE.toml"
+    path.write_text(f'output = "out"\ntoken_file = "token"\n[[bases]]\nkind = "memory"\npath = "base.mem"\n{qemu}')
+    return path
+
+
+def test_the_qemu_table_is_read(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path, '[qemu]\ncommand = ["qemu", "-drive", "file={disk1}", "-name", "{name}", "-incoming", "fd:0"]\n'
+    )
+    launch = load_serve_config(path).qemu
+    assert launch is not None and launch.disks == 2
+    assert launch.argv("vm1", [Path("/o/disk0"), Path("/o/disk1")]) == [
+        "qemu",
+        "-drive",
+        "file=/o/disk1",
+        "-name",
+        "vm1",
+        "-incoming",
+        "fd:0",
+    ]
+    with pytest.raises(ConfigError, match="disk1"):
+        launch.argv("vm1", [Path("/o/disk0")])
+
+
+def test_braces_that_are_no_placeholder_stay(tmp_path: Path) -> None:
+    launch = QemuLaunch(["qemu", "-blockdev", '{"driver":"file","filename":"{disk0}"}', "-incoming", "exec:cat"])
+    assert launch.argv("x; rm -rf /", [Path("/o/disk0")])[2] == '{"driver":"file","filename":"/o/disk0"}'
+
+
+@pytest.mark.parametrize(
+    ("qemu", "message"),
+    [
+        ('[qemu]\ncommand = ["qemu", "{disk}", "-incoming", "fd:0"]\n', "unknown placeholder {disk}"),
+        ('[qemu]\ncommand = ["qemu", "{home}", "-incoming", "fd:0"]\n', "unknown placeholder {home}"),
+        ('[qemu]\ncommand = ["qemu", "-incoming", "tcp:0:4444"]\n', "-incoming fd:0"),
+        ('[qemu]\ncommand = "qemu -incoming fd:0"\n', "list of strings"),
+        ("[qemu]\ncommand = []\n", "non-empty"),
+        ('[qemu]\ncommand = ["qemu", "-incoming", "fd:0"]\nshell = true\n', "unknown key 'shell'"),
+    ],
+)
+def test_a_bad_qemu_table_is_a_config_error(tmp_path: Path, qemu: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        load_serve_config(_config(tmp_path, qemu))
