@@ -31,8 +31,10 @@ TOKEN = "correct horse battery staple"
 FAKE_QEMU = """\
 import json, sys
 from pathlib import Path
-got = sys.stdin.buffer.read()
 folder, name = Path(sys.argv[1]), sys.argv[2]
+# a VM opens its disks when it starts: they must be in place, and whole, by then
+(folder / (name + ".disk-at-start")).write_bytes(Path(sys.argv[3]).read_bytes() if Path(sys.argv[3]).exists() else b"")
+got = sys.stdin.buffer.read()
 (folder / (name + ".got")).write_bytes(got)
 (folder / (name + ".argv")).write_text(json.dumps(sys.argv[1:]))
 (folder / (name + ".argv")).rename(folder / (name + ".done"))  # whole once it appears
@@ -67,8 +69,10 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture
-def server(vm: dict[str, Path], tmp_path: Path) -> Iterator[OverlayServer]:
+@pytest.fixture(params=["{disk0}"])
+def server(vm: dict[str, Path], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OverlayServer]:
+    """A server starting the fake VM; its third argument names the rebuilt disk (``{disk0}``, a
+    VM started only once its disks are in place) or not (a VM started at once)."""
     seen = tmp_path / "seen"
     seen.mkdir()
     config = ServeConfig(
@@ -79,7 +83,7 @@ def server(vm: dict[str, Path], tmp_path: Path) -> Iterator[OverlayServer]:
         cache_dir=vm["cache"],
         timeout=10.0,
         threads=2,
-        qemu=QemuLaunch([sys.executable, str(vm["script"]), str(seen), "{name}", "{disk0}", "-incoming", "fd:0"]),
+        qemu=QemuLaunch([sys.executable, str(vm["script"]), str(seen), "{name}", request.param, "-incoming", "fd:0"]),
     )
     registry = default_registry()
     server = OverlayServer(config, BaseCatalog.build(config.bases, registry, config.cache_dir), registry)
@@ -107,6 +111,7 @@ def test_the_vm_receives_exactly_the_memory_artifact(vm, server, tmp_path: Path)
         threading.Event().wait(0.05)
     assert json.loads((seen / "vm1.done").read_text())[1:] == ["vm1", str(folder / "disk0"), "-incoming", "fd:0"]
     assert (seen / "vm1.got").read_bytes() == vm["memory"].read_bytes()
+    assert (seen / "vm1.disk-at-start").read_bytes() == vm["disk"].read_bytes()
 
 
 def test_a_cut_overlay_never_ends_the_stream_and_stops_the_vm(vm, server, tmp_path: Path, caplog) -> None:
@@ -121,12 +126,31 @@ def test_a_cut_overlay_never_ends_the_stream_and_stops_the_vm(vm, server, tmp_pa
         answer = read_line(sock)
     assert answer["status"] == "error" and answer["error"] == "format" and "cut short" in answer["message"]
     assert "vm" not in answer
-    # the process was stopped before the answer: what it read is a strict beginning of the memory
-    got = (tmp_path / "seen" / "cut.got").read_bytes() if (tmp_path / "seen" / "cut.got").exists() else b""
+    # a VM that opens rebuilt disks starts only once they are in place: this one never did
+    assert not (tmp_path / "seen" / "cut.disk-at-start").exists()
+    assert "started VM cut" not in caplog.text
+    assert not (server.config.output / "cut").exists()
+
+
+@pytest.mark.parametrize("server", ["no-disk"], indirect=True)
+def test_a_vm_without_rebuilt_disks_starts_at_once_and_is_stopped_when_the_overlay_fails(
+    vm, server, tmp_path: Path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, "vmdelta.serve")
+    stream = vm["stream_form"].read_bytes()
+    with socket_to(server) as sock:
+        sock.sendall(pack_hello(TOKEN, "early"))
+        sock.sendall(CHUNK_FIELD.pack(prologue_end(stream)) + stream[: prologue_end(stream)])
+        assert read_line(sock)["status"] == "ready"
+        rest = stream[prologue_end(stream) : len(stream) * 7 // 10]
+        sock.sendall(CHUNK_FIELD.pack(len(rest)) + rest + CHUNK_FIELD.pack(0))
+        answer = read_line(sock)
+    assert answer["status"] == "error" and "cut short" in answer["message"] and "vm" not in answer
+    # it was streamed to while the overlay arrived, and stopped without the stream's end
+    got = (tmp_path / "seen" / "early.got").read_bytes() if (tmp_path / "seen" / "early.got").exists() else b""
     memory = vm["memory"].read_bytes()
     assert len(got) < len(memory) and memory.startswith(got)
-    assert "stopped the VM for cut" in caplog.text
-    assert not (server.config.output / "cut").exists()
+    assert "stopped the VM for early" in caplog.text
 
 
 def socket_to(server: OverlayServer) -> socket.socket:

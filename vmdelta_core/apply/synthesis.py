@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,7 @@ def apply_overlay(
     progress: Progress | None = None,
     stream: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
+    on_committed: Callable[[], None] | None = None,
 ) -> ApplyReport:
     """Rebuild every image of ``config.overlay`` from the bases in ``config`` and verify it.
 
@@ -54,6 +56,8 @@ def apply_overlay(
     :param stdout: where the image whose output is ``-`` goes (a pipe to QEMU's ``-incoming``):
         its source writes the artifact there while the image is rebuilt, and its end only once
         every image is verified and every other output is in place.
+    :param on_committed: called once the file outputs are in place, before the end of the
+        ``stdout`` artifact is written (a server starts the VM that opens the disks then).
     """
     started = time.monotonic()
     registry = registry or default_registry()
@@ -94,6 +98,8 @@ def apply_overlay(
                 for number, (done, spec) in enumerate(zip(rebuilt, config.images, strict=True))
             ]
             outputs.commit()
+            if on_committed is not None:
+                on_committed()
             if gate is not None:  # the other outputs are in place: the streamed artifact may end
                 gate.release(meta.images[streamed].artifact_digest)  # type: ignore[index]
                 gate.join()

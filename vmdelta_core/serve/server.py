@@ -10,9 +10,11 @@ Bases are found by the fingerprint the overlay's prologue records, before any fr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hmac
 import itertools
 import logging
+import os
 import re
 import socket
 import ssl
@@ -317,23 +319,38 @@ class OverlayServer:
         chunks.replay()
         made = not folder.exists()
         folder.mkdir(exist_ok=True)
-        vm: subprocess.Popen[bytes] | None = None
+        started: list[subprocess.Popen[bytes]] = []
+        pipe = _MemoryPipe() if argv is not None else None
+
+        def start() -> None:
+            assert argv is not None and pipe is not None
+            started.append(_launch(argv, target, pipe.reader))
+            pipe.close_reader()
+
+        # a VM that names rebuilt disks opens them when it starts: it starts once they are in
+        # place (the memory stream waits in the pipe meanwhile); a VM without them at once
+        names_disks = argv is not None and any(
+            str(spec.output) in arg for spec in specs if spec.kind == "disk" for arg in argv
+        )
         try:
-            if argv is not None:
-                vm = _launch(argv, target)
+            if pipe is not None and not names_disks:
+                start()
             report = apply_overlay(
                 ApplyConfig(
                     overlay=Path(label), images=specs, threads=self.config.threads, cache_dir=self.config.cache_dir
                 ),
                 registry=self.registry,
                 stream=chunks,  # type: ignore[arg-type]
-                stdout=None if vm is None else vm.stdin,
+                stdout=None if pipe is None else pipe.writer,
+                on_committed=start if names_disks else None,
             )
-            if vm is not None:
-                vm.stdin.close()  # type: ignore[union-attr]  # the stream is whole: QEMU resumes
+            if pipe is not None:
+                pipe.writer.close()  # the stream is whole: QEMU resumes
         except BaseException:
-            if vm is not None:
-                _abort(vm, target)
+            if pipe is not None:
+                pipe.close()
+            if started:
+                _abort(started[0], target)
             if made:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: nothing appeared in it
@@ -343,6 +360,7 @@ class OverlayServer:
             for r in report.images
         ]
         answer = {"status": "ok", "target": target, "outputs": outputs, "seconds": round(report.seconds, 3)}
+        vm = started[0] if started else None
         if vm is not None:
             log.info("started VM %s: process %d", target, vm.pid)
             threading.Thread(target=_reap, args=(vm, target), name=f"vmdelta-vm-{target}", daemon=True).start()
@@ -390,11 +408,33 @@ class OverlayServer:
                 dropped += len(data)
 
 
-def _launch(argv: list[str], target: str) -> subprocess.Popen[bytes]:
-    """The VM's process, its standard input a pipe; a session of its own, so that a signal to the
-    server (a Ctrl-C) does not reach the VMs it started."""
+class _MemoryPipe:
+    """The pipe the memory stream goes through to the VM: made before the VM starts, so that the
+    stream can wait in it (the VM may start only once its disks are in place)."""
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):  # a larger buffer where Linux allows it
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        self.reader: int | None = read_fd
+        self.writer = os.fdopen(write_fd, "wb")
+
+    def close_reader(self) -> None:
+        if self.reader is not None:
+            os.close(self.reader)
+            self.reader = None
+
+    def close(self) -> None:
+        self.close_reader()
+        with contextlib.suppress(OSError):
+            self.writer.close()
+
+
+def _launch(argv: list[str], target: str, stdin: int | None) -> subprocess.Popen[bytes]:
+    """The VM's process, its standard input the memory pipe; a session of its own, so that a
+    signal to the server (a Ctrl-C) does not reach the VMs it started."""
     try:
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         raise ConfigError(f"cannot start the VM for {target} ({argv[0]}): {exc.strerror or exc}") from None
 
@@ -407,8 +447,6 @@ def _reap(vm: subprocess.Popen[bytes], target: str) -> None:
 def _abort(vm: subprocess.Popen[bytes], target: str) -> None:
     """The stream failed: close the pipe without its end (QEMU's load fails), then make sure the
     process is gone."""
-    with contextlib.suppress(OSError):
-        vm.stdin.close()  # type: ignore[union-attr]
     with contextlib.suppress(OSError):
         vm.terminate()
     try:
