@@ -304,17 +304,19 @@ def test_serve_and_send_commands(vm, tmp_path: Path) -> None:
     config.write_text(
         f'listen = "127.0.0.1:0"\noutput = "out"\ntoken_file = "token"\ntimeout = 5\ncache_dir = "{vm["cache"]}"\n'
         f'[[bases]]\nkind = "memory"\npath = "{vm["memory_base"]}"\n'
-        f'[[bases]]\nkind = "disk"\npath = "{vm["disk_base"]}"\nformat = "raw"\n'
+        f'[[bases]]\nkind = "disk"\npath = "{vm["disk_base"]}"\n'
     )
     served = subprocess.Popen([*VMDELTA, "serve", "--config", str(config)], stderr=subprocess.PIPE, text=True)
     try:
         assert served.stderr is not None
+        said = []
         for line in served.stderr:
+            said.append(line)
             if "listening on" in line:
                 address = line.split("listening on ")[1].split()[0]
                 break
         else:
-            pytest.fail("serve did not start")
+            pytest.fail(f"serve did not start: {''.join(said)[-2000:]}")
         sent = subprocess.run(
             [*VMDELTA, "send", str(vm["file_form"]), address, "--name", "cli", "--token-file", str(tmp_path / "token"),
              "--json"],
