@@ -36,3 +36,32 @@ def sample_pair(seed: int = 0, units: int = 64, grow: int = 0) -> tuple[np.ndarr
     view[16] = view[12]  # duplicated within the modified
     view[20] = view[13]  # moved
     return base, modified
+
+
+def vm_overlays(folder: Path, *, seed: int, memory_units: int) -> dict[str, Path]:
+    """A memory pair and a grown disk pair in ``folder``, and their overlay in both forms
+    (``vm.vmdo``, ``vm.vmds``), made with whatever is installed."""
+    from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
+    from vmdelta_core.overlay.container import OverlayReader
+    from vmdelta_core.overlay.convert import convert_overlay
+
+    memory = write_pair(folder, "memory", *sample_pair(seed=seed, units=memory_units))
+    disk = write_pair(folder, "disk", *sample_pair(seed=seed + 1, units=40, grow=3000))
+    create_overlay(
+        CreateConfig(
+            output=folder / "vm.vmdo",
+            images=[ImageSpec("memory", *memory), ImageSpec("disk", *disk)],
+            cache_dir=folder / "cache",
+        )
+    )
+    with OverlayReader(folder / "vm.vmdo") as reader, open(folder / "vm.vmds", "wb") as f:
+        convert_overlay(reader, f, stream=True)
+    return {
+        "memory_base": memory[0],
+        "memory": memory[1],
+        "disk_base": disk[0],
+        "disk": disk[1],
+        "file_form": folder / "vm.vmdo",
+        "stream_form": folder / "vm.vmds",
+        "cache": folder / "cache",
+    }

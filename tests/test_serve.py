@@ -17,13 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from samples import sample_pair, write_pair
+from samples import vm_overlays
 
-from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.cli import main
 from vmdelta_core.errors import BaseMismatchError, ConfigError, VmdeltaError
-from vmdelta_core.overlay.container import OverlayReader
-from vmdelta_core.overlay.convert import convert_overlay
 from vmdelta_core.registry import default_registry
 from vmdelta_core.serve import BaseCatalog, OverlayServer, ServeConfig, ServedBase, client_tls_context, send_overlay
 from vmdelta_core.serve.protocol import CHUNK_FIELD, MAGIC, pack_hello, prologue_end, read_line
@@ -37,27 +34,7 @@ VMDELTA = [sys.executable, "-m", "vmdelta_core"]
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A memory pair and a grown disk pair, their overlay in both forms."""
-    folder = tmp_path_factory.mktemp("vm")
-    memory = write_pair(folder, "memory", *sample_pair(seed=1, units=48))
-    disk = write_pair(folder, "disk", *sample_pair(seed=2, units=40, grow=3000))
-    create_overlay(
-        CreateConfig(
-            output=folder / "vm.vmdo",
-            images=[ImageSpec("memory", *memory), ImageSpec("disk", *disk)],
-            cache_dir=folder / "cache",
-        )
-    )
-    with OverlayReader(folder / "vm.vmdo") as reader, open(folder / "vm.vmds", "wb") as f:
-        convert_overlay(reader, f, stream=True)
-    return {
-        "memory_base": memory[0],
-        "memory": memory[1],
-        "disk_base": disk[0],
-        "disk": disk[1],
-        "file_form": folder / "vm.vmdo",
-        "stream_form": folder / "vm.vmds",
-        "cache": folder / "cache",
-    }
+    return vm_overlays(tmp_path_factory.mktemp("vm"), seed=1, memory_units=48)
 
 
 def serving(vm: dict[str, Path], out: Path, *, kinds: tuple[str, ...] = ("memory", "disk"), **options) -> Iterator:

@@ -15,12 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from samples import sample_pair, write_pair
+from samples import vm_overlays
 
-from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.errors import ConfigError
-from vmdelta_core.overlay.container import OverlayReader
-from vmdelta_core.overlay.convert import convert_overlay
 from vmdelta_core.registry import default_registry
 from vmdelta_core.serve import BaseCatalog, OverlayServer, QemuLaunch, ServeConfig, ServedBase, send_overlay
 from vmdelta_core.serve.protocol import CHUNK_FIELD, pack_hello, prologue_end, read_line
@@ -45,28 +42,10 @@ got = sys.stdin.buffer.read()
 def vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A memory of several write chunks and a disk, their overlay in the stream form."""
     folder = tmp_path_factory.mktemp("vm")
-    memory = write_pair(folder, "memory", *sample_pair(seed=3, units=700))
-    disk = write_pair(folder, "disk", *sample_pair(seed=4, units=40, grow=3000))
-    create_overlay(
-        CreateConfig(
-            output=folder / "vm.vmdo",
-            images=[ImageSpec("memory", *memory), ImageSpec("disk", *disk)],
-            cache_dir=folder / "cache",
-        )
-    )
-    with OverlayReader(folder / "vm.vmdo") as reader, open(folder / "vm.vmds", "wb") as f:
-        convert_overlay(reader, f, stream=True)
+    made = vm_overlays(folder, seed=3, memory_units=700)
     script = folder / "fake_qemu.py"
     script.write_text(FAKE_QEMU)
-    return {
-        "memory_base": memory[0],
-        "memory": memory[1],
-        "disk_base": disk[0],
-        "disk": disk[1],
-        "stream_form": folder / "vm.vmds",
-        "cache": folder / "cache",
-        "script": script,
-    }
+    return {**made, "script": script}
 
 
 @pytest.fixture(params=["{disk0}"])
