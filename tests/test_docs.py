@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from vmdelta_core import hookspecs
 from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
-from vmdelta_core.plugins import new_plugin_manager
+from vmdelta_core.cli.commands import plugin_rows
+from vmdelta_core.cli.output import plugins_table
+from vmdelta_core.plugins import BUILTIN_PLUGINS, installed_plugins, new_plugin_manager
 from vmdelta_core.registry import Registry
 from vmdelta_core.testing import check_encoder
 
@@ -88,3 +93,35 @@ def test_the_example_plugin_works(tmp_path: Path) -> None:
         registry=registry,
     )
     assert (tmp_path / "out").read_bytes() == modified.tobytes()
+
+
+@pytest.fixture
+def example_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """The registry of a machine where the example plugin is installed as pip installs it (its
+    dist-info with its name, version and entry point on the path) beside the core alone."""
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    info = tmp_path / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    points = project["entry-points"]["vmdelta"]
+    (info / "entry_points.txt").write_text("[vmdelta]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    others = frozenset(installed_plugins()) - set(points) - set(BUILTIN_PLUGINS)
+    return Registry(new_plugin_manager(blocked=others))
+
+
+def documented_block(after: str) -> str:
+    """The fenced block of docs/writing-plugins.md whose first line is ``after``, without it."""
+    text = DOC.read_text()
+    start = text.index(f"```\n{after}\n") + len(f"```\n{after}\n")
+    return text[start : text.index("```", start)]
+
+
+def test_the_documented_plugins_table_is_what_vmdelta_plugins_prints(example_installed: Registry) -> None:
+    out = io.StringIO()
+    Console(file=out, width=120, highlight=False, markup=False, emoji=False).print(
+        plugins_table(plugin_rows(example_installed))
+    )
+    assert "vmdelta-encoder-bytepatch" in out.getvalue()
+    assert documented_block("$ vmdelta plugins") == out.getvalue()

@@ -11,7 +11,15 @@ import pluggy
 from vmdelta_core import hookspecs
 from vmdelta_core.errors import PluginError
 
-__all__ = ["BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "blocked_plugins", "new_plugin_manager", "plugin_distribution"]
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "DISABLE_VARIABLE",
+    "ENTRY_POINT_GROUP",
+    "blocked_plugins",
+    "installed_plugins",
+    "new_plugin_manager",
+    "plugin_distribution",
+]
 
 ENTRY_POINT_GROUP = "vmdelta"
 DISABLE_VARIABLE = "VMDELTA_DISABLE_PLUGINS"
@@ -28,6 +36,15 @@ def blocked_plugins(environ: dict[str, str] | None = None) -> frozenset[str]:
     """Plugin names listed in ``VMDELTA_DISABLE_PLUGINS`` (comma separated)."""
     value = (os.environ if environ is None else environ).get(DISABLE_VARIABLE, "")
     return frozenset(name.strip() for name in value.split(",") if name.strip())
+
+
+def installed_plugins() -> dict[str, str]:
+    """Plugin name -> distribution of every plugin installed here, blocked or not: the builtins
+    (``vmdelta-core``) and every ``vmdelta`` entry point. Reading entry points imports nothing."""
+    found = dict.fromkeys(BUILTIN_PLUGINS, "vmdelta-core")
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(entry_point.name, entry_point.dist.name if entry_point.dist else "(unknown)")
+    return found
 
 
 def new_plugin_manager(

@@ -74,6 +74,8 @@ class RebuiltReport:
     digest: str
     artifact_identical: bool
     dropped: Mapping[str, int]
+    #: the digest of the artifact file it is identical to, when ``artifact_identical``
+    artifact_digest: str | None = None
 
 
 @attrs.frozen

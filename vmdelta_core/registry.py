@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,11 +14,19 @@ import pluggy
 
 from vmdelta_core.components import Codec, Encoder, Filter, Source
 from vmdelta_core.errors import ConfigError, PluginError
-from vmdelta_core.plugins import blocked_plugins, new_plugin_manager, plugin_distribution
+from vmdelta_core.plugins import (
+    DISABLE_VARIABLE,
+    blocked_plugins,
+    installed_plugins,
+    new_plugin_manager,
+    plugin_distribution,
+)
 
-__all__ = ["FALLBACK_SOURCE", "ComponentInfo", "Registry", "default_registry"]
+__all__ = ["FALLBACK_SOURCE", "RAW_ENCODER", "ComponentInfo", "Registry", "default_registry"]
 
 FALLBACK_SOURCE = "file"
+#: the encoder every overlay can use, last in the default list
+RAW_ENCODER = "raw"
 
 ComponentKind = Literal["source", "filter", "encoder", "codec"]
 
@@ -83,6 +93,10 @@ class Registry:
     def __iter__(self) -> Iterator[ComponentInfo]:
         return iter(sorted(self._components.values(), key=lambda info: (info.kind, info.name)))
 
+    def __contains__(self, key: object) -> bool:
+        """``(kind, name) in registry``: whether that component is installed and enabled."""
+        return key in self._components
+
     def names(self, kind: ComponentKind) -> list[str]:
         return sorted(name for k, name in self._components if k == kind)
 
@@ -91,7 +105,44 @@ class Registry:
             return self._components[kind, name]
         except KeyError:
             known = ", ".join(self.names(kind)) or "none"
-            raise PluginError(f"no {kind} named {name!r} is installed (installed: {known})") from None
+            disabled = ", ".join(sorted(self.disabled()))
+            blocked = f"; {DISABLE_VARIABLE} disables plugin(s) {disabled}" if disabled else ""
+            raise PluginError(f"no {kind} named {name!r} is installed (installed: {known}){blocked}") from None
+
+    def disabled(self) -> dict[str, str]:
+        """Plugin name -> distribution of each plugin installed here that ``VMDELTA_DISABLE_PLUGINS``
+        keeps out of this registry."""
+        return {name: dist for name, dist in installed_plugins().items() if self.pm.is_blocked(name)}
+
+    def remedy(self, distribution: str, version: str) -> str:
+        """What gets this machine a component of ``distribution`` (``version``) that the registry
+        lacks: enabling the plugin when it is installed but disabled, else installing it."""
+        wanted = _normalized(distribution)
+        disabled = sorted(name for name, dist in self.disabled().items() if _normalized(dist) == wanted)
+        if disabled:
+            plugins = ", ".join(repr(name) for name in disabled)
+            return f"{distribution} is installed but disabled: take {plugins} out of {DISABLE_VARIABLE}"
+        try:
+            installed = metadata.version(distribution)
+        except (metadata.PackageNotFoundError, ValueError):
+            return f"install it (pip install {distribution})"
+        return (
+            f"{distribution} {installed} is installed but does not provide it; "
+            f"install the version the overlay was made with (pip install '{distribution}=={version}')"
+        )
+
+    def default_encoders(self) -> tuple[str, ...]:
+        """The encoders ``create`` uses when the config names none: every installed encoder that
+        declares a ``default_priority`` (lowest first, ties by name), then ``raw``."""
+        ranked = sorted(
+            (
+                info
+                for info in self._components.values()
+                if info.kind == "encoder" and getattr(info.component, "default_priority", None) is not None
+            ),
+            key=lambda info: (info.component.default_priority, info.name),
+        )
+        return (*(info.name for info in ranked if info.name != RAW_ENCODER), RAW_ENCODER)
 
     def source(self, name: str) -> Source:
         return self.info("source", name).component
@@ -120,6 +171,11 @@ class Registry:
                 raise ConfigError(f"no installed source recognises {path} as a {kind} image; name one with --format")
         self.info("source", name)
         return str(name)
+
+
+def _normalized(distribution: str) -> str:
+    """A distribution name as packaging compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 _default: tuple[frozenset[str], Registry] | None = None

@@ -90,7 +90,7 @@ class Decoders:
             except PluginError:
                 raise PluginError(
                     f"this overlay needs the {c.kind} {c.name!r} from {c.distribution} {c.version}; "
-                    f"install it (pip install {c.distribution})"
+                    f"{registry.remedy(c.distribution, c.version)}"
                 ) from None
         for number, image in enumerate(meta.images):
             if image.kind not in registry.source(image.source).kinds:

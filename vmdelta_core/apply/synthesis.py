@@ -222,7 +222,10 @@ def _materialize(registry: Registry, done: _Rebuilt, spec: ApplyImageSpec) -> Re
         if file_digest(files.output.path, digest_kind(image.artifact_digest)) != image.artifact_digest:
             raise IntegrityError(f"rebuilt artifact {spec.output} differs from the one the overlay was made from")
         identical = True
-    return RebuiltReport(image.name, image.kind, spec.output, image.size, done.digest, identical, image.dropped)
+    artifact = image.artifact_digest if identical else None
+    return RebuiltReport(
+        image.name, image.kind, spec.output, image.size, done.digest, identical, image.dropped, artifact
+    )
 
 
 def _envelope(feed: FileFeed | StreamFeed, number: int, base_envelope: bytes) -> bytes:
@@ -256,4 +259,6 @@ def _streamed_report(done: _Rebuilt, gate: StreamedArtifact | None) -> RebuiltRe
     """What the report says of the image written to standard output (its end still withheld)."""
     image = done.image
     identical = bool(image.artifact_digest)  # checked against what is written before the end goes
-    return RebuiltReport(image.name, image.kind, STDOUT, image.size, done.digest, identical, image.dropped)
+    return RebuiltReport(
+        image.name, image.kind, STDOUT, image.size, done.digest, identical, image.dropped, image.artifact_digest
+    )

@@ -20,18 +20,40 @@ from vmdelta_core.api import (
     load_pipeline,
 )
 from vmdelta_core.apply.feed import StreamFeed, open_feed
-from vmdelta_core.cli.output import console, err_console, print_json, progress_for, render_overlay
+from vmdelta_core.cli.output import (
+    MissingComponent,
+    console,
+    err_console,
+    plugins_table,
+    print_json,
+    progress_for,
+    render_overlay,
+)
 from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter, parse_option
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.outputs import OutputSet
 from vmdelta_core.overlay.convert import convert_overlay
 from vmdelta_core.overlay.metadata import OverlayMetadata
-from vmdelta_core.plugins import core_version
-from vmdelta_core.records import ApplyReport, CreateReport
-from vmdelta_core.registry import default_registry
+from vmdelta_core.plugins import DISABLE_VARIABLE, core_version
+from vmdelta_core.records import ApplyReport, CreateReport, RebuiltReport
+from vmdelta_core.registry import Registry, default_registry
 
-__all__ = ["apply", "create", "demo", "index", "inspect", "plugins", "run", "send", "serve", "version"]
+__all__ = [
+    "apply",
+    "convert",
+    "create",
+    "demo",
+    "index",
+    "inspect",
+    "missing_components",
+    "plugin_rows",
+    "plugins",
+    "run",
+    "send",
+    "serve",
+    "version",
+]
 
 
 def version() -> str:
@@ -195,12 +217,19 @@ def _show_apply(report: ApplyReport, args: argparse.Namespace, *, to_stderr: boo
     elif not args.quiet:
         out = err_console if to_stderr else console
         for image in report.images:
-            same = "artifact identical to the original" if image.artifact_identical else "image verified"
             dropped = sum(image.dropped.values())
             note = f"; {dropped} units rebuilt from the base by filters" if dropped else ""
             where = "standard output" if str(image.output) == "-" else image.output
-            out.print(f"{image.name}: wrote {where} ({image.size} bytes), {same} ({image.digest}){note}")
+            out.print(f"{image.name}: wrote {where} ({image.size} bytes), {_verified(image)}{note}")
         out.print(f"applied {report.overlay} in {report.seconds:.2f} s")
+
+
+def _verified(image: RebuiltReport) -> str:
+    """What apply checked of an output, with the digest of exactly that: the artifact file's when
+    it is the original byte for byte, else the rebuilt image's."""
+    if image.artifact_identical and image.artifact_digest:
+        return f"artifact identical to the original ({image.artifact_digest})"
+    return f"image verified ({image.digest})"
 
 
 def apply(args: argparse.Namespace) -> int:
@@ -231,15 +260,23 @@ def inspect(args: argparse.Namespace) -> int:
         data = inspect_overlay(Path("standard input"), stream=_binary_stdin("the overlay"))
     else:
         data = inspect_overlay(Path(args.overlay), verify=not args.no_verify)
+    meta = OverlayMetadata.from_json(data["metadata"])
+    lacking = missing_components(meta, default_registry())
     if args.json:
-        print_json(data)
+        print_json(data | {"missing": [attrs.asdict(m) for m in lacking]})
     else:
-        render_overlay(
-            OverlayMetadata.from_json(data["metadata"]),
-            size=data["size"],
-            frames=data["frames"] if args.frames else None,
-        )
+        render_overlay(meta, size=data["size"], frames=data["frames"] if args.frames else None, missing=lacking)
     return 0
+
+
+def missing_components(meta: OverlayMetadata, registry: Registry) -> list[MissingComponent]:
+    """The components ``apply`` needs to rebuild ``meta``'s images (its sources, encoders and
+    codecs; filters only ran at create) that ``registry`` lacks, each with what gets it."""
+    return [
+        MissingComponent(c.kind, c.name, c.distribution, c.version, registry.remedy(c.distribution, c.version))
+        for c in meta.components
+        if c.kind != "filter" and (c.kind, c.name) not in registry
+    ]
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -309,26 +346,26 @@ def index(args: argparse.Namespace) -> int:
 
 def plugins(args: argparse.Namespace) -> int:
     registry = default_registry()
-    rows = [
+    rows = plugin_rows(registry)
+    if args.json:
+        print_json(rows)
+        return 0
+    console.print(plugins_table(rows))
+    for info in registry:
+        for side in getattr(info.component, "side_files", ()) if info.kind == "source" else ():
+            console.print(f"source {info.name} reads side file {side.name!r} (--memory-side): {side.description}")
+    for name, distribution in sorted(registry.disabled().items()):
+        console.print(f"plugin {name} ({distribution}) is installed but disabled by {DISABLE_VARIABLE}")
+    return 0
+
+
+def plugin_rows(registry: Registry) -> list[dict[str, Any]]:
+    """One row per component, as ``vmdelta plugins --json`` prints them."""
+    return [
         {"component": i.name, "kind": i.kind, "plugin": i.plugin, "distribution": i.distribution, "version": i.version}
         | ({"side_files": [s.name for s in getattr(i.component, "side_files", ())]} if i.kind == "source" else {})
         for i in registry
     ]
-    if args.json:
-        print_json(rows)
-        return 0
-    from rich.table import Table
-
-    table = Table()
-    for column in ("component", "kind", "distribution", "version", "plugin"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["component"], r["kind"], r["distribution"], r["version"], r["plugin"])
-    console.print(table)
-    for info in registry:
-        for side in getattr(info.component, "side_files", ()) if info.kind == "source" else ():
-            console.print(f"source {info.name} reads side file {side.name!r} (--memory-side): {side.description}")
-    return 0
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -9,13 +9,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
     from vmdelta_core.overlay.metadata import OverlayMetadata
 
-__all__ = ["BarProgress", "console", "err_console", "print_json", "printable", "progress_for", "render_overlay"]
+__all__ = [
+    "BarProgress",
+    "MissingComponent",
+    "console",
+    "err_console",
+    "plugins_table",
+    "print_json",
+    "printable",
+    "progress_for",
+    "render_overlay",
+]
 
 #: C0 and C1 controls (a terminal's escape sequences) and lone surrogates (undecodable file names,
 #: which the terminal's encoding refuses)
@@ -110,6 +122,30 @@ def print_json(data: Any, *, stderr: bool = False) -> None:
     (sys.stderr if stderr else sys.stdout).write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def plugins_table(rows: list[dict[str, Any]]) -> Any:
+    """The table ``vmdelta plugins`` prints: one row per installed component."""
+    from rich.table import Table
+
+    table = Table()
+    columns = ("component", "kind", "distribution", "version", "plugin")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row[column]) for column in columns))
+    return table
+
+
+@attrs.frozen
+class MissingComponent:
+    """A component an overlay needs at apply that this machine lacks, and what gets it."""
+
+    kind: str
+    name: str
+    distribution: str
+    version: str
+    remedy: str
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -131,9 +167,11 @@ def render_overlay(
     size: int | None = None,
     frames: list[dict[str, Any]] | None = None,
     to: Any = None,
+    missing: list[MissingComponent] | None = None,
 ) -> None:
     """The statistics table of an overlay, one column per image (``meta`` is checked metadata:
-    :meth:`~vmdelta_core.overlay.metadata.OverlayMetadata.from_json`)."""
+    :meth:`~vmdelta_core.overlay.metadata.OverlayMetadata.from_json`); with ``missing``, the
+    components table says which of them this machine lacks and how to get them."""
     from rich.table import Table
 
     out = console if to is None else to
@@ -174,13 +212,7 @@ def render_overlay(
                 f"{image.name}: filter {f.name} dropped {f.dropped} units ({f.reason}); "
                 f"input {f.input or '-'} {f.input_fingerprint or ''}"
             )
-    components = Table(title="components", title_justify="left")
-    for column in ("kind", "name", "distribution", "version", "id"):
-        components.add_column(column)
-    for c in meta.components:
-        ident = f"{c.ref:#x}" if c.kind == "encoder" else str(c.id) if c.kind == "codec" else ""
-        components.add_row(*map(_cell, (c.kind, c.name, c.distribution, c.version, ident)))
-    out.print(components)
+    _render_components(meta, out, missing)
     if frames is not None:
         ft = Table(title="frames", title_justify="left")
         for column in ("image", "kind", "items", "addresses", "bytes", "stored"):
@@ -194,3 +226,28 @@ def render_overlay(
                 )
             )
         out.print(ft)
+
+
+def _render_components(meta: OverlayMetadata, out: Any, missing: list[MissingComponent] | None) -> None:
+    """The components that made the overlay; with ``missing``, a column saying whether this
+    machine has each one, and after the table how to get those apply needs."""
+    from rich.table import Table
+
+    lacking = {(m.kind, m.name) for m in missing or ()}
+    components = Table(title="components", title_justify="left")
+    columns = ("kind", "name", "distribution", "version", "id") + (("here",) if missing is not None else ())
+    for column in columns:
+        components.add_column(column)
+    for c in meta.components:
+        ident = f"{c.ref:#x}" if c.kind == "encoder" else str(c.id) if c.kind == "codec" else ""
+        here = (_presence(c.kind, (c.kind, c.name) in lacking),) if missing is not None else ()
+        components.add_row(*map(_cell, (c.kind, c.name, c.distribution, c.version, ident, *here)))
+    out.print(components)
+    for m in missing or ():
+        out.print(f"apply needs the {m.kind} {m.name!r} ({m.distribution} {m.version}), missing here: {m.remedy}")
+
+
+def _presence(kind: str, lacking: bool) -> str:
+    if kind == "filter":
+        return "not needed to apply"  # filters run at create only
+    return "MISSING" if lacking else "yes"

@@ -141,15 +141,7 @@ def resolve_encoders(
     first), then ``raw``; the default policy is ``best`` when that is more than ``raw``.
     """
     if names is None:
-        ranked = sorted(
-            (
-                info
-                for info in registry
-                if info.kind == "encoder" and getattr(info.component, "default_priority", None) is not None
-            ),
-            key=lambda info: (info.component.default_priority, info.name),
-        )
-        names = (*(info.name for info in ranked if info.name != "raw"), "raw")
+        names = registry.default_encoders()
     for name in names:
         registry.info("encoder", name)
     if policy is None:
