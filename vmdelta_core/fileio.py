@@ -9,6 +9,7 @@ import errno
 import mmap
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "open_file_image",
     "open_regular",
     "punch_zero_runs",
+    "write_pieces",
 ]
 
 _CHUNK = 16 << 20
@@ -176,6 +178,33 @@ def hole_extents(path: Path) -> np.ndarray:
     if pos < size:
         holes.append((pos, size - pos))
     return np.array(holes, dtype=np.int64).reshape(-1, 2)
+
+
+#: buffers one ``pwritev`` takes at most (the kernel's ``IOV_MAX``)
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def write_pieces(fd: int, offset: int, pieces: Sequence[Any]) -> None:
+    """Write the buffers ``pieces`` one after the other from ``offset``: one ``pwritev`` for up
+    to ``IOV_MAX`` of them, so a run of units costs one system call, not one per unit."""
+    at = 0
+    while at < len(pieces):
+        batch = pieces[at : at + _IOV_MAX]
+        done = os.pwritev(fd, batch, offset)
+        want = sum(memoryview(piece).nbytes for piece in batch)
+        if done < want:  # a short write (a signal, a nearly full disk): finish piece by piece
+            for piece in batch:
+                view = memoryview(piece).cast("B")
+                skip = min(done, view.nbytes)
+                done -= skip
+                offset += skip
+                while skip < view.nbytes:
+                    wrote = os.pwrite(fd, view[skip:], offset)
+                    skip += wrote
+                    offset += wrote
+        else:
+            offset += done
+        at += len(batch)
 
 
 def punch_zero_runs(fd: int, start: int, data: np.ndarray, unit: int) -> None:

@@ -19,10 +19,10 @@ from vmdelta_core.apply.bases import Decoders
 from vmdelta_core.apply.feed import FileFeed, StreamFeed
 from vmdelta_core.components import Encoder, SourceImage
 from vmdelta_core.errors import FormatError, IntegrityError, PluginError
-from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs
+from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs, write_pieces
 from vmdelta_core.overlay.container import FrameEntry, frame_items
 from vmdelta_core.overlay.digest import digest_kind, file_digest
-from vmdelta_core.overlay.items import ItemColumns, split_address
+from vmdelta_core.overlay.items import ADDRESS_BITS, ItemColumns
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
 from vmdelta_core.overlay.schema import BASE_REFS, ITEM_TYPES, Ref
 from vmdelta_core.records import Progress
@@ -30,6 +30,7 @@ from vmdelta_core.records import Progress
 __all__ = ["ImageRebuilder", "copy_base", "verify_rebuilt"]
 
 _DECODE_BATCH = 256
+_OFFSET_MASK = (1 << ADDRESS_BITS) - 1
 _KIND_OF_BASE_REF = {int(ref): kind for kind, ref in BASE_REFS.items()}
 
 
@@ -116,64 +117,183 @@ class ImageRebuilder:
         return np.sort(np.concatenate(written)) if written else np.zeros(0, dtype=np.int64)
 
     def _write(self, number: int, cols: ItemColumns, where: str) -> None:
-        fd = self.fds[number]
+        """Write a frame's items, runs of adjacent units with one system call each.
+
+        Self references go last (their targets may be items of this very frame). Where a unit
+        appears twice (a live item repeating the one before), the later ref in that order wins,
+        then the later item.
+        """
+        self._check_refs(number, cols, where)
+        is_self = cols.refs == Ref.SELF
         offsets = cols.offsets.astype(np.int64)
-        lengths = cols.lengths
-        # self references last: their targets may be items of this very frame
-        for ref in sorted(np.unique(cols.refs).tolist(), key=lambda r: r == Ref.SELF):
-            rows = np.flatnonzero(cols.refs == ref)
-            if ref == Ref.ZEROS:
-                for o, n in zip(offsets[rows].tolist(), lengths[rows].tolist(), strict=True):
-                    punch_hole(fd, o, n)
-            elif ref in _KIND_OF_BASE_REF:
-                bases = self._bases_by_kind[_KIND_OF_BASE_REF[ref]]
-                for row in rows.tolist():
-                    ordinal, at = split_address(int(cols.values[row]))
-                    n = int(lengths[row])
-                    if ordinal >= len(bases) or at + n > bases[ordinal].size:
-                        raise FormatError(f"{where}: a base reference points outside the base")
-                    os.pwrite(fd, bases[ordinal].data[at : at + n], int(offsets[row]))
-            elif ref == Ref.SELF:
-                for row in rows.tolist():
-                    target, at = split_address(int(cols.values[row]))
-                    n = int(lengths[row])
-                    if (target, at) >= (number, int(offsets[row])) or at + n > self.meta.images[target].size:
-                        raise FormatError(f"{where}: a self reference does not point to an earlier unit")
-                    os.pwrite(fd, os.pread(self.fds[target], n, at), int(offsets[row]))
-            elif ref == Ref.SELF_HASH:
+        for rows in _windows(np.flatnonzero(~is_self), offsets):
+            self._write_rows(number, cols, rows, where)
+        self_rows = np.flatnonzero(is_self)
+        if self_rows.size:
+            self._copy_self(number, cols, self_rows, offsets)
+
+    def _check_refs(self, number: int, cols: ItemColumns, where: str) -> None:
+        """Refuse, before a byte of the frame is written, a ref this overlay does not list and a
+        base or self reference that points outside what it refers to."""
+        refs = cols.refs
+        known = {int(Ref.ZEROS), int(Ref.SELF), *_KIND_OF_BASE_REF, *self.decoders.encoders}
+        for ref in np.unique(refs).tolist():
+            if ref == Ref.SELF_HASH:
                 raise FormatError(f"{where}: SELF_HASH items are not used by overlay v1")
-            else:
-                encoder = self.decoders.encoders.get(ref)
-                if encoder is None:
-                    raise FormatError(f"{where}: items use ref {ref:#x}, which the metadata does not list")
-                self._decode(encoder, rows, cols, self.bases[number], fd, where)
+            if ref not in known:
+                raise FormatError(f"{where}: items use ref {ref:#x}, which the metadata does not list")
+        lengths = cols.lengths.astype(np.int64)
+        for ref, kind in _KIND_OF_BASE_REF.items():
+            rows = np.flatnonzero(refs == ref)
+            if not rows.size:
+                continue
+            ordinal, at = _split(cols.values[rows])
+            sizes = np.array([base.size for base in self._bases_by_kind[kind]], dtype=np.int64)
+            inside = ordinal < sizes.size
+            if not inside.all() or (at + lengths[rows] > sizes[ordinal]).any():
+                raise FormatError(f"{where}: a base reference points outside the base")
+        rows = np.flatnonzero(refs == Ref.SELF)
+        if rows.size:
+            target, at = _split(cols.values[rows])
+            offsets = cols.offsets[rows].astype(np.int64)
+            earlier = (target < number) | ((target == number) & (at < offsets))
+            if not earlier.all():
+                raise FormatError(f"{where}: a self reference does not point to an earlier unit")
+            sizes = np.array([image.size for image in self.meta.images], dtype=np.int64)
+            if (at + lengths[rows] > sizes[target]).any():
+                raise FormatError(f"{where}: a self reference does not point to an earlier unit")
 
-    def _decode(
-        self, encoder: Encoder, rows: np.ndarray, cols: ItemColumns, base: SourceImage, fd: int, where: str
-    ) -> None:
+    def _write_rows(self, number: int, cols: ItemColumns, rows: np.ndarray, where: str) -> None:
+        """Zeros, base references and encoded units of ``rows``: every unit's bytes found (the
+        encoded ones decoded on the pool), then written run by run."""
+        offsets = cols.offsets[rows].astype(np.int64)
+        refs = cols.refs[rows]
+        encoded = rows[~np.isin(refs, [int(Ref.ZEROS), *_KIND_OF_BASE_REF])]  # all decoded: all checked
+        if (np.diff(offsets) == 0).any():  # a repeated unit: keep the last in ref, then item order
+            order = np.lexsort((rows, refs, offsets))
+            keep = order[np.append(offsets[order][1:] != offsets[order][:-1], True)]
+            rows, offsets, refs = rows[keep], offsets[keep], refs[keep]
+        lengths = cols.lengths[rows].astype(np.int64)
+        pieces: list[object] = [None] * rows.size
+        for ref, kind in _KIND_OF_BASE_REF.items():
+            at_rows = np.flatnonzero(refs == ref)
+            if at_rows.size:
+                bases = self._bases_by_kind[kind]
+                ordinal, at = _split(cols.values[rows[at_rows]])
+                for k, o, a, n in zip(
+                    at_rows.tolist(), ordinal.tolist(), at.tolist(), lengths[at_rows].tolist(), strict=True
+                ):
+                    pieces[k] = bases[o].data[a : a + n]
+        if encoded.size:
+            decoded = self._decode_rows(cols, encoded, self.bases[number], where)
+            position = dict(zip(rows.tolist(), range(rows.size), strict=True))
+            for row, data in zip(encoded.tolist(), decoded, strict=True):
+                k = position.get(row)
+                if k is not None:
+                    pieces[k] = data
+        _write_runs(self.fds[number], offsets, lengths, refs == Ref.ZEROS, pieces)
+
+    def _copy_self(self, number: int, cols: ItemColumns, rows: np.ndarray, offsets: np.ndarray) -> None:
+        """Self references: each run of units whose sources are adjacent too read with one
+        ``pread`` and the units written run by run. Sources that are targets of this frame's
+        self references are copied one at a time, in item order, as each must see the last."""
+        offsets = offsets[rows]
+        lengths = cols.lengths[rows].astype(np.int64)
+        target, at = _split(cols.values[rows])
+        fd = self.fds[number]
+        mine = target == number
+        starts = np.searchsorted(offsets + lengths, at[mine], side="right")
+        chained = (starts < offsets.size) & (offsets[np.minimum(starts, offsets.size - 1)] < at[mine] + lengths[mine])
+        if chained.any():
+            for t, a, o, n in zip(target.tolist(), at.tolist(), offsets.tolist(), lengths.tolist(), strict=True):
+                os.pwrite(fd, os.pread(self.fds[t], n, a).ljust(n, b"\0"), o)
+            return
+        last = np.append(offsets[1:] != offsets[:-1], True)  # a repeated unit: the later item wins
+        offsets, lengths, target, at = offsets[last], lengths[last], target[last], at[last]
+        # runs whose sources are adjacent in one image: one read each
+        joined = (target[1:] == target[:-1]) & (at[1:] == at[:-1] + lengths[:-1])
+        joined &= offsets[1:] == offsets[:-1] + lengths[:-1]
+        edges = np.flatnonzero(np.concatenate(([True], ~joined)))
+        ends = np.append(edges[1:], offsets.size)
+        pieces = []
+        for s, e in zip(edges.tolist(), ends.tolist(), strict=True):
+            n = int(offsets[e - 1] + lengths[e - 1] - offsets[s])
+            data = os.pread(self.fds[int(target[s])], n, int(at[s]))
+            pieces.append(data.ljust(n, b"\0"))  # read past a grown image's end: zeros
+        run_offsets = offsets[edges]
+        run_lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        _write_runs(fd, run_offsets, run_lengths, np.zeros(edges.size, dtype=bool), pieces)
+
+    def _decode_rows(self, cols: ItemColumns, rows: np.ndarray, base: SourceImage, where: str) -> list[bytes]:
+        """The units of encoded ``rows`` (any mix of encoders), decoded on the pool in batches."""
         offsets = cols.offsets.astype(np.int64)
         lengths = cols.lengths
-        chunks = [rows[i : i + _DECODE_BATCH] for i in range(0, rows.size, _DECODE_BATCH)]
+        refs = cols.refs[rows]
+        batches: list[tuple[Encoder, np.ndarray]] = []
+        for ref in np.unique(refs).tolist():
+            mine = rows[refs == ref]
+            encoder = self.decoders.encoders[ref]
+            batches += [(encoder, mine[i : i + _DECODE_BATCH]) for i in range(0, mine.size, _DECODE_BATCH)]
 
-        def decode(chunk: np.ndarray) -> list[bytes]:
+        def decode(batch: tuple[Encoder, np.ndarray]) -> list[bytes]:
+            encoder, chunk = batch
             at = chunk.tolist()
             bases = [memoryview(base.padded(int(offsets[r]), int(lengths[r]))) for r in at]
             payloads = [memoryview(cols.payloads[r]) for r in at]  # type: ignore[arg-type]
-            return encoder.decode(bases, payloads, [int(lengths[r]) for r in at])
-
-        try:
-            decoded = list(self.pool.map(decode, chunks))
-        except FormatError as exc:
-            raise FormatError(f"{where}: {exc}") from None
-        for chunk, units in zip(chunks, decoded, strict=True):
+            units = encoder.decode(bases, payloads, [int(lengths[r]) for r in at])
             if len(units) != chunk.size:
                 raise PluginError(f"encoder {encoder.name!r} decoded {len(units)} units of {chunk.size}")
-            for r, data in zip(chunk.tolist(), units, strict=True):
+            for r, data in zip(at, units, strict=True):
                 if len(data) != lengths[r]:
-                    raise FormatError(
-                        f"{where}: a {encoder.name} payload decodes to {len(data)} bytes, not {lengths[r]}"
-                    )
-                os.pwrite(fd, data, int(offsets[r]))
+                    raise FormatError(f"a {encoder.name} payload decodes to {len(data)} bytes, not {lengths[r]}")
+            return units
+
+        try:
+            decoded = list(self.pool.map(decode, batches))
+        except FormatError as exc:
+            raise FormatError(f"{where}: {exc}") from None
+        by_row = {}
+        for (_, chunk), units in zip(batches, decoded, strict=True):
+            by_row.update(zip(chunk.tolist(), units, strict=True))
+        return [by_row[r] for r in rows.tolist()]
+
+
+#: items handled at once: bounds the decoded bytes held (a few MiB) whatever a frame holds
+_WINDOW = 2048
+
+
+def _windows(rows: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    """``rows`` cut into pieces of about ``_WINDOW`` items, never between two items of one unit."""
+    if rows.size <= _WINDOW:
+        return [rows] if rows.size else []
+    at = offsets[rows]
+    cuts = [k for k in range(_WINDOW, rows.size, _WINDOW)]
+    cuts = [int(np.searchsorted(at, at[k], side="left")) for k in cuts]
+    return [part for part in np.split(rows, sorted(set(cuts))) if part.size]
+
+
+def _split(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`split_address` of a column: (ordinal or image number, byte offset), as int64."""
+    values = values.astype(np.uint64)
+    return (values >> np.uint64(ADDRESS_BITS)).astype(np.int64), (values & np.uint64((1 << ADDRESS_BITS) - 1)).astype(
+        np.int64
+    )
+
+
+def _write_runs(fd: int, offsets: np.ndarray, lengths: np.ndarray, zero: np.ndarray, pieces: list[object]) -> None:
+    """Write units sorted by offset: each run of adjacent units with data in one ``pwritev``,
+    each run of zero units punched as one hole."""
+    if not offsets.size:
+        return
+    adjacent = (offsets[1:] == offsets[:-1] + lengths[:-1]) & (zero[1:] == zero[:-1])
+    edges = np.flatnonzero(np.concatenate(([True], ~adjacent)))
+    ends = np.append(edges[1:], offsets.size)
+    for s, e in zip(edges.tolist(), ends.tolist(), strict=True):
+        start = int(offsets[s])
+        if zero[s]:
+            punch_hole(fd, start, int(offsets[e - 1] + lengths[e - 1]) - start)
+        else:
+            write_pieces(fd, start, pieces[s:e])
 
 
 def _check_frame(cols: ItemColumns, frame: FrameEntry, image: ImageRecord, unit: int, previous: int) -> int:
