@@ -7,6 +7,7 @@ from typing import Any, BinaryIO
 
 from vmdelta_core.apply import apply_overlay
 from vmdelta_core.apply.feed import FileFeed, open_feed
+from vmdelta_core.batch import BatchReport, Fleet, VmSpec, batch
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec, CreateConfig, FilterSpec, ImageSpec, load_pipeline
 from vmdelta_core.create import create_overlay
 from vmdelta_core.overlay.metadata import OverlayMetadata
@@ -14,10 +15,14 @@ from vmdelta_core.overlay.metadata import OverlayMetadata
 __all__ = [
     "ApplyConfig",
     "ApplyImageSpec",
+    "BatchReport",
     "CreateConfig",
     "FilterSpec",
+    "Fleet",
     "ImageSpec",
+    "VmSpec",
     "apply_overlay",
+    "batch",
     "create_overlay",
     "inspect_overlay",
     "load_pipeline",

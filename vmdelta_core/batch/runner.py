@@ -1,0 +1,170 @@
+"""Running a batch on Dask: one index task per distinct base, then one task per VM.
+
+Indexes go through the shared index cache (:mod:`vmdelta_core.index`), not through Dask: a VM's
+task depends on the index tasks of its bases, which leave each index in the cache folder where
+the VM's own ``create`` finds it. The bases must be readable by every worker anyway (dedup
+confirms every match against the base's bytes), the cache folder can sit beside them on the same
+storage, and an index there outlives the batch: the next night's batch on the same bases builds
+none. An index handed through Dask would instead travel through the workers' memory once per
+worker and every batch, and be gone when the batch ends.
+
+Without a scheduler address a ``LocalCluster`` of worker processes runs on this machine. A worker
+lost mid-batch costs only its running tasks, which the scheduler gives to another worker; a VM
+that fails is reported with its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from vmdelta_core.batch.manifest import Fleet, VmSpec
+from vmdelta_core.batch.report import BatchReport, VmResult
+from vmdelta_core.batch.tasks import base_key, create_vm, index_base
+from vmdelta_core.errors import ConfigError
+
+__all__ = ["INSTALL_HINT", "BatchEvents", "run_batch"]
+
+INSTALL_HINT = "vmdelta batch needs Dask: pip install 'vmdelta-core[batch]'"
+
+
+class BatchEvents:
+    """What a batch tells as it goes (the CLI draws progress from it); every method is optional."""
+
+    def connected(self, scheduler: str, dashboard: str | None, workers: int, vms: int) -> None:
+        """The cluster is up: its address, its dashboard's link (if it serves one)."""
+
+    def finished(self, result: VmResult) -> None:
+        """One VM is done, written or failed."""
+
+
+def _distributed() -> Any:
+    try:
+        import distributed
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return distributed
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
+    """A client of the scheduler at ``scheduler`` (waiting for ``workers`` to join), or of a
+    fresh local cluster of ``workers`` processes of one thread each."""
+    distributed = _distributed()
+    if scheduler is not None:
+        try:
+            client = distributed.Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            if workers:
+                client.wait_for_workers(workers, timeout=600)
+            yield client
+        return
+    import os
+
+    count = workers or max(1, os.cpu_count() or 1)
+    # one thread a worker: a VM's create is numpy, hashing and compression, which want a core each
+    with (
+        distributed.LocalCluster(
+            n_workers=count,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0" if _has_dashboard() else None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
+
+
+def _has_dashboard() -> bool:
+    try:
+        import bokeh  # noqa: F401  (the dashboard is served only with it)
+    except ImportError:
+        return False
+    return True
+
+
+def run_batch(
+    fleet: Fleet,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    events: BatchEvents | None = None,
+) -> BatchReport:
+    """Make every VM's overlay of ``fleet`` on a Dask cluster; a failed VM does not stop the rest.
+
+    :param scheduler: a running Dask scheduler's address (``tcp://host:8786``); a local cluster
+        of worker processes when ``None``.
+    :param workers: the local cluster's worker processes (one per core when ``None``); with a
+        scheduler, how many workers to wait for before starting.
+    :returns: one result per VM, in the fleet's order; :attr:`BatchReport.succeeded` tells whether
+        every overlay was written.
+    """
+    events = events or BatchEvents()
+    started = time.monotonic()
+    with _client(scheduler, workers) as client:
+        distributed = _distributed()
+        count = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        dashboard = client.dashboard_link if _dashboard_served(client) else None
+        events.connected(client.scheduler.address, dashboard, count, len(fleet.vms))
+        indexes = _submit_indexes(client, fleet)
+        futures = {_submit_vm(client, vm, indexes): vm for vm in fleet.vms}
+        results: dict[str, VmResult] = {}
+        for future in distributed.as_completed(futures):
+            result = _result_of(future, futures[future])
+            results[result.name] = result
+            events.finished(result)
+    return BatchReport(
+        vms=tuple(results[vm.name] for vm in fleet.vms),
+        seconds=time.monotonic() - started,
+        scheduler=scheduler or "local",
+        workers=count,
+        dashboard=dashboard,
+    )
+
+
+def _dashboard_served(client: Any) -> bool:
+    with contextlib.suppress(Exception):
+        return bool(client.scheduler_info(n_workers=0).get("services", {}).get("dashboard"))
+    return False
+
+
+def _submit_indexes(client: Any, fleet: Fleet) -> dict[tuple[Any, ...], Any]:
+    """One index task per distinct base, all at once: they run in parallel on the workers."""
+    futures: dict[tuple[Any, ...], Any] = {}
+    for vm in fleet.vms:
+        config = vm.config
+        for spec in config.images:
+            key = base_key(spec, config.unit_size, config.cache_dir)
+            if key not in futures:
+                futures[key] = client.submit(
+                    index_base,
+                    spec,
+                    config.unit_size,
+                    config.cache_dir,
+                    key=f"index-{len(futures)}-{spec.base.name}",
+                    pure=False,
+                )
+    return futures
+
+
+def _submit_vm(client: Any, vm: VmSpec, indexes: dict[tuple[Any, ...], Any]) -> Any:
+    config = vm.config
+    bases = [indexes[base_key(spec, config.unit_size, config.cache_dir)] for spec in config.images]
+    return client.submit(create_vm, vm.name, config, *bases, key=f"vm-{vm.name}", pure=False)
+
+
+def _result_of(future: Any, vm: VmSpec) -> VmResult:
+    """The VM's result, or its error as one line (a base's failure is each of its VMs' error)."""
+    try:
+        done = future.result()
+    except Exception as exc:  # a worker lost too often, a plugin's bug: still only this VM's end
+        return VmResult(vm.name, vm.config.output, error=f"{type(exc).__name__}: {exc}")
+    if "error" in done:
+        return VmResult(vm.name, vm.config.output, error=done["error"])
+    return VmResult(vm.name, vm.config.output, size=done["size"], seconds=done["seconds"], images=tuple(done["images"]))

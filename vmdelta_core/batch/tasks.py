@@ -1,0 +1,86 @@
+"""The work a Dask worker does for a batch: plain functions of picklable arguments.
+
+Each runs in a worker process with that process's registry (the plugins installed there), and
+returns plain data, so the scheduler never holds more than a report per VM.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from vmdelta_core.config import CreateConfig, ImageSpec
+from vmdelta_core.create import create_overlay
+from vmdelta_core.errors import VmdeltaError
+from vmdelta_core.fileio import check_input
+from vmdelta_core.index import load_or_build_index
+from vmdelta_core.outputs import storage_error
+from vmdelta_core.registry import default_registry
+
+__all__ = ["base_key", "create_vm", "index_base"]
+
+
+def base_key(spec: ImageSpec, unit: int, cache_dir: Path | None) -> tuple[Any, ...]:
+    """What makes two VMs' bases one index: the same file read the same way, at the same unit
+    size, cached in the same place (no file is touched: the driver may not see the files)."""
+    options = sorted((k, repr(v)) for k, v in spec.open_options("base").items())
+    cache = None if cache_dir is None else os.path.abspath(cache_dir)
+    return (os.path.abspath(spec.base), spec.kind, spec.format, tuple(options), unit, cache)
+
+
+def index_base(spec: ImageSpec, unit: int, cache_dir: Path | None) -> dict[str, Any]:
+    """Build (or find) the index of one base in the index cache, where every VM on it reads it.
+
+    The index is keyed exactly as ``create`` keys it (the same source, options and unit size), so
+    the VMs' own ``create`` finds it there instead of building it again.
+    """
+    started = time.monotonic()
+    try:
+        check_input(spec.base, f"base {spec.kind}")
+        registry = default_registry()
+        source = spec.format or registry.detect_source(spec.base, spec.kind)
+        options = spec.open_options("base")
+        with registry.source(source).open(spec.base, kind=spec.kind, options=options) as image:
+            index, cached = load_or_build_index(
+                spec.base, image, source=source, unit=unit, options=options, cache_dir=cache_dir
+            )
+    except VmdeltaError as exc:
+        return {"error": str(exc)}
+    except OSError as exc:
+        return {"error": str(storage_error(exc, exc.filename or spec.base, "reading"))}
+    return {
+        "base": str(spec.base),
+        "fingerprint": index.fingerprint,
+        "cached": cached,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def create_vm(name: str, config: CreateConfig, *bases: dict[str, Any]) -> dict[str, Any]:
+    """One VM's overlay, made as ``vmdelta create`` makes it; ``bases`` are the results of the
+    :func:`index_base` tasks of its bases, which it waits for (their indexes are in the cache).
+
+    An error a user can cause (a missing file, a bad option, a base that failed) comes back as
+    ``{"error": line}``: it is this VM's outcome, not a failure of the worker.
+    """
+    started = time.monotonic()
+    failed = next((base["error"] for base in bases if "error" in base), None)
+    if failed is not None:
+        return {"name": name, "error": failed}
+    try:
+        report = create_overlay(config)
+    except VmdeltaError as exc:
+        return {"name": name, "error": str(exc)}
+    except OSError as exc:
+        return {"name": name, "error": str(storage_error(exc, exc.filename or config.output))}
+    return {
+        "name": name,
+        "overlay": str(report.output),
+        "size": report.size,
+        "seconds": round(time.monotonic() - started, 3),
+        "images": [image.to_json() for image in report.images],
+        "bases": [base["fingerprint"] for base in bases],
+        "host": os.uname().nodename,
+    }
