@@ -38,15 +38,15 @@ def sample_pair(seed: int = 0, units: int = 64, grow: int = 0) -> tuple[np.ndarr
     return base, modified
 
 
-def vm_overlays(folder: Path, *, seed: int, memory_units: int) -> dict[str, Path]:
-    """A memory pair and a grown disk pair in ``folder``, and their overlay in both forms
-    (``vm.vmdo``, ``vm.vmds``), made with whatever is installed."""
+def vm_overlays(folder: Path, *, seed: int, memory_units: int, grow: int = 3000) -> dict[str, Path]:
+    """A memory pair and a disk pair (the modified disk ``grow`` bytes larger) in ``folder``, and
+    their overlay in both forms (``vm.vmdo``, ``vm.vmds``), made with whatever is installed."""
     from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
     from vmdelta_core.overlay.container import OverlayReader
     from vmdelta_core.overlay.convert import convert_overlay
 
     memory = write_pair(folder, "memory", *sample_pair(seed=seed, units=memory_units))
-    disk = write_pair(folder, "disk", *sample_pair(seed=seed + 1, units=40, grow=3000))
+    disk = write_pair(folder, "disk", *sample_pair(seed=seed + 1, units=40, grow=grow))
     create_overlay(
         CreateConfig(
             output=folder / "vm.vmdo",

@@ -26,23 +26,38 @@ from vmdelta_core.serve.settings import load_serve_config
 TOKEN = "correct horse battery staple"
 
 FAKE_QEMU = """\
-import json, sys
+import json, os, sys
 from pathlib import Path
-folder, name = Path(sys.argv[1]), sys.argv[2]
-# a VM opens its disks when it starts: they must be in place, and whole, by then
-(folder / (name + ".disk-at-start")).write_bytes(Path(sys.argv[3]).read_bytes() if Path(sys.argv[3]).exists() else b"")
+folder, name, disk, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+fdsets = {}  # -add-fd fd=K,set=N, as QEMU takes them
+for flag, value in zip(args, args[1:]):
+    if flag == "-add-fd":
+        opts = dict(part.split("=") for part in value.split(","))
+        fdsets.setdefault("/dev/fdset/" + opts["set"], int(opts["fd"]))  # the read-write one comes first
+# as QEMU does, open the disk as the VM starts (so it must exist then), read it once the memory stream ended
+if disk in fdsets:
+    fd, opened = fdsets[disk], "fdset"
+elif os.path.exists(disk):
+    fd, opened = os.open(disk, os.O_RDONLY), "path"
+else:
+    fd, opened = None, "none"
+(folder / (name + ".opened")).write_text(opened)
 got = sys.stdin.buffer.read()
 (folder / (name + ".got")).write_bytes(got)
+(folder / (name + ".disk")).write_bytes(b"" if fd is None else os.pread(fd, os.fstat(fd).st_size, 0))
 (folder / (name + ".argv")).write_text(json.dumps(sys.argv[1:]))
 (folder / (name + ".argv")).rename(folder / (name + ".done"))  # whole once it appears
 """
 
 
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A memory of several write chunks and a disk, their overlay in the stream form."""
+@pytest.fixture(scope="module", params=["in-place", "grown"])
+def vm(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Path]:
+    """A memory of several write chunks and a disk, their overlay in the stream form. ``in-place``:
+    the disk keeps its base's size, so it is rebuilt in the very file that becomes the output and
+    the VM can be handed that file as it starts; ``grown``: the VM starts once the disk is in place."""
     folder = tmp_path_factory.mktemp("vm")
-    made = vm_overlays(folder, seed=3, memory_units=700)
+    made = vm_overlays(folder, seed=3, memory_units=700, grow=0 if request.param == "in-place" else 3000)
+    made["early"] = request.param == "in-place"  # type: ignore[assignment]
     script = folder / "fake_qemu.py"
     script.write_text(FAKE_QEMU)
     return {**made, "script": script}
@@ -88,9 +103,17 @@ def test_the_vm_receives_exactly_the_memory_artifact(vm, server, tmp_path: Path)
         if (seen / "vm1.done").exists():
             break
         threading.Event().wait(0.05)
-    assert json.loads((seen / "vm1.done").read_text())[1:] == ["vm1", str(folder / "disk0"), "-incoming", "fd:0"]
+    argv = json.loads((seen / "vm1.done").read_text())[1:]
+    if vm["early"]:
+        # started at once, handed the file its disk was being rebuilt in (which it reads only
+        # once its memory stream ended): the file that now has the output's name
+        assert argv[:4] == ["vm1", "/dev/fdset/1", "-incoming", "fd:0"] and argv[4] == "-add-fd"
+        assert (seen / "vm1.opened").read_text() == "fdset"
+    else:
+        assert argv == ["vm1", str(folder / "disk0"), "-incoming", "fd:0"]
+        assert (seen / "vm1.opened").read_text() == "path"  # in place when the VM started
     assert (seen / "vm1.got").read_bytes() == vm["memory"].read_bytes()
-    assert (seen / "vm1.disk-at-start").read_bytes() == vm["disk"].read_bytes()
+    assert (seen / "vm1.disk").read_bytes() == vm["disk"].read_bytes()
 
 
 def test_a_cut_overlay_never_ends_the_stream_and_stops_the_vm(vm, server, tmp_path: Path, caplog) -> None:
@@ -105,9 +128,15 @@ def test_a_cut_overlay_never_ends_the_stream_and_stops_the_vm(vm, server, tmp_pa
         answer = read_line(sock)
     assert answer["status"] == "error" and answer["error"] == "format" and "cut short" in answer["message"]
     assert "vm" not in answer
-    # a VM that opens rebuilt disks starts only once they are in place: this one never did
-    assert not (tmp_path / "seen" / "cut.disk-at-start").exists()
-    assert "started VM cut" not in caplog.text
+    if vm["early"]:
+        # the VM started with the file its disk was being rebuilt in; it never saw its memory
+        # stream end, and was stopped
+        assert not (tmp_path / "seen" / "cut.got").exists()
+        assert "stopped the VM for cut" in caplog.text
+    else:
+        # a VM that opens rebuilt disks starts only once they are in place: this one never did
+        assert not (tmp_path / "seen" / "cut.opened").exists()
+        assert "started VM cut" not in caplog.text
     assert not (server.config.output / "cut").exists()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -33,7 +33,7 @@ from vmdelta_core.outputs import OutputSet, PendingFile
 from vmdelta_core.overlay.container import FrameEntry
 from vmdelta_core.overlay.digest import digest_kind, file_digest
 from vmdelta_core.overlay.envelope import decompress_envelope
-from vmdelta_core.overlay.metadata import ImageRecord
+from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
 from vmdelta_core.registry import Registry, default_registry
 
@@ -48,6 +48,7 @@ def apply_overlay(
     stream: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
     on_committed: Callable[[], None] | None = None,
+    on_outputs: Callable[[Mapping[int, int]], None] | None = None,
 ) -> ApplyReport:
     """Rebuild every image of ``config.overlay`` from the bases in ``config`` and verify it.
 
@@ -58,6 +59,12 @@ def apply_overlay(
         every image is verified and every other output is in place.
     :param on_committed: called once the file outputs are in place, before the end of the
         ``stdout`` artifact is written (a server starts the VM that opens the disks then).
+    :param on_outputs: called before the first frame is read with the open descriptors (by image
+        number) of the files that will become outputs as they are: images whose artifact is the
+        image itself (a raw disk), no larger than their base. A server hands them to a VM that
+        opens its disks as it starts (``-add-fd``), so that it loads its memory as the overlay
+        arrives. The files get their names only at the commit; until the stream's end the VM does
+        not read them. Should a source publish another file, apply fails.
     """
     started = time.monotonic()
     registry = registry or default_registry()
@@ -76,6 +83,9 @@ def apply_overlay(
             open_base(stack, registry, meta, image, spec, config, progress)
             for image, spec in zip(meta.images, config.images, strict=True)
         ]
+        early = _early_outputs(meta, bases, config, targets) if on_outputs is not None else {}
+        if on_outputs is not None:
+            on_outputs(early)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
         rebuilder = ImageRebuilder(feed, meta, decoders, bases, [t.scratch.fd for t in targets], pool)
         gate = None if streamed is None else StreamedArtifact(stdout, meta.images[streamed].name)  # type: ignore[arg-type]
@@ -97,6 +107,12 @@ def apply_overlay(
                 _streamed_report(done, gate) if number == streamed else _materialize(registry, done, spec)
                 for number, (done, spec) in enumerate(zip(rebuilt, config.images, strict=True))
             ]
+            for number, fd in early.items():
+                if targets[number].output.fd != fd:
+                    raise PluginError(
+                        f"the {meta.images[number].source} source wrote {config.images[number].output} anew "
+                        "instead of publishing the file its image was rebuilt in, which was handed out early"
+                    )
             outputs.commit()
             if on_committed is not None:
                 on_committed()
@@ -112,6 +128,28 @@ def apply_overlay(
                 raise outputs.explain(exc, ", ".join(str(spec.output) for spec in config.images)) from None
             raise
     return ApplyReport(overlay=config.overlay, seconds=time.monotonic() - started, images=tuple(reports))
+
+
+def _early_outputs(
+    meta: OverlayMetadata, bases: list[SourceImage], config: ApplyConfig, targets: list[Targets]
+) -> dict[int, int]:
+    """The images rebuilt, byte for byte, in the very file that becomes their output: their
+    source maps the artifact itself as the image (no envelope) and writes the same format, and
+    they are no larger than their base. Each file gets its final size now, as a VM sees it."""
+    early = {}
+    for number, (image, base, spec, files) in enumerate(zip(meta.images, bases, config.images, targets, strict=True)):
+        if (
+            spec.output == STDOUT
+            or spec.output_format
+            or image.source != image.base_source
+            or base.file is None
+            or base.envelope
+            or image.size > base.size
+        ):
+            continue
+        os.ftruncate(files.scratch.fd, image.size)
+        early[number] = files.scratch.fd
+    return early
 
 
 @attrs.frozen

@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -322,13 +323,35 @@ class OverlayServer:
         started: list[subprocess.Popen[bytes]] = []
         pipe = _MemoryPipe() if argv is not None else None
 
-        def start() -> None:
-            assert argv is not None and pipe is not None
-            started.append(_launch(argv, target, pipe.reader))
+        def start(disk_fds: list[int] | None = None) -> None:
+            assert launch is not None and argv is not None and pipe is not None
+            if disk_fds is None:
+                started.append(_launch(argv, target, pipe.reader))
+            else:
+                fdsets = [(fd, _read_only(fd)) for fd in disk_fds]
+                try:
+                    command = _with_fdsets(launch, target, specs, fdsets)
+                    started.append(_launch(command, target, pipe.reader, [fd for pair in fdsets for fd in pair]))
+                finally:
+                    for _, read_only in fdsets:
+                        os.close(read_only)
             pipe.close_reader()
 
-        # a VM that names rebuilt disks opens them when it starts: it starts once they are in
-        # place (the memory stream waits in the pipe meanwhile); a VM without them at once
+        def start_early(fds: Mapping[int, int]) -> None:
+            """Start the VM now if every disk it names is rebuilt in the file it will be: QEMU
+            opens them as it starts and reads them only once its memory stream ends."""
+            assert launch is not None
+            disks = [fds.get(number) for number, spec in enumerate(specs) if spec.kind == "disk"][: launch.disks]
+            if None not in disks:
+                start(disks)  # type: ignore[arg-type]
+
+        def start_late() -> None:
+            if not started:
+                start()
+
+        # a VM opens its disks when it starts: it starts at once when it can be handed the files
+        # its disks are rebuilt in, or names none; else once they are in place (the memory stream
+        # waits in the pipe meanwhile)
         names_disks = argv is not None and any(
             str(spec.output) in arg for spec in specs if spec.kind == "disk" for arg in argv
         )
@@ -342,7 +365,8 @@ class OverlayServer:
                 registry=self.registry,
                 stream=chunks,  # type: ignore[arg-type]
                 stdout=None if pipe is None else pipe.writer,
-                on_committed=start if names_disks else None,
+                on_outputs=start_early if names_disks else None,
+                on_committed=start_late if names_disks else None,
             )
             if pipe is not None:
                 pipe.writer.close()  # the stream is whole: QEMU resumes
@@ -430,11 +454,30 @@ class _MemoryPipe:
             self.writer.close()
 
 
-def _launch(argv: list[str], target: str, stdin: int | None) -> subprocess.Popen[bytes]:
-    """The VM's process, its standard input the memory pipe; a session of its own, so that a
-    signal to the server (a Ctrl-C) does not reach the VMs it started."""
+def _with_fdsets(
+    launch: QemuLaunch, target: str, specs: list[ApplyImageSpec], fdsets: list[tuple[int, int]]
+) -> list[str]:
+    """The VM's command with its disks named ``/dev/fdset/N``: QEMU's file descriptor sets
+    (``-add-fd``), each holding a read-write and a read-only descriptor of the file a disk is
+    being rebuilt in (QEMU picks the one whose access mode it opens the disk with)."""
+    disks = [spec.output for spec in specs if spec.kind == "disk"]
+    disks[: len(fdsets)] = [Path(f"/dev/fdset/{n + 1}") for n in range(len(fdsets))]
+    added = [arg for n, pair in enumerate(fdsets) for fd in pair for arg in ("-add-fd", f"fd={fd},set={n + 1}")]
+    return [*launch.argv(target, disks), *added]
+
+
+def _read_only(fd: int) -> int:
+    """A read-only descriptor of the file ``fd`` is open on (an unnamed file too)."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _launch(argv: list[str], target: str, stdin: int | None, fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """The VM's process, its standard input the memory pipe, ``fds`` open in it; a session of its
+    own, so that a signal to the server (a Ctrl-C) does not reach the VMs it started."""
     try:
-        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            argv, stdin=stdin, stdout=subprocess.DEVNULL, start_new_session=True, pass_fds=tuple(fds)
+        )
     except OSError as exc:
         raise ConfigError(f"cannot start the VM for {target} ({argv[0]}): {exc.strerror or exc}") from None
 
