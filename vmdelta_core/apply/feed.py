@@ -9,7 +9,9 @@ rebuilt images and commits its outputs only after :meth:`finish`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,11 +67,82 @@ class FileFeed:
         self.reader.close()
 
 
+class ReadAhead:
+    """Frames of a stream read by a thread of their own, each checked against its checksum, and
+    held until asked for, up to ``budget`` bytes (and one frame) ahead.
+
+    The sender is never kept waiting while apply checks the bases or rebuilds a frame: the link
+    carries the next frames meanwhile. What the reader raises (a cut or damaged stream) is
+    raised by :meth:`next` in its place in the stream, after every frame before it.
+    """
+
+    def __init__(self, reader: StreamReader, budget: int) -> None:
+        self.reader = reader
+        self.budget = budget
+        self._cond = threading.Condition()
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._held = 0
+        self._ended = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="vmdelta-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._held < self.budget or self._closed)
+                    if self._closed:
+                        return
+                frame = self.reader.next_frame()
+                with self._cond:
+                    if frame is None:
+                        self._ended = True
+                    else:
+                        self._frames.append(frame)
+                        self._held += len(frame[1])
+                    self._cond.notify_all()
+                if frame is None:
+                    return
+        except BaseException as exc:  # handed to the thread that asks for the frame
+            with self._cond:
+                self._error = exc
+                self._ended = True
+                self._cond.notify_all()
+
+    def next(self) -> Frame | None:
+        """The next frame, checked; ``None`` once the end of the stream is read and checked."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._frames or self._ended)
+            if self._frames:
+                frame = self._frames.popleft()
+                self._held -= len(frame[1])
+                self._cond.notify_all()
+                return frame
+            if self._error is not None:
+                raise self._error
+            return None
+
+    def close(self) -> None:
+        """Stop reading ahead (a read already waiting on the stream ends with the stream)."""
+        with self._cond:
+            self._closed = True
+            self._frames.clear()
+            self._cond.notify_all()
+
+
+#: bytes of stored frames read ahead of the one being applied, at most (and one frame more)
+READ_AHEAD = 32 << 20
+
+
 class StreamFeed:
     """A stream-form overlay read front to back as it arrives (a pipe, a socket, a FIFO).
 
-    One frame is looked ahead, to know where an image's frames end; envelopes are kept until
-    their image asks (at most one per image, each at most a frame).
+    Once the prologue is checked (:meth:`bind`), frames are read ahead by a :class:`ReadAhead`
+    while the bases are checked and earlier frames applied. One frame is looked ahead here, to
+    know where an image's frames end; envelopes are kept until their image asks (at most one
+    per image, each at most a frame).
     """
 
     partial = True
@@ -84,6 +157,7 @@ class StreamFeed:
         self._reach: dict[int, int] = {}
         self._sizes: list[int] = []
         self._current = -1
+        self._read_ahead: ReadAhead | None = None
 
     def start(self, progress: Progress) -> dict[str, Any]:
         return self.reader.prologue
@@ -93,12 +167,16 @@ class StreamFeed:
         return []  # each frame is checked as it arrives (bind), none is kept
 
     def bind(self, meta: OverlayMetadata) -> None:
-        """The checked prologue each arriving frame must agree with."""
+        """The checked prologue each arriving frame must agree with; frames are read from now on."""
         self._sizes = [image.size for image in meta.images]
+        self._read_ahead = ReadAhead(self.reader, READ_AHEAD)
+
+    def _next(self) -> Frame | None:
+        return self._read_ahead.next() if self._read_ahead is not None else self.reader.next_frame()
 
     def _peek(self) -> Frame | None:
         if self._ahead is None and not self._ended:
-            self._ahead = self.reader.next_frame()
+            self._ahead = self._next()
             self._ended = self._ahead is None
             if self._ahead is not None:
                 self._check(self._ahead[0])
@@ -149,6 +227,8 @@ class StreamFeed:
         return self.reader.metadata
 
     def close(self) -> None:
+        if self._read_ahead is not None:
+            self._read_ahead.close()
         if self._closer is not None:
             with contextlib.suppress(OSError):
                 self._closer.close()
