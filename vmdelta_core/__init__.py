@@ -1,8 +1,9 @@
 """vmdelta: VM overlays between a base VM and a customized one, and their byte-exact synthesis.
 
 The library API: build a config, call :func:`create_overlay`, :func:`apply_overlay` or
-:func:`inspect_overlay`, catch :class:`VmdeltaError`. It is imported on first use, so that a
-plugin, which imports :mod:`vmdelta_core.plugin` and nothing else, does not load the pipeline.
+:func:`inspect_overlay`, catch :class:`VmdeltaError`. Every name but the errors is imported on
+first use, so that a plugin, which imports :mod:`vmdelta_core.plugin` and nothing else, does not
+load the pipeline, and ``vmdelta --help`` does not load numpy.
 A plugin's code takes its contracts from :mod:`vmdelta_core.plugin`; the component classes and
 errors are here too for library users who pass their own components to a :class:`Registry`.
 """
@@ -11,17 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vmdelta_core.components import (
-    Codec,
-    Encoder,
-    Filter,
-    FilterContext,
-    FilterResult,
-    ImageKind,
-    RebuiltImage,
-    Source,
-    SourceImage,
-)
 from vmdelta_core.errors import (
     BaseMismatchError,
     ConfigError,
@@ -31,8 +21,6 @@ from vmdelta_core.errors import (
     StorageError,
     VmdeltaError,
 )
-from vmdelta_core.hookspecs import hookimpl
-from vmdelta_core.registry import Registry, default_registry
 
 if TYPE_CHECKING:
     from vmdelta_core.api import (
@@ -46,21 +34,55 @@ if TYPE_CHECKING:
         inspect_overlay,
         load_pipeline,
     )
+    from vmdelta_core.components import (
+        Codec,
+        Encoder,
+        Filter,
+        FilterContext,
+        FilterResult,
+        ImageKind,
+        RebuiltImage,
+        Source,
+        SourceImage,
+    )
+    from vmdelta_core.hookspecs import hookimpl
+    from vmdelta_core.registry import Registry, default_registry
 
-#: names of :mod:`vmdelta_core.api`, resolved by :func:`__getattr__` on first use
-_API = frozenset(
-    {
-        "ApplyConfig",
-        "ApplyImageSpec",
-        "CreateConfig",
-        "FilterSpec",
-        "ImageSpec",
-        "apply_overlay",
-        "create_overlay",
-        "inspect_overlay",
-        "load_pipeline",
-    }
-)
+#: where each name is resolved by :func:`__getattr__` on first use: importing the package costs
+#: nothing of numpy, pluggy or the pipeline until one of them is asked for
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "ApplyConfig",
+            "ApplyImageSpec",
+            "CreateConfig",
+            "FilterSpec",
+            "ImageSpec",
+            "apply_overlay",
+            "create_overlay",
+            "inspect_overlay",
+            "load_pipeline",
+        ),
+        "vmdelta_core.api",
+    ),
+    **dict.fromkeys(
+        (
+            "Codec",
+            "Encoder",
+            "Filter",
+            "FilterContext",
+            "FilterResult",
+            "ImageKind",
+            "RebuiltImage",
+            "Source",
+            "SourceImage",
+        ),
+        "vmdelta_core.components",
+    ),
+    "hookimpl": "vmdelta_core.hookspecs",
+    "Registry": "vmdelta_core.registry",
+    "default_registry": "vmdelta_core.registry",
+}
 
 __all__ = [
     "ApplyConfig",
@@ -95,8 +117,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _API:
-        from vmdelta_core import api
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmdelta_core' has no attribute {name!r}")
+    import importlib
 
-        return getattr(api, name)
-    raise AttributeError(f"module 'vmdelta_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once
+    return value
