@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from vmdelta_core.cli import commands
-from vmdelta_core.config import MAX_THREADS
+from vmdelta_core.cli.batch import add_batch_parser
+from vmdelta_core.config import MAX_THREADS, CreateConfig
+from vmdelta_core.errors import VmdeltaError
 from vmdelta_core.overlay.schema import MAX_UNIT
+
+if TYPE_CHECKING:
+    from vmdelta_core.registry import Registry
+
+#: the codec a pipeline gets when it names none, whichever way it is built
+DEFAULT_CODEC: str = attrs.fields(CreateConfig).codec.default
 
 __all__ = ["build_parser"]
 
@@ -57,12 +67,56 @@ class _Parser(argparse.ArgumentParser):
         self.register("action", None, _StoreOnce)
         self.register("action", "store", _StoreOnce)
 
+    def format_help(self) -> str:
+        for action in self._actions:
+            if isinstance(action.help, _Later):
+                action.help = action.help.text()
+        return super().format_help()
+
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         parsed, extras = super().parse_known_args(args, namespace)
         parsed.__dict__.pop("_given", None)
         return parsed, extras
+
+
+class _Later:
+    """Help text made only when help is shown: it names what is installed here, and finding that
+    out loads every plugin, which a command that prints no help should not pay for."""
+
+    def __init__(self, make: Callable[[Registry], str]) -> None:
+        self._make = make
+
+    def text(self) -> str:
+        from vmdelta_core.registry import default_registry
+
+        try:
+            return self._make(default_registry()).replace("%", "%%")
+        except VmdeltaError as exc:  # help is still shown when a plugin is broken, with why
+            return f"(the installed components cannot be listed: {exc})"
+
+
+def _encoder_help(registry: Registry) -> str:
+    defaults = registry.default_encoders()
+    policy = "best" if len(defaults) > 1 else "fixed"
+    return (
+        f"encoders to choose from, in order (default here: {','.join(defaults)} with --policy {policy}: "
+        "every installed encoder that declares a default priority, then raw); see `vmdelta plugins`"
+    )
+
+
+def _codec_help(registry: Registry) -> str:
+    return f"frame codec (default {DEFAULT_CODEC}); installed: " + "; ".join(
+        f"{name} {_levels(registry.codec(name))}" for name in registry.names("codec")
+    )
+
+
+def _levels(codec: Any) -> str:
+    bounds, default = getattr(codec, "level_range", None), getattr(codec, "default_level", None)
+    if bounds is None:
+        return "(no levels)"
+    return f"(levels {bounds[0]} to {bounds[1]}" + (f", default {default})" if default is not None else ")")
 
 
 def _threads(text: str) -> int:
@@ -140,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder",
         metavar="NAME[,NAME...]",
-        help="encoders to choose from, in order (default: raw); see `vmdelta plugins`",
+        help=_Later(_encoder_help),
     )
     p.add_argument(
         "--policy",
@@ -169,12 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME.KEY=VALUE",
         help="a filter's option, e.g. xray.journal=ignore (see each plugin's README)",
     )
-    p.add_argument("--codec", default="zstd", help="frame codec: zstd (default), lzma, none")
-    p.add_argument(
-        "--level",
-        type=int,
-        help="codec level: zstd -131072 to 22 (default 9), lzma 0 to 9 (default 6); none has no levels",
-    )
+    p.add_argument("--codec", default=DEFAULT_CODEC, metavar="NAME", help=_Later(_codec_help))
+    p.add_argument("--level", type=int, help="codec level, within the range --codec lists (default: the codec's own)")
     p.add_argument("--unit-size", type=_unit_size, default=4096, metavar="BYTES", help="unit size (default 4096)")
     p.add_argument("--frame-size", type=int, default=4 << 20, metavar="BYTES", help="frame size (default 4 MiB)")
     _common(p)
@@ -284,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.run)
 
     _serve_parsers(sub)
+    add_batch_parser(sub)
 
     p = sub.add_parser(
         "demo",
