@@ -256,6 +256,7 @@ def apply(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    maps = _draw_map(args) if args.map else None
     if args.overlay == "-":
         data = inspect_overlay(Path("standard input"), stream=_binary_stdin("the overlay"))
     else:
@@ -266,7 +267,20 @@ def inspect(args: argparse.Namespace) -> int:
         print_json(data | {"missing": [attrs.asdict(m) for m in lacking]})
     else:
         render_overlay(meta, size=data["size"], frames=data["frames"] if args.frames else None, missing=lacking)
+    if maps is not None and not args.json:
+        scale = max((m.per_pixel for m in maps), default=1)
+        console.print(f"wrote {args.map}: " + ("a cell per unit" if scale == 1 else f"up to {scale} units a cell"))
     return 0
+
+
+def _draw_map(args: argparse.Namespace) -> list[Any]:
+    """``inspect --map``: the picture, drawn before the report so that a missing Pillow or an
+    unreadable frame is the only thing said."""
+    from vmdelta_core.cli.overlaymap import write_map
+
+    if args.overlay == "-":
+        raise ConfigError("--map reads an overlay file, not standard input: save it first (vmdelta convert - FILE)")
+    return write_map(Path(args.overlay), Path(args.map), default_registry())
 
 
 def missing_components(meta: OverlayMetadata, registry: Registry) -> list[MissingComponent]:

@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--frames", action="store_true", help="list every frame too")
     p.add_argument("--no-verify", action="store_true", help="skip the whole-file checksum")
+    p.add_argument(
+        "--map",
+        metavar="PNG",
+        help="also draw each image's address space into PNG, a cell per unit: unchanged, zero, "
+        "references to the bases or earlier units, each encoder (needs pip install 'vmdelta-core[map]')",
+    )
     p.set_defaults(handler=commands.inspect)
 
     p = sub.add_parser(
