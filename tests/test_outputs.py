@@ -191,3 +191,47 @@ def test_pending_file_reports_an_unwritable_folder_by_the_users_path(tmp_path: P
             PendingFile(ro / "out")
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_an_output_flushed_early_is_flushed_again_and_put_in_place(tmp_path: Path, monkeypatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or real_fsync(fd))
+    with OutputSet([]) as outputs:
+        out = outputs.add(tmp_path / "out")
+        os.pwrite(out.fd, b"final bytes", 0)
+        inode = os.fstat(out.fd).st_ino
+        outputs.flush_early(out)
+        outputs.commit()
+    assert (tmp_path / "out").read_bytes() == b"final bytes"
+    assert synced.count(inode) == 2  # in the background, then by the commit before its name
+
+
+def test_a_failed_early_flush_fails_the_commit_though_the_next_fsync_succeeds(tmp_path: Path, monkeypatch) -> None:
+    """A write error is reported once, to the first fsync that sees it: the commit must not lose
+    it to its own fsync, which the kernel may then let succeed."""
+    (tmp_path / "out").write_bytes(b"old")
+    real_fsync = os.fsync
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def fsync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with OutputSet([]) as outputs:
+        out = outputs.add(tmp_path / "out")
+        os.pwrite(out.fd, b"new", 0)
+        outputs.flush_early(out)
+        with pytest.raises(StorageError, match=f"writing {tmp_path / 'out'}: no space left on the device"):
+            outputs.commit()
+    assert names(tmp_path) == {"out"} and (tmp_path / "out").read_bytes() == b"old"
+
+
+def test_an_output_discarded_while_it_is_flushed_leaves_nothing(tmp_path: Path) -> None:
+    with OutputSet([]) as outputs:
+        out = outputs.add(tmp_path / "out")
+        os.pwrite(out.fd, b"x" * 65536, 0)
+        outputs.flush_early(out)
+    assert names(tmp_path) == set()

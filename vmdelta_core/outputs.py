@@ -13,6 +13,9 @@ The rules, for every file ``create`` and ``apply`` write:
   signal, ``SIGKILL`` included, leaves nothing behind; where the file system cannot make such a
   file, a hidden named temporary beside the output stands in (removed on any error or signal
   Python sees).
+* Every output is flushed to disk (``fsync``) before it gets a name. An output that is complete
+  early (:meth:`OutputSet.flush_early`) starts its flush in the background while the others are
+  still being made; the commit waits for it, reports its failure, and flushes every file again.
 * Nothing appears until every output is complete: :meth:`OutputSet.commit` first links every file
   to a hidden name beside its target (the step that can fail for want of space or permission,
   undone completely if it does), then renames each over its target. A rename within one folder
@@ -27,6 +30,7 @@ import errno
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -151,6 +155,29 @@ class PendingFile:
         raise StorageError(f"cannot find a free temporary name beside {self.target}")
 
 
+class _Flush:
+    """``fsync`` of one file in a thread of its own, through a descriptor of its own (so that the
+    file may be discarded meanwhile); its failure kept for :meth:`wait`."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = os.dup(fd)
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="vmdelta-flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self._fd)
+
+    def wait(self) -> OSError | None:
+        self._thread.join()
+        return self.error
+
+
 class OutputSet:
     """The outputs of one command: checked against its inputs, published together.
 
@@ -168,6 +195,7 @@ class OutputSet:
         self._claimed_files: dict[tuple[int, int], Path] = {}
         self._files: list[PendingFile] = []
         self._scratch: list[PendingFile] = []
+        self._flushes: dict[int, list[_Flush]] = {}
 
     def check(self, target: Path | str) -> None:
         """Refuse ``target`` as an output if it is an input, a non-regular file, or named twice."""
@@ -239,6 +267,19 @@ class OutputSet:
             return storage_error(exc, exc.filename, "reading")
         return storage_error(exc, default)
 
+    def flush_early(self, pending: PendingFile) -> None:
+        """Start flushing ``pending`` to disk now, in the background: its bytes are final (the
+        commit flushes it again, and only then gives it a name). A file flushed while the next
+        output is being made costs the commit little of its wait for the disk."""
+        if pending.fd >= 0:
+            self._flushes.setdefault(id(pending), []).append(_Flush(pending.fd))
+
+    def _early_error(self, pending: PendingFile) -> OSError | None:
+        """The failure of ``pending``'s early flushes, if any (a write error is reported to the
+        first ``fsync`` that sees it, which may have been one of these)."""
+        errors = [flush.wait() for flush in self._flushes.pop(id(pending), [])]
+        return next((error for error in errors if error is not None), None)
+
     def commit(self) -> None:
         """Put every output in place: all get a hidden name first, then each is renamed."""
         linked: list[PendingFile] = []
@@ -252,6 +293,9 @@ class OutputSet:
                     if not stat.S_ISREG(st.st_mode):  # it changed while we worked: still never replace it
                         raise ConfigError(f"output {pending.target} became {describe_file_type(st.st_mode)}")
                 try:
+                    early = self._early_error(pending)
+                    if early is not None:
+                        raise early
                     os.fsync(pending.fd)
                     pending._link_beside()
                 except OSError as exc:
@@ -289,6 +333,7 @@ class OutputSet:
     def discard(self) -> None:
         for pending in (*self._files, *self._scratch):
             pending.discard()
+        self._flushes.clear()  # each holds its own descriptor and closes it when it ends
 
     def __enter__(self) -> OutputSet:
         return self

@@ -21,7 +21,7 @@ from vmdelta_core.components import Encoder, SourceImage
 from vmdelta_core.errors import FormatError, IntegrityError, PluginError
 from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs, write_pieces
 from vmdelta_core.overlay.container import FrameEntry, frame_items
-from vmdelta_core.overlay.digest import digest_kind, file_digest
+from vmdelta_core.overlay.digest import digest_kind, own_file_digest
 from vmdelta_core.overlay.items import ADDRESS_BITS, ItemColumns
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
 from vmdelta_core.overlay.schema import BASE_REFS, ITEM_TYPES, Ref
@@ -329,7 +329,7 @@ def verify_rebuilt(image: ImageRecord, path: Path, output_format: str | None, pr
     if image.artifact_digest and not output_format:
         return image.digest
     progress.start(f"verify {image.name}", image.size)
-    digest = file_digest(path, digest_kind(image.digest))
+    digest = own_file_digest(path, digest_kind(image.digest))
     if digest != image.digest:
         raise IntegrityError(f"rebuilt {image.name} does not match the digest recorded at create time")
     return digest

@@ -31,7 +31,7 @@ from vmdelta_core.config import ApplyConfig, ApplyImageSpec
 from vmdelta_core.errors import ConfigError, IntegrityError, PluginError
 from vmdelta_core.outputs import OutputSet, PendingFile
 from vmdelta_core.overlay.container import FrameEntry
-from vmdelta_core.overlay.digest import digest_kind, file_digest
+from vmdelta_core.overlay.digest import digest_kind, own_file_digest
 from vmdelta_core.overlay.envelope import decompress_envelope
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
@@ -104,7 +104,7 @@ def apply_overlay(
                 for number, (done, spec) in enumerate(zip(applied, config.images, strict=True))
             ]
             reports = [
-                _streamed_report(done, gate) if number == streamed else _materialize(registry, done, spec)
+                _streamed_report(done, gate) if number == streamed else _materialize(registry, done, spec, outputs)
                 for number, (done, spec) in enumerate(zip(rebuilt, config.images, strict=True))
             ]
             for number, fd in early.items():
@@ -250,16 +250,19 @@ def _verified(image: ImageRecord, done: _Rebuilt, spec: ApplyImageSpec, progress
     return attrs.evolve(done, image=image, digest=digest)
 
 
-def _materialize(registry: Registry, done: _Rebuilt, spec: ApplyImageSpec) -> RebuiltReport:
+def _materialize(registry: Registry, done: _Rebuilt, spec: ApplyImageSpec, outputs: OutputSet) -> RebuiltReport:
     """The artifact written by its source into its pending file, checked when it is meant to be
-    the original byte for byte."""
+    the original byte for byte, then flushed to disk in the background while the next one is
+    made (the commit waits for it)."""
     image, files = done.image, done.files
     registry.source(image.source).materialize(done.rebuilt, files.output.path)
     identical = False
     if image.artifact_digest and not spec.output_format:
-        if file_digest(files.output.path, digest_kind(image.artifact_digest)) != image.artifact_digest:
+        if own_file_digest(files.output.path, digest_kind(image.artifact_digest)) != image.artifact_digest:
             raise IntegrityError(f"rebuilt artifact {spec.output} differs from the one the overlay was made from")
         identical = True
+    for pending in (files.output, *files.sides.values()):
+        outputs.flush_early(pending)
     artifact = image.artifact_digest if identical else None
     return RebuiltReport(
         image.name, image.kind, spec.output, image.size, done.digest, identical, image.dropped, artifact
