@@ -12,7 +12,8 @@ table with vmdelta's ratios to each tool.
     python bench/run.py --vmdelta-args "--encoder xor,raw --policy best"
 
 Generic tools see one file at a time, so for several pairs their sizes and times are summed and
-their peak RSS is the largest. Results go to stdout and ``bench/results/<set>.md``.
+their peak RSS is the largest. Results go to stdout and ``bench/results/<set>.md``, drawn as a
+chart beside it (``<set>.png``, by ``chart.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import attrs
+from chart import write_chart  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,6 +224,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(report))
     print(f"written to {out}")
+    print(f"chart written to {write_chart(out)}")
 
 
 if __name__ == "__main__":
