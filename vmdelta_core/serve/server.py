@@ -21,7 +21,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -321,29 +321,25 @@ class OverlayServer:
         made = not folder.exists()
         folder.mkdir(exist_ok=True)
         started: list[subprocess.Popen[bytes]] = []
+        held: list[int] = []  # the files of the disks a VM was handed early
         pipe = _MemoryPipe() if argv is not None else None
 
-        def start(disk_fds: list[int] | None = None) -> None:
+        def start(disks: list[Path] | None = None) -> None:
             assert launch is not None and argv is not None and pipe is not None
-            if disk_fds is None:
-                started.append(_launch(argv, target, pipe.reader))
-            else:
-                fdsets = [(fd, _read_only(fd)) for fd in disk_fds]
-                try:
-                    command = _with_fdsets(launch, target, specs, fdsets)
-                    started.append(_launch(command, target, pipe.reader, [fd for pair in fdsets for fd in pair]))
-                finally:
-                    for _, read_only in fdsets:
-                        os.close(read_only)
+            command = argv if disks is None else _with_disks(launch, target, specs, disks)
+            started.append(_launch(command, target, pipe.reader))
             pipe.close_reader()
 
         def start_early(fds: Mapping[int, int]) -> None:
             """Start the VM now if every disk it names is rebuilt in the file it will be: QEMU
-            opens them as it starts and reads them only once its memory stream ends."""
+            opens them as it starts and reads them only once its memory stream ends. It opens them
+            through ``/proc`` as this process holds them, unnamed until the commit; this process
+            keeps them open until the VM exits, so that QEMU can open them again."""
             assert launch is not None
-            disks = [fds.get(number) for number, spec in enumerate(specs) if spec.kind == "disk"][: launch.disks]
-            if None not in disks:
-                start(disks)  # type: ignore[arg-type]
+            numbers = [number for number, spec in enumerate(specs) if spec.kind == "disk"][: launch.disks]
+            if all(number in fds for number in numbers):
+                held.extend(os.dup(fds[number]) for number in numbers)
+                start([Path(f"/proc/{os.getpid()}/fd/{fd}") for fd in held])
 
         def start_late() -> None:
             if not started:
@@ -375,6 +371,7 @@ class OverlayServer:
                 pipe.close()
             if started:
                 _abort(started[0], target)
+            _close(held)
             if made:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: nothing appeared in it
@@ -387,7 +384,7 @@ class OverlayServer:
         vm = started[0] if started else None
         if vm is not None:
             log.info("started VM %s: process %d", target, vm.pid)
-            threading.Thread(target=_reap, args=(vm, target), name=f"vmdelta-vm-{target}", daemon=True).start()
+            threading.Thread(target=_reap, args=(vm, target, held), name=f"vmdelta-vm-{target}", daemon=True).start()
             answer["vm"] = {"status": "started", "pid": vm.pid}
         return answer_line(answer)
 
@@ -454,37 +451,34 @@ class _MemoryPipe:
             self.writer.close()
 
 
-def _with_fdsets(
-    launch: QemuLaunch, target: str, specs: list[ApplyImageSpec], fdsets: list[tuple[int, int]]
-) -> list[str]:
-    """The VM's command with its disks named ``/dev/fdset/N``: QEMU's file descriptor sets
-    (``-add-fd``), each holding a read-write and a read-only descriptor of the file a disk is
-    being rebuilt in (QEMU picks the one whose access mode it opens the disk with)."""
+def _with_disks(launch: QemuLaunch, target: str, specs: list[ApplyImageSpec], early: list[Path]) -> list[str]:
+    """The VM's command with its first disks at the paths ``early`` (the rest where they go)."""
     disks = [spec.output for spec in specs if spec.kind == "disk"]
-    disks[: len(fdsets)] = [Path(f"/dev/fdset/{n + 1}") for n in range(len(fdsets))]
-    added = [arg for n, pair in enumerate(fdsets) for fd in pair for arg in ("-add-fd", f"fd={fd},set={n + 1}")]
-    return [*launch.argv(target, disks), *added]
+    disks[: len(early)] = early
+    return launch.argv(target, disks)
 
 
-def _read_only(fd: int) -> int:
-    """A read-only descriptor of the file ``fd`` is open on (an unnamed file too)."""
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
-def _launch(argv: list[str], target: str, stdin: int | None, fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
-    """The VM's process, its standard input the memory pipe, ``fds`` open in it; a session of its
-    own, so that a signal to the server (a Ctrl-C) does not reach the VMs it started."""
+def _launch(argv: list[str], target: str, stdin: int | None) -> subprocess.Popen[bytes]:
+    """The VM's process, its standard input the memory pipe; a session of its own, so that a
+    signal to the server (a Ctrl-C) does not reach the VMs it started."""
     try:
-        return subprocess.Popen(
-            argv, stdin=stdin, stdout=subprocess.DEVNULL, start_new_session=True, pass_fds=tuple(fds)
-        )
+        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         raise ConfigError(f"cannot start the VM for {target} ({argv[0]}): {exc.strerror or exc}") from None
 
 
-def _reap(vm: subprocess.Popen[bytes], target: str) -> None:
-    """Wait for a started VM to exit (so that it leaves no zombie), and log it."""
+def _reap(vm: subprocess.Popen[bytes], target: str, held: list[int]) -> None:
+    """Wait for a started VM to exit (so that it leaves no zombie), log it, and close the files
+    held open for it."""
     log.info("VM %s (process %d) exited with status %d", target, vm.pid, vm.wait())
+    _close(held)
 
 
 def _abort(vm: subprocess.Popen[bytes], target: str) -> None:
