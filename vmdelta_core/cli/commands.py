@@ -9,17 +9,6 @@ from typing import Any, BinaryIO
 
 import attrs
 
-from vmdelta_core.api import (
-    ApplyConfig,
-    ApplyImageSpec,
-    CreateConfig,
-    ImageSpec,
-    apply_overlay,
-    create_overlay,
-    inspect_overlay,
-    load_pipeline,
-)
-from vmdelta_core.apply.feed import StreamFeed, open_feed
 from vmdelta_core.cli.output import (
     MissingComponent,
     console,
@@ -29,11 +18,19 @@ from vmdelta_core.cli.output import (
     progress_for,
     render_overlay,
 )
-from vmdelta_core.config import DEFAULT_ENCODERS, DEFAULT_POLICY, parse_filter, parse_option
+from vmdelta_core.config import (
+    DEFAULT_ENCODERS,
+    DEFAULT_POLICY,
+    ApplyConfig,
+    ApplyImageSpec,
+    CreateConfig,
+    ImageSpec,
+    load_pipeline,
+    parse_filter,
+    parse_option,
+)
 from vmdelta_core.errors import ConfigError
-from vmdelta_core.index import load_or_build_index
 from vmdelta_core.outputs import OutputSet
-from vmdelta_core.overlay.convert import convert_overlay
 from vmdelta_core.overlay.metadata import OverlayMetadata
 from vmdelta_core.plugins import DISABLE_VARIABLE, core_version
 from vmdelta_core.records import ApplyReport, CreateReport, RebuiltReport
@@ -168,6 +165,8 @@ def _show_create(report: CreateReport, args: argparse.Namespace, *, to_stderr: b
 
 
 def create(args: argparse.Namespace) -> int:
+    from vmdelta_core.create import create_overlay  # the pipelines are loaded by the command that runs them
+
     config = create_config_from_args(args)
     to_stdout = args.output == "-"
     stream = _binary_stdout("the overlay") if to_stdout else None
@@ -194,6 +193,8 @@ def _binary_stdin(what: str) -> BinaryIO:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmdelta_core.create import create_overlay
+
     pipeline = Path(args.pipeline)
     config = load_pipeline(pipeline)
     config = attrs.evolve(config, **_threads(args))
@@ -233,6 +234,8 @@ def _verified(image: RebuiltReport) -> str:
 
 
 def apply(args: argparse.Namespace) -> int:
+    from vmdelta_core.apply import apply_overlay
+
     images: list[ApplyImageSpec] = []
     base_sides, output_sides = _memory_sides(args)
     if args.memory:
@@ -256,6 +259,8 @@ def apply(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from vmdelta_core.api import inspect_overlay
+
     maps = _draw_map(args) if args.map else None
     if args.overlay == "-":
         data = inspect_overlay(Path("standard input"), stream=_binary_stdin("the overlay"))
@@ -294,6 +299,9 @@ def missing_components(meta: OverlayMetadata, registry: Registry) -> list[Missin
 
 
 def convert(args: argparse.Namespace) -> int:
+    from vmdelta_core.apply.feed import StreamFeed, open_feed
+    from vmdelta_core.overlay.convert import convert_overlay
+
     from_stdin, to_stdout = args.overlay == "-", args.output == "-"
     source = Path("standard input") if from_stdin else Path(args.overlay)
     feed = open_feed(source, _binary_stdin("the overlay") if from_stdin else None)
@@ -321,6 +329,8 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def index(args: argparse.Namespace) -> int:
+    from vmdelta_core.index import load_or_build_index
+
     registry = default_registry()
     results = []
     with progress_for(args.quiet or args.json) as progress:
