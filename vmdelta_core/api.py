@@ -10,6 +10,7 @@ from vmdelta_core.apply.feed import FileFeed, open_feed
 from vmdelta_core.batch import BatchReport, Fleet, VmSpec, batch
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec, CreateConfig, FilterSpec, ImageSpec, load_pipeline
 from vmdelta_core.create import create_overlay
+from vmdelta_core.interop import ExportReport, ImportReport, export_elijah, import_elijah
 from vmdelta_core.overlay.metadata import OverlayMetadata
 
 __all__ = [
@@ -17,13 +18,17 @@ __all__ = [
     "ApplyImageSpec",
     "BatchReport",
     "CreateConfig",
+    "ExportReport",
     "FilterSpec",
     "Fleet",
     "ImageSpec",
+    "ImportReport",
     "VmSpec",
     "apply_overlay",
     "batch",
     "create_overlay",
+    "export_elijah",
+    "import_elijah",
     "inspect_overlay",
     "load_pipeline",
 ]
