@@ -23,7 +23,7 @@ from typing import Any
 
 from vmdelta_core.batch.manifest import Fleet, VmSpec
 from vmdelta_core.batch.report import BatchReport, VmResult
-from vmdelta_core.batch.tasks import base_key, create_vm, index_base
+from vmdelta_core.batch.tasks import base_key, create_vm, create_vm_in_shards, index_base
 from vmdelta_core.errors import ConfigError
 
 __all__ = ["INSTALL_HINT", "BatchEvents", "run_batch"]
@@ -113,7 +113,7 @@ def run_batch(
         dashboard = client.dashboard_link if _dashboard_served(client) else None
         events.connected(client.scheduler.address, dashboard, count, len(fleet.vms))
         indexes = _submit_indexes(client, fleet)
-        futures = {_submit_vm(client, vm, indexes): vm for vm in fleet.vms}
+        futures = {_submit_vm(client, vm, indexes, fleet.shard_size): vm for vm in fleet.vms}
         results: dict[str, VmResult] = {}
         for future in distributed.as_completed(futures):
             result = _result_of(future, futures[future])
@@ -153,9 +153,11 @@ def _submit_indexes(client: Any, fleet: Fleet) -> dict[tuple[Any, ...], Any]:
     return futures
 
 
-def _submit_vm(client: Any, vm: VmSpec, indexes: dict[tuple[Any, ...], Any]) -> Any:
+def _submit_vm(client: Any, vm: VmSpec, indexes: dict[tuple[Any, ...], Any], shard_size: int | None) -> Any:
     config = vm.config
     bases = [indexes[base_key(spec, config.unit_size, config.cache_dir)] for spec in config.images]
+    if shard_size is not None:
+        return client.submit(create_vm_in_shards, vm.name, config, shard_size, *bases, key=f"vm-{vm.name}", pure=False)
     return client.submit(create_vm, vm.name, config, *bases, key=f"vm-{vm.name}", pure=False)
 
 

@@ -6,20 +6,22 @@ returns plain data, so the scheduler never holds more than a report per VM.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from vmdelta_core.config import CreateConfig, ImageSpec
-from vmdelta_core.create import create_overlay
+from vmdelta_core.create import create_overlay, shards
 from vmdelta_core.errors import VmdeltaError
 from vmdelta_core.fileio import check_input
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.outputs import storage_error
+from vmdelta_core.records import CreateReport
 from vmdelta_core.registry import default_registry
 
-__all__ = ["base_key", "create_vm", "index_base"]
+__all__ = ["base_key", "create_vm", "create_vm_in_shards", "index_base"]
 
 
 def base_key(spec: ImageSpec, unit: int, cache_dir: Path | None) -> tuple[Any, ...]:
@@ -58,9 +60,12 @@ def index_base(spec: ImageSpec, unit: int, cache_dir: Path | None) -> dict[str, 
     }
 
 
-def create_vm(name: str, config: CreateConfig, *bases: dict[str, Any]) -> dict[str, Any]:
+def create_vm(name: str, config: CreateConfig, *bases: dict[str, Any], shard_size: int | None = None) -> dict[str, Any]:
     """One VM's overlay, made as ``vmdelta create`` makes it; ``bases`` are the results of the
     :func:`index_base` tasks of its bases, which it waits for (their indexes are in the cache).
+
+    With ``shard_size``, images larger than that are made in address-range tasks that this one
+    hands to the cluster and merges (:mod:`vmdelta_core.create.shards`).
 
     An error a user can cause (a missing file, a bad option, a base that failed) comes back as
     ``{"error": line}``: it is this VM's outcome, not a failure of the worker.
@@ -70,7 +75,7 @@ def create_vm(name: str, config: CreateConfig, *bases: dict[str, Any]) -> dict[s
     if failed is not None:
         return {"name": name, "error": failed}
     try:
-        report = create_overlay(config)
+        report = create_overlay(config) if shard_size is None else _in_shards(config, shard_size)
     except VmdeltaError as exc:
         return {"name": name, "error": str(exc)}
     except OSError as exc:
@@ -84,3 +89,33 @@ def create_vm(name: str, config: CreateConfig, *bases: dict[str, Any]) -> dict[s
         "bases": [base["fingerprint"] for base in bases],
         "host": os.uname().nodename,
     }
+
+
+def create_vm_in_shards(name: str, config: CreateConfig, shard_size: int, *bases: dict[str, Any]) -> dict[str, Any]:
+    """:func:`create_vm` with ``shard_size``."""
+    return create_vm(name, config, *bases, shard_size=shard_size)
+
+
+def _in_shards(config: CreateConfig, shard_size: int) -> CreateReport:
+    """The overlay of ``config`` from shards of about ``shard_size`` bytes run as tasks of their
+    own; this task leaves the worker's thread pool while it waits for them (``worker_client``)."""
+    from distributed import worker_client
+
+    ranges = shards.shard_ranges(config, shards.image_sizes(config), shard_size)
+    if len(ranges) == len(config.images):  # nothing to split
+        return create_overlay(config)
+    parts = [shards.part_path(config.output, k) for k in range(len(ranges))]
+    try:
+        with worker_client() as client:
+            scans = [client.submit(shards.scan_shard, config, shard, pure=False) for shard in ranges]
+            selection = client.submit(shards.select_shards, config, scans, pure=False)
+            outcomes = [
+                client.submit(shards.encode_shard, config, shard, selection, k, parts[k], pure=False)
+                for k, shard in enumerate(ranges)
+            ]
+            merged = client.submit(shards.merge_shards, config, ranges, selection, outcomes, parts, pure=False)
+            return merged.result()
+    finally:
+        for part in parts:  # a failed shard's siblings leave theirs
+            with contextlib.suppress(OSError):
+                os.unlink(part)

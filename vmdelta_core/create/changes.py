@@ -35,19 +35,26 @@ def changed_units(
     *,
     use_hints: bool = True,
     digest: ImageDigest | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> np.ndarray:
     """Sorted ``int64`` indices of the modified image's units whose bytes differ from the base's.
 
     The base is read as zero-padded past its end, so a grown image's new units count as changed
     unless they are zero. When ``digest`` is given and the whole image is compared (no hints), it
     is fed the modified image on the way, which spares a second pass over it.
+
+    :param start: compare only units ``[start, stop)`` (a shard of the image); ``digest`` is then
+        fed that range's bytes.
     """
     msize, bsize = modified.size, base.size
     count = -(-msize // unit)
+    stop = count if stop is None else min(stop, count)
     if use_hints and modified.hints is not None:
         if digest is not None:
             raise ValueError("a digest cannot be taken while only hinted units are read")
-        return _changed_among(base, modified, unit, np.asarray(modified.hints, dtype=np.int64), progress)
+        hints = np.asarray(modified.hints, dtype=np.int64)
+        return _changed_among(base, modified, unit, hints[(hints >= start) & (hints < stop)], progress)
 
     common = min(msize, bsize) // unit  # units wholly inside both images
     ends = -(-bsize // unit)  # units from here on lie past the base's end: it reads as zeros there
@@ -56,7 +63,7 @@ def changed_units(
     both_holes = intersect_runs(holes, np.concatenate([hole_runs(base, unit, ends), beyond_base]))
     found: list[np.ndarray] = []
     mdata, bdata = modified.data, base.data
-    for first, end, is_hole in iter_chunks(modified, unit, both_holes, 0, common):
+    for first, end, is_hole in iter_chunks(modified, unit, both_holes, min(start, common), min(stop, common)):
         lo, hi = first * unit, end * unit
         if not is_hole:
             diff = _differ(mdata[lo:hi], bdata[lo:hi], unit)
@@ -71,7 +78,8 @@ def changed_units(
             progress((end - first) * unit)
     # the tail: units past the end of the base (compared with zeros; holes there are zeros on
     # both sides) and partial units
-    for first, end, is_hole in iter_chunks(modified, unit, intersect_runs(holes, beyond_base), common, count):
+    tail = intersect_runs(holes, beyond_base)
+    for first, end, is_hole in iter_chunks(modified, unit, tail, max(start, common), stop):
         lo, hi = first * unit, min(end * unit, msize)
         if is_hole:
             if digest is not None:

@@ -57,6 +57,18 @@ class Deduplicator:
         self.images = images
         self._seen: list[_Seen] = []
 
+    def seed(self, hashes: np.ndarray, addresses: np.ndarray) -> None:
+        """Make units of the overlay that another process encodes referable, as if this one had
+        encoded them: ``hashes`` of units at ``addresses`` (packed), given in overlay order.
+
+        Among equal hashes the earliest address is found first (the sort is stable), which is
+        the unit a single process would have encoded and referenced; units there that are zero
+        or in a base are never looked up, since those classes are tried before this one.
+        """
+        if hashes.size:
+            order = np.argsort(hashes, kind="stable")
+            self._seen = [_Seen(hashes[order], addresses[order])]
+
     def classify(self, image_number: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Classes (``ENCODE`` or a Ref) and ref values for the units ``indices`` of one image.
 

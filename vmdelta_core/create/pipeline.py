@@ -88,6 +88,11 @@ def create_overlay(
         except OSError as exc:
             raise outputs.explain(exc, config.output) from None
         outputs.commit()
+    return _report(config, size, metadata, started)
+
+
+def _report(config: CreateConfig, size: int, metadata: OverlayMetadata, started: float) -> CreateReport:
+    """What ``create`` tells of the overlay it wrote, begun at ``started`` (``time.monotonic``)."""
     return CreateReport(
         output=config.output,
         size=size,
@@ -195,11 +200,10 @@ def _encode_image(
     """Every stage of one image: envelope, changes, filters, dedup and encoding, digest; ``image``
     completed with their outcome."""
     unit = units.unit
-    name, spec, modified = pair.plan.name, pair.plan.spec, pair.modified
+    name, modified = pair.plan.name, pair.modified
     # the envelope first: a reader streaming the artifact out needs its head before the pages
     envelope = _store_envelope(number, pair, units.writer)
-    # hints hold against the file the modified was made from; against another base they lie
-    use_hints = modified.hints is not None and _same_file(modified.hints_base, spec.base)
+    use_hints = _use_hints(pair)
     running = None if use_hints else ImageDigest()  # reading the whole image anyway: digest it on the way
     advance = progress.start(f"compare {name}", modified.size)
     changed = changed_units(pair.base, modified, unit, progress=advance, use_hints=use_hints, digest=running)
@@ -219,6 +223,12 @@ def _encode_image(
         envelope=envelope,
         filters=selection.filters,
     )
+
+
+def _use_hints(pair: OpenedPair) -> bool:
+    """Whether to compare only the units the source hints at: hints hold against the file the
+    modified was made from; against another base they lie."""
+    return pair.modified.hints is not None and _same_file(pair.modified.hints_base, pair.plan.spec.base)
 
 
 def _store_envelope(number: int, pair: OpenedPair, writer: OverlayWriter) -> EnvelopeRecord | None:
