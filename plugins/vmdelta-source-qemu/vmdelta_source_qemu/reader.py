@@ -10,6 +10,7 @@ the file (``SourceImage.mapping``) that the core releases as it reads.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from vmdelta_core.plugin import ConfigError, data_extents, map_readonly, release_pages
+from vmdelta_core.plugin import ConfigError, FormatError, data_extents, map_readonly, release_pages
 from vmdelta_source_qemu.blocks import layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.envelope import Envelope, Mapped, Op, Run, pack_forced
@@ -54,16 +55,23 @@ def ram_limit(options: Mapping[str, Any]) -> int:
     return limit
 
 
-def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
+def read_snapshot(path: Path, options: Mapping[str, Any], start: int = 0) -> Snapshot:
     """Open a QEMU migration stream or mapped-ram file; ``options["ram"]`` names the RAM file of an
     x-ignore-shared stream, ``options["tmpdir"]`` where the image file goes, ``options["max_ram"]``
-    the most RAM its block table may claim."""
+    the most RAM its block table may claim.
+
+    ``start`` is where the stream begins in the file (a container's header before it); it runs
+    to the end of the file. Mapped-ram files address their pages from the file's first byte, so
+    one that does not start there is refused.
+    """
     max_ram = ram_limit(options)
-    buf, stream_closers = map_readonly(path)
+    buf, stream_closers = map_readonly(path) if start == 0 else _map_from(path, start)
     stream_map = stream_closers[0] if stream_closers else None
     try:
         parsed = parse_stream(buf, stream_map, options.get("tmpdir"), max_ram)
         try:
+            if start and parsed.fmt == "mapped-ram":
+                raise FormatError(f"a mapped-ram file starts its file; this one starts at offset {start} of {path}")
             snap = _snapshot(path, buf, stream_map, parsed, options)
         except BaseException:
             parsed.image.close()
@@ -74,6 +82,52 @@ def read_snapshot(path: Path, options: Mapping[str, Any]) -> Snapshot:
             with contextlib.suppress(BufferError):
                 closer.close()  # type: ignore[attr-defined]
     return snap
+
+
+class _ShiftedMap:
+    """A read-only map of a file from a page boundary at or before a stream's first byte, seen
+    from that byte: :func:`release_pages` hands it offsets in the stream, this drops the pages
+    under them from the map (whole pages only, as ``madvise`` needs)."""
+
+    def __init__(self, mapping: mmap.mmap, shift: int) -> None:
+        self.mapping = mapping
+        self.shift = shift
+
+    def __len__(self) -> int:
+        return len(self.mapping) - self.shift
+
+    def madvise(self, option: int, start: int, length: int) -> None:
+        lo = start + self.shift
+        hi = min(lo + length, len(self.mapping))
+        lo -= lo % mmap.PAGESIZE
+        if hi > lo:
+            self.mapping.madvise(option, lo, hi - lo)
+
+    def close(self) -> None:
+        self.mapping.close()
+
+
+def _map_from(path: Path, start: int) -> tuple[np.ndarray, list[Any]]:
+    """The file from byte ``start`` to its end as a read-only array, and what to close."""
+    if start < 0:
+        raise ValueError(f"a stream cannot start at offset {start}")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size <= start:
+            return np.zeros(0, dtype=np.uint8), []
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, size - base, prot=mmap.PROT_READ, offset=base)
+    except OSError as exc:
+        raise ConfigError(f"cannot map {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    with contextlib.suppress(AttributeError, OSError):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return np.frombuffer(mapped, dtype=np.uint8)[start - base :], [_ShiftedMap(mapped, start - base)]
 
 
 def _snapshot(

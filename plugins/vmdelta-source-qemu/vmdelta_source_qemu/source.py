@@ -8,7 +8,6 @@ kind of artifact back. ``qemu-ram`` reads a raw RAM image (the x-ignore-shared b
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,13 +27,12 @@ from vmdelta_core.plugin import (
     hole_extents,
     map_readonly,
     punch_zero_runs,
-    release_pages,
 )
 from vmdelta_source_qemu.blocks import MAIN_RAM, RamBlock, layout_of
 from vmdelta_source_qemu.c_migration import PAGE_SIZE
+from vmdelta_source_qemu.embedded import open_stream, rebuilt_image
 from vmdelta_source_qemu.envelope import read_envelope
 from vmdelta_source_qemu.imagefile import CHUNK_PAGES
-from vmdelta_source_qemu.reader import read_snapshot
 from vmdelta_source_qemu.writer import stream_snapshot, write_snapshot
 
 __all__ = ["QemuRamSource", "QemuSource"]
@@ -57,17 +55,7 @@ class QemuSource(Source):
 
     def open(self, path: Path, *, kind: ImageKind, options: Mapping[str, Any]) -> SourceImage:
         _memory_only(self.name, kind)
-        snap = read_snapshot(Path(path), options)
-        return SourceImage(
-            kind=kind,
-            data=snap.image,
-            holes=snap.holes,
-            envelope=snap.envelope.to_bytes(),
-            layout=snap.layout,
-            exact_artifact=snap.exact,
-            mapping=snap.mapping,
-            closers=snap.closers,
-        )
+        return open_stream(Path(path), options=options, kind=kind)
 
     def materialize(self, rebuilt: RebuiltImage, output: Path) -> None:
         # the envelope comes from the overlay: untrusted until read_envelope has checked it
@@ -79,23 +67,12 @@ class QemuSource(Source):
                 f"the stream was saved with x-ignore-shared: name where the rebuilt RAM file of block "
                 f"{external.name!r} goes with --memory-ram"
             )
-        image, closers = map_readonly(Path(rebuilt.path))
-        mapping = closers[0] if closers else None
-
-        def release(start: int, stop: int) -> None:
-            release_pages(mapping, start, stop)
-
-        try:
+        with rebuilt_image(Path(rebuilt.path)) as (image, release):
             with open(output, "w+b") as out:
                 write_snapshot(envelope, blocks, image, out, release)
             # the stream is complete before the RAM file replaces anything
             if external is not None:
                 _write_ram_file(Path(ram_output), image, external, release)
-        finally:
-            del image
-            for closer in closers:
-                with contextlib.suppress(BufferError):
-                    closer.close()  # type: ignore[attr-defined]
 
     def stream_artifact(self, rebuilt: RebuiltImage, out: ArtifactStream) -> None:
         """The migration stream written front to back while the image is rebuilt (``apply`` to
@@ -103,14 +80,8 @@ class QemuSource(Source):
         checked = read_envelope(rebuilt.envelope, rebuilt.size)
         if checked.external is not None:
             raise ConfigError("an x-ignore-shared snapshot keeps its RAM in a file: write the memory to a file")
-        image, closers = map_readonly(Path(rebuilt.path))
-        try:
+        with rebuilt_image(Path(rebuilt.path)) as (image, _release):
             stream_snapshot(checked.envelope, checked.blocks, image, out)
-        finally:
-            del image
-            for closer in closers:
-                with contextlib.suppress(BufferError):
-                    closer.close()  # type: ignore[attr-defined]
 
 
 def _write_ram_file(target: Path, image: np.ndarray, block: RamBlock, release: Callable[[int, int], None]) -> None:

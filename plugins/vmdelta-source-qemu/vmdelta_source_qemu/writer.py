@@ -42,11 +42,13 @@ def write_snapshot(
 ) -> None:
     """Run the envelope's operations against ``image`` into ``out``.
 
-    ``out`` is opened ``w+b``: mapped-ram blocks read their header back from it. ``release(start,
-    stop)`` is called for each range of ``image`` once it is written.
+    ``out`` is opened ``w+b``: mapped-ram blocks read their header back from it. The stream
+    starts at ``out``'s position (a container's header may come first; a mapped-ram file must
+    start its file) and the file ends where the stream does. ``release(start, stop)`` is called
+    for each range of ``image`` once it is written.
     """
     fd = out.fileno()
-    pos = 0
+    start = pos = out.tell()
     for op in envelope.ops:
         if isinstance(op, Run):
             block = _block(blocks, op.block)
@@ -54,6 +56,8 @@ def write_snapshot(
                 raise FormatError(f"QEMU envelope: a run past the end of block {block.name!r}")
             pos += _write_run(out, op, block, image, release)
         elif isinstance(op, Mapped):
+            if start:
+                raise FormatError(f"QEMU envelope: a mapped-ram block in a stream at offset {start} of its file")
             block = _block(blocks, op.block)
             out.flush()
             pos = _write_mapped(fd, pos, op, block, image, release)
