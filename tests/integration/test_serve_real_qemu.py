@@ -5,7 +5,10 @@ the guest resumes with its page cache and its files intact. An overlay cut short
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -15,9 +18,9 @@ from pathlib import Path
 import pytest
 from fixture_guest import RunningGuest, qemu_argv, stream_capture
 
-from vmdelta_core.errors import VmdeltaError
 from vmdelta_core.registry import default_registry
 from vmdelta_core.serve import BaseCatalog, OverlayServer, QemuLaunch, ServeConfig, ServedBase, send_overlay
+from vmdelta_core.serve.protocol import CHUNK_FIELD, pack_hello, prologue_end, read_line
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.slow]
 
@@ -82,11 +85,46 @@ def test_the_guest_resumes_from_an_overlay_sent_to_serve(overlay: Path, server: 
     assert seen["loaded"] <= seen["running"] <= seen["checked"]
 
 
-def test_an_overlay_cut_short_never_starts_the_guest(overlay: Path, server: OverlayServer, tmp_path: Path) -> None:
-    cut = tmp_path / "cut.vmds"
-    cut.write_bytes(overlay.read_bytes()[: overlay.stat().st_size * 7 // 10])
-    (tmp_path / "vms" / "cut").mkdir(parents=True)
-    with pytest.raises(VmdeltaError, match="cut short"):
-        send_overlay(cut, *server.address, token=TOKEN, name="cut", timeout=120)
-    assert not (tmp_path / "vms" / "cut" / "qmp.sock").exists()  # QEMU never started
-    assert not (server.config.output / "cut").exists()
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_a_damaged_overlay_never_resumes_the_guest(
+    overlay: Path, server: OverlayServer, tmp_path: Path, damage: str
+) -> None:
+    """The VM starts at once (its disk is rebuilt in place) and loads memory as it arrives; an
+    overlay cut short, or with one byte changed, stops it before its memory stream ends."""
+    data = bytearray(overlay.read_bytes())
+    if damage == "cut":
+        del data[len(data) * 7 // 10 :]
+    else:
+        data[len(data) * 6 // 10] ^= 0x10
+    folder = tmp_path / "vms" / damage
+    folder.mkdir(parents=True)
+    # the damaged bytes go as they are (`vmdelta send` would refuse them before sending)
+    head = prologue_end(bytes(data))
+    with socket.create_connection(server.address, timeout=120) as sock:
+        sock.sendall(pack_hello(TOKEN, damage) + CHUNK_FIELD.pack(head) + data[:head])
+        assert read_line(sock)["status"] == "ready"
+        with contextlib.suppress(OSError):  # the server may stop reading at the damage
+            for start in range(head, len(data), 1 << 20):
+                chunk = data[start : start + (1 << 20)]
+                sock.sendall(CHUNK_FIELD.pack(len(chunk)) + chunk)
+            sock.sendall(CHUNK_FIELD.pack(0))
+        answer = read_line(sock)
+    assert answer["status"] == "error", answer
+    assert re.search("cut short" if damage == "cut" else "checksum|damaged|corrupt", answer["message"]), answer
+    console = folder / "console.log"
+    assert console.exists()  # QEMU had started, loading the memory as it came
+    assert not _qemu_running(folder), "QEMU still runs after its overlay failed"
+    assert "RESTORE_CHECK" not in console.read_text(errors="replace")  # the guest never ran
+    assert not (server.config.output / damage).exists()
+
+
+def _qemu_running(folder: Path) -> bool:
+    """Whether a process started with ``folder`` in its command line is alive."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(folder).encode() in (proc / "cmdline").read_bytes():
+                    return (proc / "stat").read_text().split(") ")[1][0] != "Z"
+            except OSError:
+                continue
+    return False
