@@ -27,7 +27,17 @@ _WHERE = {
     "load_serve_config": "settings",
     "send_overlay": "client",
 }
-__all__ = sorted(_WHERE)
+__all__ = [
+    "BaseCatalog",
+    "OverlayServer",
+    "QemuLaunch",
+    "ServeConfig",
+    "ServedBase",
+    "TransportError",
+    "client_tls_context",
+    "load_serve_config",
+    "send_overlay",
+]
 
 
 def __getattr__(name: str) -> Any:
