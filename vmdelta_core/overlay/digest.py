@@ -6,6 +6,7 @@ so overlays written with the older whole-image digest still verify.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -161,7 +162,15 @@ def own_file_digest(path: Path, kind: type[ImageDigest] = ImageDigest) -> str:
                 pos = min(stop + -stop % kind.CHUNK, size)
                 for at in range(start, pos, kind.CHUNK):
                     digest.update(view[at : min(at + kind.CHUNK, pos)])
+                    _drop(mapped, at, min(at + kind.CHUNK, pos))  # the pages stay cached, not mapped
             digest.update_zeros(size - pos)
     finally:
         mapped.close()
     return digest.hexdigest()
+
+
+def _drop(mapped: mmap.mmap, start: int, stop: int) -> None:
+    """Unmap ``[start, stop)`` of a read-only file map from this process (the file's pages stay
+    in the page cache): hashing a large file does not grow the process by its size."""
+    with contextlib.suppress(OSError, ValueError):
+        mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
