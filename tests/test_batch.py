@@ -76,6 +76,7 @@ def test_batch_overlays_are_those_of_create_and_apply_byte_exact(realistic: Path
     assert report.succeeded and [vm.name for vm in report.vms] == ["a", "b", "c"]
     # one index per distinct base, in the shared cache, though two VMs read realistic/base.img
     assert len(list((tmp_path / "cache").glob("*.vmdidx"))) == 2
+    assert [base["cached"] for base in report.bases] == [False, False]
     for vm, spec in zip(report.vms, load_manifest(manifest).vms, strict=True):
         single = tmp_path / f"{vm.name}.single.overlay"
         made = create_overlay(attrs.evolve(spec.config, output=single))

@@ -46,6 +46,8 @@ class BatchReport:
     scheduler: str
     workers: int
     dashboard: str | None = None
+    #: one entry per distinct base: its path, fingerprint, whether its index was cached, seconds
+    bases: tuple[dict[str, Any], ...] = ()
 
     @property
     def failed(self) -> tuple[VmResult, ...]:
@@ -64,6 +66,7 @@ class BatchReport:
             "scheduler": self.scheduler,
             "workers": self.workers,
             "total_size": sum(vm.size for vm in self.vms),
+            "bases": list(self.bases),
             "vms": [vm.to_json() for vm in self.vms],
         }
 

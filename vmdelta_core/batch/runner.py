@@ -119,12 +119,14 @@ def run_batch(
             result = _result_of(future, futures[future])
             results[result.name] = result
             events.finished(result)
+        bases = tuple(client.gather(list(indexes.values()), errors="skip"))
     return BatchReport(
         vms=tuple(results[vm.name] for vm in fleet.vms),
         seconds=time.monotonic() - started,
         scheduler=scheduler or "local",
         workers=count,
         dashboard=dashboard,
+        bases=bases,
     )
 
 
