@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,7 +33,7 @@ from vmdelta_core.config import (
     parse_filter,
     parse_option,
 )
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.errors import ConfigError, StorageError
 from vmdelta_core.outputs import OutputSet
 from vmdelta_core.overlay.metadata import OverlayMetadata
 from vmdelta_core.plugins import DISABLE_VARIABLE, core_version
@@ -187,9 +191,12 @@ def _binary_stdout(what: str) -> BinaryIO:
 
 
 def _binary_stdin(what: str) -> BinaryIO:
+    """Standard input for ``what``, unbuffered: a thread reading ahead of apply may still wait in
+    a read when the command ends (an error found before the stream's end), and a buffered reader
+    it holds would abort the interpreter's exit."""
     if sys.stdin.isatty():
         raise ConfigError(f"{what} is read from standard input, which is a terminal: pipe or redirect it")
-    return sys.stdin.buffer
+    return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,14 +255,46 @@ def apply(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to rebuild: give the --memory and --disk pairs the overlay was made from")
     from_stdin = args.overlay == "-"
     overlay = Path("standard input") if from_stdin else Path(args.overlay)
+    fifo = _fifo(images[0].output) if images[0].kind == "memory" else None
+    if fifo is not None:  # streamed as to standard output, into the FIFO
+        images[0] = attrs.evolve(images[0], output=Path("-"))
     config = ApplyConfig(overlay=overlay, images=tuple(images), strict=args.strict, **_threads(args))
     stream = _binary_stdin("the overlay") if from_stdin else None
-    to_stdout = any(str(spec.output) == "-" for spec in images)
-    stdout = _binary_stdout("the rebuilt artifact") if to_stdout else None
-    with progress_for(args.quiet or args.json) as progress:
-        report = apply_overlay(config, progress=progress, stream=stream, stdout=stdout)
+    to_stdout = fifo is None and any(str(spec.output) == "-" for spec in images)
+    with contextlib.ExitStack() as stack:
+        stdout = _binary_stdout("the rebuilt artifact") if to_stdout else None
+        if fifo is not None:
+            stdout = stack.enter_context(_open_fifo(fifo))
+        with progress_for(args.quiet or args.json) as progress:
+            report = apply_overlay(config, progress=progress, stream=stream, stdout=stdout)
+    if fifo is not None:
+        shown = [attrs.evolve(r, output=fifo) if str(r.output) == "-" else r for r in report.images]
+        report = attrs.evolve(report, images=tuple(shown))
     _show_apply(report, args, to_stderr=to_stdout)
     return 0
+
+
+def _fifo(path: Path) -> Path | None:
+    """``path`` when it is an existing FIFO (a named pipe QEMU reads the memory stream from)."""
+    try:
+        return path if stat.S_ISFIFO(os.stat(path).st_mode) else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _open_fifo(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for writing; this waits for its reader. Closed on any outcome: a reader
+    that got less than the whole stream sees it end early (QEMU's load fails)."""
+    try:
+        out = open(path, "wb")  # noqa: SIM115 (closed below, on every outcome)
+    except OSError as exc:
+        raise StorageError(f"cannot open the FIFO {path}: {exc.strerror or exc}") from None
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError):  # a reader gone early: the stream was not whole anyway
+            out.close()
 
 
 def inspect(args: argparse.Namespace) -> int:

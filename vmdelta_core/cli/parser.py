@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("BASE", "OUTPUT"),
         help="memory base and where to write the result; OUTPUT - streams it to standard output as it "
-        "is rebuilt (for QEMU's -incoming), its end only once everything is verified",
+        "is rebuilt (for QEMU's -incoming), its end only once everything is verified; so does an "
+        'OUTPUT that is a FIFO, opened once its reader has opened it (-incoming "exec:cat FIFO")',
     )
     p.add_argument(
         "--disk",
