@@ -378,14 +378,16 @@ def raw(offset: int, typ: int = MEMORY, length: int = CHUNK) -> bytes:
 @pytest.mark.parametrize(
     ("blobs", "phrase"),
     [
-        pytest.param([(raw(1 << 40), [1 << 28], [])], "is not a chunk of the", id="offset-past-the-image"),
+        pytest.param([(raw(1 << 40), [0], [])], "is not a chunk of the", id="offset-past-the-image"),
+        pytest.param([(raw(0), [1 << 28], [])], "chunk past the", id="chunk-listed-past-the-image"),
+        pytest.param([(raw(0), [0, 0], [])], "chunk twice", id="chunk-listed-twice"),
         pytest.param([(raw(100), [0], [])], "is not a chunk of the", id="offset-not-aligned"),
         pytest.param([(raw(0, length=100), [0], [])], "has length 100", id="wrong-length"),
         pytest.param(
             [(item(0, CHUNK, BASE_DISK | MEMORY, u64(1 << 30)), [0], [])], "points outside", id="base-out-of-range"
         ),
-        pytest.param([(raw(0) + raw(0), [0, 0], [])], "repeats an earlier item", id="duplicate"),
-        pytest.param([(raw(0), [0], []), (raw(0), [0], [])], "repeats an earlier item", id="duplicate-across-blobs"),
+        pytest.param([(raw(0) + raw(0), [0, 1], [])], "repeats an earlier item", id="duplicate"),
+        pytest.param([(raw(0), [0], []), (raw(0), [1], [])], "repeats an earlier item", id="duplicate-across-blobs"),
         pytest.param(
             [(item(0, CHUNK, SELF | MEMORY, u64((CHUNK << 1) | 1)), [0], [])], "which no item", id="self-to-nothing"
         ),
@@ -594,3 +596,9 @@ def test_export_refuses_what_the_package_cannot_describe(tmp_path, capsys):
 def _folders(tmp_path: Path) -> None:
     for name in ("two", "nomem", "units", "good"):
         (tmp_path / name).mkdir()
+
+
+def test_a_codec_level_out_of_range_is_refused_before_the_package_is_read(vm, capsys):
+    not_read = vm["folder"] / "missing.zip"  # the level is checked first: the package need not exist
+    code, err = run(capsys, *import_args(vm, not_read, vm["folder"] / "o.vmdo"), "--codec", "lzma", "--level", 42)
+    assert code == 2 and "takes levels 0 to 9" in err

@@ -196,7 +196,25 @@ class PackageMeta:
         names = [blob.name for blob in blobs]
         if len(set(names)) != len(names):
             raise FormatError(f"{META_NAME} names a blob twice")
+        _check_chunks(blobs, "memory", memory_size)
+        _check_chunks(blobs, "disk", disk_size)
         return cls(digest.lower(), disk_size, memory_size, blobs)
+
+
+def _check_chunks(blobs: list[BlobInfo], kind: str, size: int) -> None:
+    """Every chunk listed is inside its image and listed once: what bounds the items (and so
+    the bytes) the blobs may hold, before any is decompressed."""
+    units = -(-size // CHUNK)
+    seen: set[int] = set()
+    listed = 0
+    for blob in blobs:
+        chunks = blob.memory_chunks if kind == "memory" else blob.disk_chunks
+        if any(c >= units for c in chunks):
+            raise FormatError(f"{META_NAME}: blob {blob.name} lists a {kind} chunk past the {size}-byte {kind} image")
+        seen.update(chunks)
+        listed += len(chunks)
+        if len(seen) != listed:
+            raise FormatError(f"{META_NAME}: blob {blob.name} lists a {kind} chunk twice")
 
 
 def _blob_info(entry: _Map) -> BlobInfo:

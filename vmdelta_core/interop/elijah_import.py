@@ -23,7 +23,7 @@ import attrs
 import numpy as np
 
 from vmdelta_core.components import Encoder, SourceImage
-from vmdelta_core.config import recorded_name
+from vmdelta_core.config import check_codec_level, recorded_name
 from vmdelta_core.errors import BaseMismatchError, FormatError, PluginError
 from vmdelta_core.fileio import check_input, copy_range, open_file_image
 from vmdelta_core.interop.elijah import (
@@ -37,7 +37,7 @@ from vmdelta_core.interop.elijah import (
     inflate,
     parse_self_index,
 )
-from vmdelta_core.outputs import OutputSet, PendingFile
+from vmdelta_core.outputs import OutputSet, PendingFile, storage_error
 from vmdelta_core.overlay.container import OverlayWriter
 from vmdelta_core.overlay.digest import file_digest
 from vmdelta_core.overlay.items import join_addresses
@@ -104,6 +104,8 @@ def import_elijah(
     registry = registry or default_registry()
     progress = progress or NullProgress()
     package, output = Path(package), Path(output)
+    codec_info = registry.info("codec", codec)
+    check_codec_level(codec_info.component, level)
     for path, what in ((package, "package"), (base_memory, "base memory"), (base_disk, "base disk")):
         check_input(path, what)
     with contextlib.ExitStack() as stack:
@@ -118,7 +120,7 @@ def import_elijah(
         }
         sizes = {"memory": meta.memory_size, "disk": meta.disk_size}
         scratch = {
-            kind: _base_copy(outputs.scratch(output, f".{kind}"), Path(path), sizes[kind])
+            kind: _base_copy(outputs.scratch(output, f".{kind}"), Path(path), sizes[kind], kind, output)
             for kind, path in (("memory", base_memory), ("disk", base_disk))
         }
         rebuild = _Rebuild(sizes, bases, {k: p.fd for k, p in scratch.items()}, _Decoders(registry))
@@ -131,7 +133,7 @@ def import_elijah(
         try:
             with open(pending.path, "wb") as f:
                 size, metadata, self_as_raw = _write_overlay(
-                    f, rebuild, scratch, bases, registry, codec, level, pool, package, progress
+                    f, rebuild, scratch, bases, registry, codec_info, level, pool, package, progress
                 )
         except OSError as exc:
             raise outputs.explain(exc, output) from None
@@ -162,15 +164,18 @@ def _check_base_vm(base_disk: Path, expected: str, progress: Progress) -> None:
         )
 
 
-def _base_copy(pending: PendingFile, base: Path, size: int) -> PendingFile:
+def _base_copy(pending: PendingFile, base: Path, size: int, kind: str, output: Path) -> PendingFile:
     """``pending`` holding the base's bytes, cut or zero-extended to ``size``: what a package
     rebuilds before its items are applied."""
-    fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        copy_range(fd, pending.fd, 0, min(size, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
-    os.ftruncate(pending.fd, size)
+        fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            copy_range(fd, pending.fd, 0, min(size, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+        os.ftruncate(pending.fd, size)
+    except OSError as exc:
+        raise storage_error(exc, output, f"making the {size}-byte {kind} image the package claims, beside") from None
     return pending
 
 
@@ -342,7 +347,7 @@ def _write_overlay(
     scratch: dict[str, PendingFile],
     bases: dict[str, SourceImage],
     registry: Registry,
-    codec: str,
+    codec_info: ComponentInfo,
     level: int | None,
     pool: ThreadPoolExecutor,
     package: Path,
@@ -350,7 +355,6 @@ def _write_overlay(
 ) -> tuple[int, OverlayMetadata, dict[str, int]]:
     """Every item in vmdelta's order, then the metadata: the overlay's size, metadata, and the
     self references stored RAW per image."""
-    codec_info = registry.info("codec", codec)
     writer = OverlayWriter(
         f,  # type: ignore[arg-type]
         codec=codec_info.component,
@@ -385,7 +389,7 @@ def _write_overlay(
                 size=rebuild.sizes[kind],
                 digest=digest,
                 base=BaseRecord(recorded_name(base.file), _SOURCE, base.size, fingerprint),
-                statistics=attrs.evolve(stats, stored_bytes=writer.stored_bytes_by_image.get(number, 0)),
+                statistics=_with_stored_bytes(stats, number, writer, rebuild.encoders_used),
                 artifact=None,
                 artifact_digest=digest,  # the file source's artifact is its image
                 encoders=tuple(stats.encoders),
@@ -398,7 +402,7 @@ def _write_overlay(
         images=records,
         settings=Settings(
             unit_size=CHUNK,
-            codec=codec,
+            codec=codec_info.name,
             level=level,
             frame_size=_FRAME_SIZE,
             images=[{"name": _NAMES[kind], "imported_from": recorded_name(package)} for kind in KINDS],
@@ -406,6 +410,29 @@ def _write_overlay(
     )
     size = writer.finish(metadata.to_json())
     return size, metadata, self_as_raw
+
+
+def _with_stored_bytes(
+    stats: ImageStatistics, number: int, writer: OverlayWriter, encoders: dict[int, ComponentInfo]
+) -> ImageStatistics:
+    """``stats`` with the image's share of the compressed frames: in all, per encoder, and for
+    the references (as ``create`` records them)."""
+    names = {ref: info.name for ref, info in encoders.items()}
+    names[int(Ref.RAW)] = "raw"
+    uses, references = dict(stats.encoders), 0.0
+    for (image, ref), share in writer.stored_bytes_by_ref.items():
+        if image != number:
+            continue
+        if names.get(ref) in uses:
+            uses[names[ref]] = attrs.evolve(uses[names[ref]], stored_bytes=round(share))
+        else:
+            references += share
+    return attrs.evolve(
+        stats,
+        encoders=uses,
+        stored_bytes=writer.stored_bytes_by_image.get(number, 0),
+        references_stored_bytes=round(references),
+    )
 
 
 def _components(registry: Registry, codec: ComponentInfo, encoders: dict[int, ComponentInfo]) -> list[ComponentRecord]:
