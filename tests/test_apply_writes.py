@@ -5,6 +5,7 @@ gives them (references to the base, to earlier units, repeated live units includ
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from samples import sample_pair, write_pair
 
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.apply.bases import Decoders
-from vmdelta_core.apply.rebuild import ImageRebuilder
+from vmdelta_core.apply.rebuild import ImageRebuilder, copy_base
 from vmdelta_core.fileio import data_extents, open_file_image
 from vmdelta_core.overlay.container import OverlayReader
 from vmdelta_core.overlay.items import ItemColumns, join_addresses
@@ -153,3 +154,48 @@ def test_zero_units_become_holes_and_each_run_is_one_write(rebuilder, monkeypatc
     for start, length in data_extents(scratch).tolist():
         allocated.update(range(start - start % UNIT, start + length, UNIT))
     assert zeros and not zeros & allocated  # every zeroed unit is a hole, none is written
+
+
+def sparse_base(path: Path) -> Path:
+    """40 MiB with data in three places, one across a 16 MiB piece boundary, holes elsewhere."""
+    rng = np.random.default_rng(9)
+    with open(path, "wb") as f:
+        f.truncate(40 << 20)
+        for at, n in ((0, 3 * UNIT), ((16 << 20) - 2 * UNIT, 5 * UNIT), ((40 << 20) - UNIT, UNIT)):
+            f.seek(at)
+            f.write(rng.integers(1, 256, n, dtype=np.uint8).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["file, copied by the kernel", "map, written"])
+@pytest.mark.parametrize("parallel", [False, True], ids=["in order", "on a pool"])
+def test_a_base_copied_in_pieces_is_the_base_with_its_holes(tmp_path: Path, mapped: bool, parallel: bool) -> None:
+    path = sparse_base(tmp_path / "base")
+    base = open_file_image(path, "disk")
+    if mapped:  # a source whose image is not a file of its own (a QEMU stream's RAM)
+        base.file = None
+    out = tmp_path / "scratch"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT)
+    advanced = []
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            copy_base(base, fd, base.size, UNIT, advanced.append, pool=pool if parallel else None)
+    finally:
+        os.close(fd)
+        base.close()
+    assert out.read_bytes() == path.read_bytes() and sum(advanced) == path.stat().st_size
+    written = sum(length for _, length in data_extents(out).tolist())
+    assert written <= 8 * UNIT + (1 << 20)  # the holes stay holes (a file system may round up)
+
+
+def test_a_stopped_base_copy_ends_between_pieces(tmp_path: Path) -> None:
+    path = sparse_base(tmp_path / "base")
+    base = open_file_image(path, "disk")
+    stop = threading.Event()
+    fd = os.open(tmp_path / "scratch", os.O_RDWR | os.O_CREAT)
+    try:
+        copy_base(base, fd, base.size, UNIT, lambda n: stop.set(), stop=stop)  # stopped once started
+    finally:
+        os.close(fd)
+        base.close()
+    assert not (tmp_path / "scratch").read_bytes().strip(b"\0")

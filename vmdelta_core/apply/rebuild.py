@@ -9,8 +9,9 @@ each reference held inside what it refers to before a byte is written.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -34,31 +35,90 @@ _OFFSET_MASK = (1 << ADDRESS_BITS) - 1
 _KIND_OF_BASE_REF = {int(ref): kind for kind, ref in BASE_REFS.items()}
 
 
-def copy_base(base: SourceImage, fd: int, size: int, unit: int, advance: Callable[[int], None]) -> None:
+#: the most a piece of a base copy covers: pieces are copied in parallel and stopped between
+_PIECE = 16 << 20
+
+
+def copy_base(
+    base: SourceImage,
+    fd: int,
+    size: int,
+    unit: int,
+    advance: Callable[[int], None],
+    *,
+    pool: ThreadPoolExecutor | None = None,
+    stop: threading.Event | None = None,
+) -> None:
     """Start the rebuilt image as the base's image, sparse where the base is zero: as long as the
-    base at most (the items extend it; its claimed size is set once it is found plausible)."""
+    base at most (the items extend it; its claimed size is set once it is found plausible).
+
+    The base's data is copied in pieces of at most 16 MiB: by the kernel where the base image is
+    a file (a reflink where it can), else written from its map with whole zero units left as
+    holes. With ``pool`` the pieces are copied in parallel (both release the GIL); ``stop``, when
+    set, ends the copy between two pieces.
+    """
     limit = min(size, base.size)
     os.ftruncate(fd, limit)
     if base.file is not None:
-        # the base image is a file: let the kernel copy its data extents (a reflink where it can)
-        with open(base.file, "rb") as src:
-            for start, length in data_extents(base.file, 0, limit).tolist():
-                copy_range(src.fileno(), fd, start, min(length, limit - start))
-                advance(length)
-        return
-    step = 16 << 20
-    holes = base.holes.tolist()
-    h = 0
-    pos = 0
-    while pos < limit:
-        end = min(pos + step, limit)
-        while h < len(holes) and holes[h][0] + holes[h][1] <= pos:
-            h += 1
-        if not (h < len(holes) and holes[h][0] <= pos and holes[h][0] + holes[h][1] >= end):
-            punch_zero_runs(fd, pos, base.data[pos:end], unit)
-            base.release(pos, end)
-        advance(end - pos)
-        pos = end
+        src = os.open(base.file, os.O_RDONLY | os.O_CLOEXEC)
+        pieces = _pieces(data_extents(base.file, 0, limit), limit)
+
+        def copy(start: int, length: int) -> int:
+            copy_range(src, fd, start, length)
+            return length
+
+    else:
+        src = -1
+        pieces = _pieces(_complement(base.holes, limit), limit)
+
+        def copy(start: int, length: int) -> int:
+            punch_zero_runs(fd, start, base.data[start : start + length], unit)
+            base.release(start, start + length)
+            return length
+
+    try:
+        advance(limit - sum(length for _, length in pieces))  # the holes: nothing to copy
+        if pool is None:
+            for start, length in pieces:
+                if stop is not None and stop.is_set():
+                    return
+                advance(copy(start, length))
+            return
+        futures = [pool.submit(copy, start, length) for start, length in pieces]
+        try:
+            for future in futures:
+                advance(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            wait(futures)  # none still writes once the error is raised
+            raise
+    finally:
+        if src >= 0:
+            os.close(src)
+
+
+def _complement(holes: np.ndarray, limit: int) -> np.ndarray:
+    """The ``(start, length)`` ranges of ``[0, limit)`` that no hole covers."""
+    out, pos = [], 0
+    for start, length in holes.tolist():
+        if start > pos:
+            out.append((pos, min(start, limit) - pos))
+        pos = max(pos, start + length)
+        if pos >= limit:
+            break
+    if pos < limit:
+        out.append((pos, limit - pos))
+    return np.array([r for r in out if r[1] > 0], dtype=np.int64).reshape(-1, 2)
+
+
+def _pieces(ranges: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """``ranges`` (start, length) within ``[0, limit)``, cut into pieces of at most ``_PIECE``."""
+    out = []
+    for start, length in ranges.tolist():
+        end = min(start + length, limit)
+        out += [(at, min(at + _PIECE, end) - at) for at in range(start, end, _PIECE)]
+    return out
 
 
 class ImageRebuilder:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,11 +89,21 @@ def apply_overlay(
             on_outputs(early)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
         rebuilder = ImageRebuilder(feed, meta, decoders, bases, [t.scratch.fd for t in targets], pool)
+        ahead = [number for number in range(1, len(targets)) if number != streamed]
+        copies = _BaseCopies({number: _base_copy(number, rebuilder, targets[number]) for number in ahead})
+        stack.callback(copies.close)  # stopped and finished before any scratch file is dropped
         gate = None if streamed is None else StreamedArtifact(stdout, meta.images[streamed].name)  # type: ignore[arg-type]
         try:
             applied = [
                 _apply(
-                    number, rebuilder, targets[number], spec, progress, registry, gate if number == streamed else None
+                    number,
+                    rebuilder,
+                    targets[number],
+                    spec,
+                    progress,
+                    registry,
+                    gate if number == streamed else None,
+                    copies,
                 )
                 for number, spec in enumerate(config.images)
             ]
@@ -178,6 +189,59 @@ class Targets:
         raise PluginError(f"a source moved the rebuilt image to {path}, which is not an output it was given")
 
 
+def _base_copy(number: int, rebuilder: ImageRebuilder, files: Targets) -> Callable[[threading.Event], None]:
+    """The copy of image ``number``'s base into its scratch file, to run ahead of its turn."""
+    image, base, feed = rebuilder.meta.images[number], rebuilder.bases[number], rebuilder.feed
+
+    def copy(stop: threading.Event) -> None:
+        if not feed.partial:
+            check_claimed_size(feed.reach(number), image, base)
+        copy_base(base, files.scratch.fd, image.size, rebuilder.meta.unit_size, lambda n: None, stop=stop)
+
+    return copy
+
+
+class _BaseCopies:
+    """The bases of the images after the first, copied into their scratch files one after the
+    other in a thread of their own while the first image's frames are applied (an image's items
+    read other images only once those are rebuilt, never their scratch files before). The copy
+    of an image that fails raises when its turn comes; :meth:`close` stops the thread between
+    two pieces and waits for it."""
+
+    def __init__(self, jobs: dict[int, Callable[[threading.Event], None]]) -> None:
+        self._jobs = jobs
+        self._done = {number: threading.Event() for number in jobs}
+        self._errors: dict[int, BaseException] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vmdelta-copy-bases", daemon=True)
+        if jobs:
+            self._thread.start()
+
+    def _run(self) -> None:
+        for number, job in self._jobs.items():
+            try:
+                if not self._stop.is_set():
+                    job(self._stop)
+            except BaseException as exc:  # raised in the thread whose image it is
+                self._errors[number] = exc
+            finally:
+                self._done[number].set()
+
+    def wait(self, number: int) -> bool:
+        """Whether image ``number``'s base was copied here (waiting for it), else it is not."""
+        if number not in self._jobs:
+            return False
+        self._done[number].wait()
+        if number in self._errors:
+            raise self._errors.pop(number)
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 @attrs.frozen
 class _Rebuilt:
     """An image rebuilt and verified, waiting for every other one before it is materialized."""
@@ -196,6 +260,7 @@ def _apply(
     progress: Progress,
     registry: Registry,
     gate: StreamedArtifact | None,
+    copies: _BaseCopies,
 ) -> _Rebuilt:
     """Image ``number`` rebuilt in its scratch file from its base and its frames; with ``gate``,
     its artifact written out as the image becomes final."""
@@ -203,9 +268,11 @@ def _apply(
     base: SourceImage = rebuilder.bases[number]
     unit = rebuilder.meta.unit_size
     feed = rebuilder.feed
-    if not feed.partial:  # a file's index tells how far the items reach before any is read
-        check_claimed_size(feed.reach(number), image, base)
-    copy_base(base, files.scratch.fd, image.size, unit, progress.start(f"copy base {spec.base.name}", image.size))
+    if not copies.wait(number):
+        if not feed.partial:  # a file's index tells how far the items reach before any is read
+            check_claimed_size(feed.reach(number), image, base)
+        advance = progress.start(f"copy base {spec.base.name}", image.size)
+        copy_base(base, files.scratch.fd, image.size, unit, advance, pool=rebuilder.pool)
 
     def rebuilt(changed: np.ndarray, envelope: bytes) -> RebuiltImage:
         return RebuiltImage(
