@@ -6,7 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import vmdelta_core
+from vmdelta_core.apply import synthesis
+from vmdelta_core.config import ApplyConfig, ApplyImageSpec
+from vmdelta_core.errors import ConfigError
 
 HEAVY = ("numpy", "zstandard", "pluggy", "attrs", "construct", "rich", "jsonschema", "xxhash")
 
@@ -39,3 +44,14 @@ def test_every_public_name_resolves_to_its_module_object() -> None:
         value = getattr(vmdelta_core, name)
         homes = [m for m in (api, components, errors, hookspecs, registry) if getattr(m, name, None) is value]
         assert homes, name
+
+
+def test_apply_reads_its_overlay_before_it_loads_the_plugins(tmp_path, monkeypatch) -> None:
+    """The first work (opening and checking the overlay) does not wait for every plugin."""
+    loaded = []
+    monkeypatch.setattr(synthesis, "default_registry", lambda: loaded.append(1))
+    (tmp_path / "base.img").write_bytes(bytes(4096))
+    spec = ApplyImageSpec("disk", tmp_path / "base.img", tmp_path / "out.img")
+    with pytest.raises(ConfigError, match="does not exist"):
+        synthesis.apply_overlay(ApplyConfig(tmp_path / "missing.vmdo", [spec]))
+    assert not loaded

@@ -298,7 +298,7 @@ class ImageRebuilder:
         def decode(batch: tuple[Encoder, np.ndarray]) -> list[bytes]:
             encoder, chunk = batch
             at = chunk.tolist()
-            bases = [memoryview(base.padded(int(offsets[r]), int(lengths[r]))) for r in at]
+            bases = [_base_unit(base, int(offsets[r]), int(lengths[r])) for r in at]
             payloads = [memoryview(cols.payloads[r]) for r in at]  # type: ignore[arg-type]
             units = encoder.decode(bases, payloads, [int(lengths[r]) for r in at])
             if len(units) != chunk.size:
@@ -316,6 +316,13 @@ class ImageRebuilder:
         for (_, chunk), units in zip(batches, decoded, strict=True):
             by_row.update(zip(chunk.tolist(), units, strict=True))
         return [by_row[r] for r in rows.tolist()]
+
+
+def _base_unit(base: SourceImage, start: int, length: int) -> memoryview:
+    """The base's bytes of a unit: a view of its map, copied and zero-padded only past its end."""
+    if start + length <= base.size:
+        return memoryview(base.data[start : start + length])
+    return memoryview(base.padded(start, length))
 
 
 #: items handled at once: bounds the decoded bytes held (a few MiB) whatever a frame holds

@@ -68,7 +68,6 @@ def apply_overlay(
         not read them. Should a source publish another file, apply fails.
     """
     started = time.monotonic()
-    registry = registry or default_registry()
     progress = progress or NullProgress()
     with contextlib.ExitStack() as stack:
         feed = open_feed(config.overlay, stream)
@@ -79,6 +78,9 @@ def apply_overlay(
         targets = [Targets.make(outputs, spec) for spec in config.images]
         streamed = _streamed_output(config, stdout)
         meta = read_overlay(feed, config, progress)
+        # the plugins are loaded once the overlay's first bytes are in (a stream's frames are
+        # read ahead meanwhile)
+        registry = registry or default_registry()
         decoders = Decoders.find(meta, registry)
         bases = [
             open_base(stack, registry, meta, image, spec, config, progress)
