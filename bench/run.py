@@ -2,10 +2,17 @@
 """Comparison harness: vmdelta against the tools a user would otherwise pick, in the same run.
 
 For each case (a set of base/modified artifact pairs) it runs ``vmdelta create`` and ``vmdelta
-apply``, ``zstd -3`` and ``zstd -19`` with ``--long=31 --patch-from``, ``xdelta3 -9 -B``, and the
-throwaway overlay model (``shared/tools/overlay-model.py``), measures size, wall time and peak RSS
-of every process (``wait4``), checks that every rebuilt file is identical, and writes a Markdown
-table with vmdelta's ratios to each tool.
+apply`` (the file form, and the stream form through ``create -o -`` and ``apply -``), ``zstd -3
+-T2`` and ``zstd -19`` with ``--long=31 --patch-from``, ``xdelta3 -9 -B``, and the throwaway
+overlay model (``shared/tools/overlay-model.py``), measures size, wall time and peak RSS of every
+process (``wait4``), checks that every rebuilt file is identical, and writes a Markdown table with
+vmdelta's ratios to each tool. Every tool runs ``--runs`` times, the tools taking turns (a round
+runs each once), and the table gives each one's median: a machine whose speed drifts during the
+run moves every tool alike. A last table times start-up: ``vmdelta --help``, and ``vmdelta apply``
+up to its first work (opening its overlay), against a bare Python.
+
+vmdelta runs as an installed tool does: with its bytecode cached (``PYTHONDONTWRITEBYTECODE`` is
+dropped, the cache goes to the work folder, and one unmeasured run of each command fills it).
 
     python bench/run.py                       # realistic-128: disk, memory, whole VM
     python bench/run.py --cases vm --skip zstd-19
@@ -23,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,19 +50,31 @@ class Run:
     stdout: str
 
 
-def measure(argv: list[str], *, env: dict[str, str] | None = None) -> Run:
-    """Run a command; wall time and the peak RSS of that process (children included)."""
+def measure(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    stdin: Path | None = None,
+    stdout: Path | None = None,
+    ok: int = 0,
+) -> Run:
+    """Run a command; wall time and the peak RSS of that process (children included).
+
+    :param stdin: a file given as its standard input; ``stdout``: a file its output goes to
+        (else it is returned); ``ok``: the exit status expected.
+    """
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, env=env)
+    target = open(stdout, "w+b") if stdout else tempfile.TemporaryFile()  # noqa: SIM115
+    with target as out, open(stdin or os.devnull, "rb") as source:
+        proc = subprocess.Popen(argv, stdin=source, stdout=out, stderr=subprocess.PIPE, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
+        if proc.returncode != ok:
             raise SystemExit(f"{shlex.join(argv)} failed ({proc.returncode}): {err.strip()[-500:]}")
         out.seek(0)
-        return Run(seconds, usage.ru_maxrss * 1024, out.read().decode(errors="replace"))
+        return Run(seconds, usage.ru_maxrss * 1024, "" if stdout else out.read().decode(errors="replace"))
 
 
 def same(a: Path, b: Path) -> bool:
@@ -71,33 +91,71 @@ class Result:
     apply_rss: int | None
 
 
-def run_vmdelta(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str]) -> Result:
-    vmdelta = [sys.executable, "-m", "vmdelta_core.cli"]
-    env = {**os.environ, "VMDELTA_CACHE_DIR": str(work / "cache")}
-    create = [*vmdelta, "create", "-q", "-o", str(work / "vm.overlay"), *extra]
-    apply = [*vmdelta, "apply", "-q", str(work / "vm.overlay")]
+VMDELTA = [sys.executable, "-m", "vmdelta_core.cli"]
+STREAM_FORM = "vmdelta, stream form (create -o -, apply -)"
+
+
+def vmdelta_env(work: Path) -> dict[str, str]:
+    """vmdelta's environment: its base index cache and its bytecode cache in ``work``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "VMDELTA_CACHE_DIR": str(work / "cache"), "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+
+
+def run_vmdelta(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str]) -> list[Result]:
+    """vmdelta in the file form and in the stream form (``create -o -``, ``apply -``)."""
+    env = vmdelta_env(work)
+    overlay, stream = work / "vm.overlay", work / "vm.stream"
+    create = [*VMDELTA, "create", "-q", "-o", str(overlay), *extra]
+    create_stream = [*VMDELTA, "create", "-q", "-o", "-", *extra]
+    apply = [*VMDELTA, "apply", "-q", str(overlay)]
+    apply_stream = [*VMDELTA, "apply", "-q", "-"]
     for kind, base, modified in pairs:
-        create += [f"--{kind}", str(base), str(modified)]
+        for argv in (create, create_stream):
+            argv += [f"--{kind}", str(base), str(modified)]
         apply += [f"--{kind}", str(base), str(work / f"out-{modified.name}")]
+        apply_stream += [f"--{kind}", str(base), str(work / f"stream-{modified.name}")]
     # the base index is built once per base and cached: time a create with a warm cache, as a
-    # cloudlet holding its base would, after one run that builds it
-    measure(create, env=env)
+    # cloudlet holding its base would, after one run that builds it (and fills the bytecode cache)
+    if not overlay.exists():
+        measure(create, env=env)
+        measure(apply, env=env)
+        for _, _, modified in pairs:  # every measured apply writes new files, as zstd's do
+            (work / f"out-{modified.name}").unlink()
     c = measure(create, env=env)
     a = measure(apply, env=env)
+    cs = measure(create_stream, env=env, stdout=stream)
+    s = measure(apply_stream, env=env, stdin=stream)
     for _, _, modified in pairs:
-        if not same(work / f"out-{modified.name}", modified):
-            raise SystemExit(f"vmdelta rebuilt {modified.name} wrongly")
-    return Result("vmdelta", (work / "vm.overlay").stat().st_size, c.seconds, c.peak_rss, a.seconds, a.peak_rss)
+        for rebuilt in (work / f"out-{modified.name}", work / f"stream-{modified.name}"):
+            if not same(rebuilt, modified):
+                raise SystemExit(f"vmdelta rebuilt {modified.name} wrongly")
+            rebuilt.unlink()
+    return [
+        Result("vmdelta", overlay.stat().st_size, c.seconds, c.peak_rss, a.seconds, a.peak_rss),
+        Result(STREAM_FORM, stream.stat().st_size, cs.seconds, cs.peak_rss, s.seconds, s.peak_rss),
+    ]
 
 
-def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path) -> Result:
+def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path, threads: int = 1) -> Result:
     size = 0
+    option = [f"-T{threads}"] if threads > 1 else []
     create = apply = 0.0
     c_rss = a_rss = 0
     for _, base, modified in pairs:
         patch, out = work / f"{modified.name}.zst{level}", work / f"{modified.name}.zst{level}.out"
         c = measure(
-            ["zstd", f"-{level}", "--long=31", "-q", "-f", f"--patch-from={base}", str(modified), "-o", str(patch)]
+            [
+                "zstd",
+                f"-{level}",
+                *option,
+                "--long=31",
+                "-q",
+                "-f",
+                f"--patch-from={base}",
+                str(modified),
+                "-o",
+                str(patch),
+            ]
         )
         a = measure(["zstd", "-d", "--long=31", "-q", "-f", f"--patch-from={base}", str(patch), "-o", str(out)])
         if not same(out, modified):
@@ -107,7 +165,8 @@ def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path) -> Res
         apply += a.seconds
         c_rss, a_rss = max(c_rss, c.peak_rss), max(a_rss, a.peak_rss)
         out.unlink()
-    return Result(f"zstd -{level} --long=31 --patch-from", size, create, c_rss, apply, a_rss)
+    name = " ".join([f"zstd -{level}", *option, "--long=31 --patch-from"])
+    return Result(name, size, create, c_rss, apply, a_rss)
 
 
 def run_xdelta3(pairs: list[tuple[str, Path, Path]], work: Path) -> Result:
@@ -141,6 +200,61 @@ def run_model(pairs: list[tuple[str, Path, Path]], shared: Path) -> list[Result]
         Result(f"overlay model, zstd -{level}", int(size), float(sec), 0, None, None)
         for level, size, sec in re.findall(r"zstd -(\d+): (\d+) bytes \(([\d.]+) s\)", run.stdout)
     ]
+
+
+def median_of(rounds: list[Result]) -> Result:
+    """One tool's rounds as one result: median times, largest peak RSS (sizes do not vary)."""
+    return Result(
+        rounds[0].tool,
+        rounds[0].size,
+        statistics.median(r.create for r in rounds),
+        max(r.create_rss for r in rounds),
+        None if rounds[0].apply is None else statistics.median(r.apply or 0.0 for r in rounds),
+        None if rounds[0].apply_rss is None else max(r.apply_rss or 0 for r in rounds),
+    )
+
+
+def run_case(
+    pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str], skip: set[str], runs: int
+) -> list[Result]:
+    """Every tool ``runs`` times, taking turns; each tool's median."""
+    rounds = []
+    for _ in range(runs):
+        results = run_vmdelta(pairs, work, extra)
+        if "zstd-3" not in skip:
+            results.append(run_zstd(3, pairs, work, threads=2))
+        if "zstd-19" not in skip:
+            results.append(run_zstd(19, pairs, work))
+        if "xdelta3" not in skip:
+            results.append(run_xdelta3(pairs, work))
+        rounds.append(results)
+    return [median_of(list(tool)) for tool in zip(*rounds, strict=True)]
+
+
+def startup(work: Path, runs: int) -> str:
+    """Start-up, median of ``runs`` taking turns: ``vmdelta --help``, and ``vmdelta apply`` up to
+    its first work (opening its overlay, missing here: exit status 2), against a bare Python."""
+    env = vmdelta_env(work)
+    commands = {
+        "python -c pass (the floor)": ([sys.executable, "-c", "pass"], 0),
+        "vmdelta --help": ([*VMDELTA, "--help"], 0),
+        "vmdelta apply, to its first work": (
+            [*VMDELTA, "apply", "-q", str(work / "none.overlay"), "--disk", str(work / "none.img"), str(work / "o")],
+            2,
+        ),
+    }
+    for argv, ok in commands.values():  # fills the bytecode cache
+        measure(argv, env=env, ok=ok)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, (argv, ok) in commands.items():
+            times[name].append(measure(argv, env=env, ok=ok).seconds)
+    floor = statistics.median(times["python -c pass (the floor)"])
+    lines = ["### start-up", "", "| command | wall s (median) | × bare Python |", "|---|---:|---:|"]
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        lines.append(f"| {name} | {median:.3f} | {median / floor:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(case: str, results: list[Result]) -> str:
@@ -182,6 +296,7 @@ def main() -> None:
     parser.add_argument("--cases", default="disk,memory,vm", help="comma-separated: disk, memory, vm")
     parser.add_argument("--skip", default="", help="comma-separated tools to skip: zstd-3, zstd-19, xdelta3, model")
     parser.add_argument("--vmdelta-args", default="", help="extra arguments for vmdelta create")
+    parser.add_argument("--runs", type=int, default=3, help="rounds of every tool; tables give medians (default 3)")
     args = parser.parse_args()
     folder = args.fixtures
     if folder is None:
@@ -201,25 +316,23 @@ def main() -> None:
         f"# vmdelta benchmark: {folder.name}",
         "",
         f"vmdelta create {shlex.join(extra) or '(defaults)'}; {os.cpu_count()} cores; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}. Ratios are vmdelta ÷ tool: below 1 is better for vmdelta.",
+        f"{time.strftime('%Y-%m-%d %H:%M')}; median of {args.runs} rounds, the tools taking turns. "
+        "Ratios are vmdelta ÷ tool: below 1 is better for vmdelta.",
         "",
     ]
     for case in filter(None, args.cases.split(",")):
         pairs = cases(folder)[case]
         with tempfile.TemporaryDirectory(prefix="vmdelta-bench-") as tmp:
-            work = Path(tmp)
-            results = [run_vmdelta(pairs, work, extra)]
-            if "zstd-3" not in skip:
-                results.append(run_zstd(3, pairs, work))
-            if "zstd-19" not in skip:
-                results.append(run_zstd(19, pairs, work))
-            if "xdelta3" not in skip:
-                results.append(run_xdelta3(pairs, work))
+            results = run_case(pairs, Path(tmp), extra, skip, args.runs)
             if "model" not in skip:
                 results += run_model(pairs, shared)
         text = table(f"{case}: " + ", ".join(m.name for _, _, m in pairs), results)
         print(text, flush=True)
         report.append(text)
+    with tempfile.TemporaryDirectory(prefix="vmdelta-bench-") as tmp:
+        text = startup(Path(tmp), max(args.runs, 5))
+    print(text, flush=True)
+    report.append(text)
     out = ROOT / "bench" / "results" / f"{folder.name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(report))
