@@ -10,6 +10,7 @@ import attrs
 
 from vmdelta_core.cli import commands
 from vmdelta_core.cli.batch import add_batch_parser
+from vmdelta_core.cli.handoff import add_handoff_parsers
 from vmdelta_core.cli.interop import add_parsers as add_interop_parsers
 from vmdelta_core.config import MAX_THREADS, CreateConfig
 from vmdelta_core.errors import VmdeltaError
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _serve_parsers(sub)
     add_batch_parser(sub)
+    add_handoff_parsers(sub)
     add_interop_parsers(sub)
 
     p = sub.add_parser(

@@ -179,10 +179,10 @@ class ChunkReader:
     gives the chunks' bytes, and ``b""`` once the chunk of length 0 came. A connection that
     breaks off or stalls raises :class:`TransportError` (so apply names it, and keeps nothing)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, record: bool = True) -> None:
         self._sock = sock
         self._buffer = memoryview(b"")
-        self._record: bytearray | None = bytearray()
+        self._record: bytearray | None = bytearray() if record else None
         self._left = 0  # bytes still to come in the current chunk
         self._ended = False
         self.received = 0  # overlay bytes taken off the connection
