@@ -188,7 +188,7 @@ def test_help_does_not_import_dask() -> None:
 
 
 @pytest.mark.fixtures
-def test_a_vm_made_in_shards_is_the_size_of_one_made_whole_and_applies_byte_exact(
+def test_a_vm_made_in_shards_is_the_overlay_of_one_made_whole_and_applies_byte_exact(
     realistic: Path, tmp_path: Path, cluster
 ) -> None:
     """Two images of 128 MiB in 32 MiB shards: eight address-range tasks on two workers."""
@@ -203,14 +203,11 @@ def test_a_vm_made_in_shards_is_the_size_of_one_made_whole_and_applies_byte_exac
     assert report.succeeded, [vm.error for vm in report.failed]
     whole = create_overlay(attrs.evolve(config, output=tmp_path / "whole.overlay"))
     sharded = report.vms[0]
-    assert abs(sharded.size - whole.size) <= 0.005 * whole.size
-    for made, single in zip(sharded.images, whole.images, strict=True):
-        counts, expected = made["statistics"], single.statistics.to_json()
-        for key in ("changed", "zero", "base_memory", "base_disk", "self"):  # dedup exact across shards
-            assert counts[key] == expected[key], key
-        assert {n: u["units"] for n, u in counts["encoders"].items()} == {
-            n: u["units"] for n, u in expected["encoders"].items()
-        }
+    # dedup exact across shards and the items framed again as one process frames them: the same
+    # overlay, byte for byte (the bound the format promises is 0.5%)
+    assert sharded.size == whole.size
+    assert sharded.overlay.read_bytes() == whole.output.read_bytes()
+    assert sharded.images[1]["statistics"]["self"] > 1000  # disk units found in the memory image
     assert not list(tmp_path.glob(".sharded.overlay.shard-*"))  # the parts are gone
     outs = [tmp_path / "ram.out", tmp_path / "disk.out"]
     apply_overlay(

@@ -115,17 +115,7 @@ def _write_overlay(
 ) -> tuple[int, OverlayMetadata]:
     """Encode every image into ``file``: the overlay's size and metadata."""
     config = plan.config
-    writer = OverlayWriter(
-        file,
-        codec=plan.codec.component,
-        codec_id=0,
-        level=config.level,
-        frame_size=config.frame_size,
-        pool=pool,
-        # two frames a thread keeps every core busy; never more than 512 MiB of them at once
-        in_flight=max(2, min(config.threads * 2, _IN_FLIGHT_BYTES // config.frame_size)),
-        stream=stream_form,
-    )
+    writer = _writer(file, plan, pool, stream=stream_form)
     writer.begin(split_document(_checked(skeleton.to_json()))[0])
     units = UnitEncoder(dedup, plan.refs, writer, pool, config.unit_size)
     try:
@@ -141,6 +131,22 @@ def _write_overlay(
     size = writer.finish(_checked(metadata.to_json()))
     file.flush()
     return size, metadata
+
+
+def _writer(file: BinaryIO, plan: OverlayPlan, pool: ThreadPoolExecutor, *, stream: bool = False) -> OverlayWriter:
+    """The overlay's writer: its frames compressed on ``pool``, as the config asks."""
+    config = plan.config
+    return OverlayWriter(
+        file,
+        codec=plan.codec.component,
+        codec_id=0,
+        level=config.level,
+        frame_size=config.frame_size,
+        pool=pool,
+        # two frames a thread keeps every core busy; never more than 512 MiB of them at once
+        in_flight=max(2, min(config.threads * 2, _IN_FLIGHT_BYTES // config.frame_size)),
+        stream=stream,
+    )
 
 
 def _checked(document: dict[str, Any]) -> dict[str, Any]:

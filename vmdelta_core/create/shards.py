@@ -9,16 +9,18 @@ runs them on any worker that reads the files:
 2. :func:`select_shards`, once: the filters over all of an image's changed units (as one process
    runs them), the image digests, and the dedup seed.
 3. :func:`encode_shard`, per range, in parallel: dedup and encoding of the range's kept units into
-   the frames of a part file beside the overlay.
-4. :func:`merge_shards`, once: the envelopes and the parts' frames, in order, into the overlay.
+   the items of a part file beside the overlay (compressed fast, for the trip).
+4. :func:`merge_shards`, once: the envelopes and the parts' items, in order, framed and compressed
+   into the overlay. This is the part that does not run in parallel (beyond the task's threads):
+   framing items the way one process does is what makes the overlay that one process makes.
 
 How the shards see each other's units: a unit that a single process would find "same as an
 earlier unit" refers to the first unit of the overlay with its bytes. Step 1 hashes every changed
 unit; step 2 keeps the hashes of the units the filters kept, in overlay order; step 3 seeds the
 shard's dedup with every one of them that lies before the shard (:meth:`Deduplicator.seed`). The
 earliest unit of a hash is found first, and every proposed match is still confirmed against the
-bytes of the modified image at that address (which every shard reads), so the references are those
-of one process and the overlay differs from it only where a shard's last frame is cut short.
+bytes of the modified image at that address (which every shard reads). The items are then those
+of one process, and so, once framed again by the merge, is the overlay, byte for byte.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from vmdelta_core.create.pipeline import (
     _skeleton,
     _store_envelope,
     _use_hints,
+    _writer,
 )
 from vmdelta_core.create.plan import OverlayPlan, plan_overlay
 from vmdelta_core.create.sources import OpenedPair, index_bases, open_pairs
@@ -71,6 +74,11 @@ __all__ = [
     "select_shards",
     "shard_ranges",
 ]
+
+
+#: the codec and level of the part files: fast, since the merge compresses the frames again
+PART_CODEC = "zstd"
+PART_LEVEL = 1
 
 
 @attrs.frozen
@@ -106,15 +114,6 @@ class Selection:
     seed_addresses: np.ndarray
     seed_lengths: tuple[int, ...]
     images: tuple[dict[str, Any], ...]  # per image: changed, dropped, filters, digests
-
-
-@attrs.frozen
-class ShardOutcome:
-    """What :func:`encode_shard` wrote into its part file."""
-
-    statistics: ImageStatistics
-    stored_bytes: int
-    stored_bytes_by_ref: dict[int, float]
 
 
 @contextlib.contextmanager
@@ -284,8 +283,13 @@ def encode_shard(
     number: int,
     part: Path,
     registry: Registry | None = None,
-) -> ShardOutcome:
-    """Step 3: dedup and encode shard ``number``'s kept units into frames, in the part file ``part``."""
+) -> ImageStatistics:
+    """Step 3: dedup and encode shard ``number``'s kept units into the frames of the part file
+    ``part``; their counts.
+
+    The part's frames are compressed fast (:data:`PART_LEVEL`): they only carry the items to the
+    merge, which frames them again as one process would."""
+    registry = registry or default_registry()
     unit = config.unit_size
     seed = selection.seed_lengths[number]
     with (
@@ -299,9 +303,9 @@ def encode_shard(
         with open(pending.path, "wb") as f:
             writer = OverlayWriter(
                 f,
-                codec=plan.codec.component,
+                codec=registry.codec(PART_CODEC),
                 codec_id=0,
-                level=config.level,
+                level=PART_LEVEL,
                 frame_size=config.frame_size,
                 pool=pool,
                 in_flight=max(2, config.threads * 2),
@@ -310,27 +314,32 @@ def encode_shard(
             counts = units.write(shard.image, pairs[shard.image], selection.kept[number], lambda n: None)
             writer.finish({"shard": number})
         outputs.commit()
-    by_ref = {ref: share for (image, ref), share in writer.stored_bytes_by_ref.items() if image == shard.image}
-    return ShardOutcome(counts, writer.stored_bytes_by_image.get(shard.image, 0), by_ref)
+    return counts
 
 
 def merge_shards(
     config: CreateConfig,
     shards: Sequence[ShardRange],
     selection: Selection,
-    outcomes: Sequence[ShardOutcome],
+    counts: Sequence[ImageStatistics],
     parts: Sequence[Path],
     registry: Registry | None = None,
 ) -> CreateReport:
-    """Step 4: the overlay, from the envelopes and the parts' frames in order; the parts are
-    removed once it is in place."""
+    """Step 4: the overlay, from the envelopes and the parts' items in order, framed and
+    compressed as one process frames them (so the overlay is the one it makes, byte for byte);
+    the parts are removed once it is in place."""
     started = time.monotonic()
     registry = registry or default_registry()
-    with _opened(config, registry, indexes=True) as (plan, pairs, _, records), OutputSet(plan.inputs) as outputs:
+    part_codec = registry.codec(PART_CODEC)
+    with (
+        _opened(config, registry, indexes=True) as (plan, pairs, _, records),
+        OutputSet(plan.inputs) as outputs,
+        ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta") as pool,
+    ):
         pending = outputs.add(config.output)
         skeleton = _skeleton(plan, registry, pairs, records)
         with open(pending.path, "wb") as f:
-            writer = OverlayWriter.copying(f, stream=False)
+            writer = _writer(f, plan, pool)
             images = []
             for number, pair in enumerate(pairs):
                 envelope = _store_envelope(number, pair, writer)
@@ -338,15 +347,22 @@ def merge_shards(
                 for k in mine:
                     with OverlayReader(parts[k]) as reader:
                         for entry in reader.frames:
-                            writer.add_stored(entry, reader.stored(entry))
-                    writer.stored_bytes_by_image[number] += outcomes[k].stored_bytes
-                    for ref, share in outcomes[k].stored_bytes_by_ref.items():
-                        writer.stored_bytes_by_ref[number, ref] += share
-                counts = _summed([outcomes[k].statistics for k in mine])
+                            items = reader.items(entry, part_codec)
+                            writer.add_items(
+                                number,
+                                items.offsets,
+                                items.lengths,
+                                items.refs,
+                                items.types,
+                                items.values,
+                                list(items.payloads),
+                            )
                 outcome = selection.images[number]
+                summed = _summed([counts[k] for k in mine])
                 images.append(
-                    _completed(skeleton.images[number], counts, outcome, envelope, pair.modified.size, config)
+                    _completed(skeleton.images[number], summed, outcome, envelope, pair.modified.size, config)
                 )
+            writer.flush()
             metadata = _metadata(skeleton, images, plan, writer)
             size = writer.finish(_checked(metadata.to_json()))
         outputs.commit()
