@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import metadata
 from types import ModuleType
@@ -86,6 +87,7 @@ def plugin_distribution(pm: pluggy.PluginManager, plugin: object) -> tuple[str, 
     return "(not installed)", getattr(plugin, "__version__", "0")
 
 
+@functools.cache
 def core_version() -> str:
     try:
         return metadata.version("vmdelta-core")

@@ -62,6 +62,7 @@ class Registry:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._components: dict[tuple[str, str], ComponentInfo] = {}
+        self._distributions: dict[int, tuple[str, str]] = {}  # by plugin: its metadata is read once
         for kind, hook_name in _HOOKS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 # one call per plugin, to know who registered what; with the arguments the
@@ -83,7 +84,9 @@ class Registry:
                     f"{kind} {name!r} is registered twice: by plugin {first.plugin!r} ({first.distribution}) "
                     f"and by plugin {plugin_name!r}; uninstall one or block it with VMDELTA_DISABLE_PLUGINS"
                 )
-            distribution, version = plugin_distribution(self.pm, plugin)
+            if id(plugin) not in self._distributions:
+                self._distributions[id(plugin)] = plugin_distribution(self.pm, plugin)
+            distribution, version = self._distributions[id(plugin)]
             self._components[kind, name] = ComponentInfo(kind, name, component, plugin_name, distribution, version)  # type: ignore[arg-type]
 
         return register
