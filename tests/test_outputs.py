@@ -235,3 +235,16 @@ def test_an_output_discarded_while_it_is_flushed_leaves_nothing(tmp_path: Path) 
         os.pwrite(out.fd, b"x" * 65536, 0)
         outputs.flush_early(out)
     assert names(tmp_path) == set()
+
+
+def test_an_output_written_back_while_it_is_made_is_whole_and_leaves_no_descriptor(tmp_path: Path) -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    data = os.urandom(1 << 20)
+    with OutputSet([]) as outputs:
+        out = outputs.add(tmp_path / "out")
+        with outputs.writing_back(out, interval=0.001), open(out.path, "wb") as f:
+            for at in range(0, len(data), 4096):
+                f.write(data[at : at + 4096])
+        outputs.commit()
+    assert (tmp_path / "out").read_bytes() == data
+    assert set(os.listdir("/proc/self/fd")) <= before | {str(n) for n in range(3)}

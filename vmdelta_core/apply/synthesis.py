@@ -324,7 +324,8 @@ def _materialize(registry: Registry, done: _Rebuilt, spec: ApplyImageSpec, outpu
     the original byte for byte, then flushed to disk in the background while the next one is
     made (the commit waits for it)."""
     image, files = done.image, done.files
-    registry.source(image.source).materialize(done.rebuilt, files.output.path)
+    with outputs.writing_back(files.output):
+        registry.source(image.source).materialize(done.rebuilt, files.output.path)
     identical = False
     if image.artifact_digest and not spec.output_format:
         if own_file_digest(files.output.path, digest_kind(image.artifact_digest)) != image.artifact_digest:
