@@ -14,14 +14,15 @@ __all__ = ["BatchReport", "VmResult"]
 
 @attrs.frozen
 class VmResult:
-    """One VM: the overlay written (size in bytes, seconds on its worker, statistics per image),
-    or the one-line error that stopped it."""
+    """One VM: the overlay written (size in bytes, seconds on its worker and the processor
+    seconds they took, statistics per image), or the one-line error that stopped it."""
 
     name: str
     overlay: Path
     error: str | None = None
     size: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     images: tuple[dict[str, Any], ...] = ()
 
     @property
@@ -31,7 +32,7 @@ class VmResult:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "overlay": str(self.overlay), "ok": self.ok}
         if self.ok:
-            out.update(size=self.size, seconds=self.seconds, images=list(self.images))
+            out.update(size=self.size, seconds=self.seconds, cpu_seconds=self.cpu_seconds, images=list(self.images))
         else:
             out["error"] = self.error
         return out

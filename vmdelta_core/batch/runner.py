@@ -74,7 +74,9 @@ def _client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             dashboard_address=":0" if _has_dashboard() else None,
-            silence_logs=logging.ERROR,
+            # what a VM's failure says is in its result; a worker's own logs (a heartbeat lost
+            # while the cluster closes) are not the user's business
+            silence_logs=logging.CRITICAL,
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
@@ -171,4 +173,11 @@ def _result_of(future: Any, vm: VmSpec) -> VmResult:
         return VmResult(vm.name, vm.config.output, error=f"{type(exc).__name__}: {exc}")
     if "error" in done:
         return VmResult(vm.name, vm.config.output, error=done["error"])
-    return VmResult(vm.name, vm.config.output, size=done["size"], seconds=done["seconds"], images=tuple(done["images"]))
+    return VmResult(
+        vm.name,
+        vm.config.output,
+        size=done["size"],
+        seconds=done["seconds"],
+        cpu_seconds=done["cpu_seconds"],
+        images=tuple(done["images"]),
+    )
