@@ -119,23 +119,23 @@ def import_elijah(
             "disk": stack.enter_context(open_file_image(Path(base_disk), "disk")),
         }
         sizes = {"memory": meta.memory_size, "disk": meta.disk_size}
-        scratch = {
-            kind: _base_copy(outputs.scratch(output, f".{kind}"), Path(path), sizes[kind], kind, output)
-            for kind, path in (("memory", base_memory), ("disk", base_disk))
-        }
-        rebuild = _Rebuild(sizes, bases, {k: p.fd for k, p in scratch.items()}, _Decoders(registry))
-        advance = progress.start("read package", sum(blob.size for blob in meta.blobs))
-        for blob in meta.blobs:
-            _read_blob(reader, blob, rebuild, f"{package}: blob {blob.name}")
-            advance(blob.size)
-        rebuild.resolve_self_references(str(package))
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1))
         try:
+            scratch = {
+                kind: _base_copy(outputs.scratch(output, f".{kind}"), Path(path), sizes[kind], kind, output)
+                for kind, path in (("memory", base_memory), ("disk", base_disk))
+            }
+            rebuild = _Rebuild(sizes, bases, {k: p.fd for k, p in scratch.items()}, _Decoders(registry))
+            advance = progress.start("read package", sum(blob.size for blob in meta.blobs))
+            for blob in meta.blobs:
+                _read_blob(reader, blob, rebuild, f"{package}: blob {blob.name}")
+                advance(blob.size)
+            rebuild.resolve_self_references(str(package))
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1))
             with open(pending.path, "wb") as f:
                 size, metadata, self_as_raw = _write_overlay(
                     f, rebuild, scratch, bases, registry, codec_info, level, pool, package, progress
                 )
-        except OSError as exc:
+        except OSError as exc:  # no space for the rebuilt copies or the overlay, most likely
             raise outputs.explain(exc, output) from None
         outputs.commit()
     return ImportReport(
