@@ -602,3 +602,9 @@ def test_a_codec_level_out_of_range_is_refused_before_the_package_is_read(vm, ca
     not_read = vm["folder"] / "missing.zip"  # the level is checked first: the package need not exist
     code, err = run(capsys, *import_args(vm, not_read, vm["folder"] / "o.vmdo"), "--codec", "lzma", "--level", 42)
     assert code == 2 and "takes levels 0 to 9" in err
+
+
+def test_an_encoding_no_installed_encoder_decodes_is_refused_naming_it(vm, capsys, monkeypatch):
+    monkeypatch.setenv("VMDELTA_DISABLE_PLUGINS", "bsdiff,disk,freepfn,qemu,trim,xdelta3,xor,xray,zstd")
+    stream = item(0, CHUNK, XDELTA | MEMORY, u64(5) + b"VCD\x00\x00")
+    refused(vm, capsys, write_package(vm["folder"] / "x.zip", vm, [(stream, [0], [])]), "XDELTA items", code_wanted=6)
