@@ -17,10 +17,10 @@ HEAVY = ("numpy", "zstandard", "pluggy", "attrs", "construct", "rich", "jsonsche
 
 
 def modules_after(code: str) -> set[str]:
-    """The top-level modules loaded by a fresh interpreter that runs ``code``."""
-    probe = f"{code}\nimport sys\nprint(' '.join(sorted({{m.partition('.')[0] for m in sys.modules}})))"
+    """The modules a fresh interpreter that runs ``code`` has loaded, and their top-level packages."""
+    probe = f"{code}\nimport sys\nprint(' '.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
-    return set(out.split())
+    return {name for module in out.split() for name in (module, module.partition(".")[0])}
 
 
 def test_importing_the_package_loads_no_heavy_library() -> None:
@@ -55,3 +55,16 @@ def test_apply_reads_its_overlay_before_it_loads_the_plugins(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="does not exist"):
         synthesis.apply_overlay(ApplyConfig(tmp_path / "missing.vmdo", [spec]))
     assert not loaded
+
+
+def test_the_api_loads_a_pipeline_only_when_it_is_asked_for() -> None:
+    loaded = modules_after("import vmdelta_core.api\nfrom vmdelta_core.api import ApplyConfig, apply_overlay")
+    assert "vmdelta_core.apply" in loaded
+    assert not loaded & {"vmdelta_core.create", "vmdelta_core.batch", "vmdelta_core.interop"}
+
+
+def test_every_name_of_the_api_resolves() -> None:
+    import vmdelta_core.api as api
+
+    for name in api.__all__:
+        assert getattr(api, name).__name__ == name

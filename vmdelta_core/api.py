@@ -1,17 +1,30 @@
-"""The typed API for embedding vmdelta: build a config, call a function, get a report back."""
+"""The typed API for embedding vmdelta: build a config, call a function, get a report back.
+
+Each function's pipeline is imported when the function is first asked for (``apply`` does not
+load ``create``, nor the command line the pipelines behind the commands it does not run).
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from vmdelta_core.apply import apply_overlay
-from vmdelta_core.apply.feed import FileFeed, open_feed
-from vmdelta_core.batch import BatchReport, Fleet, VmSpec, batch
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec, CreateConfig, FilterSpec, ImageSpec, load_pipeline
-from vmdelta_core.create import create_overlay
-from vmdelta_core.interop import ExportReport, ImportReport, export_elijah, import_elijah
-from vmdelta_core.overlay.metadata import OverlayMetadata
+
+if TYPE_CHECKING:
+    from vmdelta_core.apply import apply_overlay
+    from vmdelta_core.batch import BatchReport, Fleet, VmSpec, batch
+    from vmdelta_core.create import create_overlay
+    from vmdelta_core.interop import ExportReport, ImportReport, export_elijah, import_elijah
+
+#: the module each name comes from, imported by :func:`__getattr__` on first use
+_LAZY = {
+    "apply_overlay": "vmdelta_core.apply",
+    "create_overlay": "vmdelta_core.create",
+    **dict.fromkeys(("BatchReport", "Fleet", "VmSpec", "batch"), "vmdelta_core.batch"),
+    **dict.fromkeys(("ExportReport", "ImportReport", "export_elijah", "import_elijah"), "vmdelta_core.interop"),
+}
 
 __all__ = [
     "ApplyConfig",
@@ -34,12 +47,24 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmdelta_core.api' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
 def inspect_overlay(path: Path, *, verify: bool = True, stream: BinaryIO | None = None) -> dict[str, Any]:
     """The overlay's metadata and frame index as plain data (what ``vmdelta inspect --json`` prints).
 
     An overlay file of either form is read through its index (``verify`` checks every byte
     first); a stream (``stream``, standard input) is read to its end, which checks it.
     """
+    from vmdelta_core.apply.feed import FileFeed, open_feed
+    from vmdelta_core.overlay.metadata import OverlayMetadata
+
     feed = open_feed(Path(path), stream)
     try:
         if isinstance(feed, FileFeed):
