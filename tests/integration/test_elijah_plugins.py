@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lzma
 import struct
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def test_encoders_the_package_lacks_become_raw_and_the_rest_keep_their_records(t
             output=overlay,
             images=[
                 ImageSpec("memory", *memory, format="file", encoders=("xor", "raw"), policy="first-smaller"),
-                ImageSpec("disk", *disk, format="file", encoders=(disk_encoder, "raw"), policy="first-smaller"),
+                # the disk as detected: the raw source
+                ImageSpec("disk", *disk, encoders=(disk_encoder, "raw"), policy="first-smaller"),
             ],
         )
     )
@@ -104,5 +106,28 @@ def test_a_memory_read_by_the_qemu_source_is_refused_with_the_way_out(realistic,
     code, err = run(capsys, "export", overlay, "--elijah", package, "--base-disk", realistic / "base.img")
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "'qemu' source" in lines[0] and "--memory-format file" in lines[0], err
+    assert (
+        len(lines) == 1 and "'qemu' source, which keeps an envelope" in lines[0] and "--memory-format file" in lines[0]
+    ), err
+    assert not package.exists()
+
+
+def test_a_qcow2_disk_is_refused(tmp_path, capsys):
+    """A qcow2's image is the guest's disk, not the file's bytes: the package cannot hold it."""
+    memory = write_pair(tmp_path, "memory", *sample_pair(seed=13, units=24))
+    disk = write_pair(tmp_path, "disk", *sample_pair(seed=14, units=32))
+    qcow2 = []
+    for raw in disk:
+        converted = raw.with_suffix(".qcow2")
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, converted], check=True)
+        qcow2.append(converted)
+    overlay = tmp_path / "vm.vmdo"
+    code, err = run(
+        capsys, "create", "-q", "-o", overlay, "--memory", *memory, "--disk", *qcow2, "--memory-format", "file"
+    )
+    assert code == 0, err
+    package = tmp_path / "out.zip"
+    code, err = run(capsys, "export", overlay, "--elijah", package, "--base-disk", qcow2[0])
+    assert code == 2
+    assert "'qcow2' source, whose image is not its file byte for byte" in err and len(err.strip().splitlines()) == 1
     assert not package.exists()

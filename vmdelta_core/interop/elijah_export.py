@@ -1,9 +1,9 @@
 """``vmdelta export --elijah``: a vmdelta overlay as an overlay package of the original system.
 
 The package describes one VM: a memory snapshot and one raw disk, each a plain run of bytes cut
-into 4096-byte chunks. An overlay fits when it has one memory image and one disk image whose
-sources keep nothing beside the bytes (no envelope, no layout: the ``file`` and ``raw`` sources)
-and 4096-byte units; anything else is refused with the reason. Its items keep their records,
+into 4096-byte chunks. An overlay fits when it has one memory image and one disk image that are
+their files byte for byte (the ``file`` and ``raw`` sources: no envelope, the artifact's digest
+the image's) and 4096-byte units; anything else is refused with the reason. Its items keep their records,
 the addresses of self references rewritten as the original numbered items; items of an encoder
 the original lacks (or whose payload it would read differently) are decoded against their base
 and stored RAW, which needs that base.
@@ -166,14 +166,31 @@ def _vm_images(meta: OverlayMetadata) -> dict[str, tuple[int, ImageRecord]]:
     for kind, listed in found.items():
         if not listed:
             raise ConfigError(f"the package describes a VM by its memory and its disk; this overlay has no {kind}")
-        image = listed[0][1]
-        if image.envelope is not None or image.layout:
-            raise ConfigError(
-                f"image {image.name} is read by the {image.source!r} source, which keeps more than the bytes of "
-                f"the file (an envelope or a layout); the package holds each image as a plain file: create "
-                f"the overlay with --{kind}-format file"
-            )
+        _check_plain(listed[0][1])
     return {kind: listed[0] for kind, listed in found.items()}
+
+
+def _check_plain(image: ImageRecord) -> None:
+    """Refuse an image that is not its artifact's bytes: the package's offsets are file offsets.
+
+    An envelope (a QEMU stream's device state) has no place in the package; an artifact whose
+    recorded digest is not the image's, or that has none though nothing was dropped (a qcow2), is
+    another file than its image. When units were dropped the artifact has no digest: the base,
+    read by the same source, is checked as plain bytes instead (:func:`_check_base`).
+    """
+    what = None
+    if image.envelope is not None:
+        what = "which keeps an envelope (device state) beside the image"
+    elif image.artifact_digest != image.digest and (
+        image.artifact_digest is not None or not any(f.dropped for f in image.filters)
+    ):
+        # no digest though nothing was dropped: the source does not rebuild the file itself
+        what = "whose image is not its file byte for byte"
+    if what is not None:
+        raise ConfigError(
+            f"image {image.name} is read by the {image.source!r} source, {what}; the package holds each image "
+            f"as a plain file: create the overlay from raw files with --{image.kind}-format file"
+        )
 
 
 def _check_base(path: Path, image: ImageRecord, progress: Progress, *, want_sha256: bool = False) -> str:
@@ -195,7 +212,14 @@ def _check_base(path: Path, image: ImageRecord, progress: Progress, *, want_sha2
                 sha.update(chunk)
             advance(len(chunk))
     if digest.hexdigest() != image.base.fingerprint:
-        raise BaseMismatchError(f"{path} is not the base of {image.name} (fingerprint differs from {image.base.name})")
+        how = (
+            ""
+            if image.base_source == "file"
+            else f", or the {image.base_source!r} source does not read it as its bytes"
+        )
+        raise BaseMismatchError(
+            f"{path} is not the base of {image.name} (fingerprint differs from {image.base.name}{how})"
+        )
     return sha.hexdigest()
 
 
