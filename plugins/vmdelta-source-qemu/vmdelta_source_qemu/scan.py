@@ -26,7 +26,7 @@ from vmdelta_source_qemu.blocks import RamBlock
 from vmdelta_source_qemu.c_migration import PAGE_SIZE, RamFlag
 from vmdelta_source_qemu.imagefile import CHUNK_PAGES, ImageFile
 
-__all__ = ["KIND_PAGE", "KIND_ZERO", "RecordScanner", "RecordTable"]
+__all__ = ["KIND_PAGE", "KIND_ZERO", "REFUSED_FLAGS", "RecordScanner", "RecordTable"]
 
 KIND_ZERO = 1
 KIND_PAGE = 2
@@ -41,7 +41,7 @@ _KINDS = {int(RamFlag.PAGE): KIND_PAGE, int(RamFlag.ZERO): KIND_ZERO}
 _STRIDE = {KIND_PAGE: 8 + PAGE_SIZE, KIND_ZERO: 8 + 1}
 #: stream bytes parsed before they are released from the map, in one call
 _RELEASE_STEP = 16 << 20
-_REFUSED = (
+REFUSED_FLAGS = (
     (RamFlag.XBZRLE, "an XBZRLE-compressed page (RAM_SAVE_FLAG_XBZRLE): turn off the xbzrle capability"),
     (RamFlag.COMPRESS_PAGE, "a compressed page (RAM_SAVE_FLAG_COMPRESS_PAGE): turn off the compress capability"),
     (RamFlag.HOOK, "an RDMA hook record (RAM_SAVE_FLAG_HOOK): migrate over a file or socket URI, not rdma:"),
@@ -128,7 +128,7 @@ class RecordScanner:
             (header,) = _BE64.unpack_from(view, pos)
             flags = header & 0xFFF
             offset = header - flags
-            for flag, what in _REFUSED:
+            for flag, what in REFUSED_FLAGS:
                 if flags & flag:
                     raise FormatError(f"offset {pos}: {what}")
             if flags == _EOS:

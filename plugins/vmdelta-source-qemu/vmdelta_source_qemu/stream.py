@@ -28,13 +28,22 @@ from vmdelta_source_qemu.imagefile import ImageFile
 from vmdelta_source_qemu.scan import RecordScanner, RecordTable
 from vmdelta_source_qemu.vmdesc import VmDescription, find_description, walk_devices
 
-__all__ = ["DEFAULT_MAX_RAM", "ParsedStream", "parse_stream"]
+__all__ = [
+    "DEFAULT_MAX_RAM",
+    "MAX_BLOCKS",
+    "ParsedStream",
+    "check_capabilities",
+    "check_page_bits",
+    "check_ram_claim",
+    "check_ram_start",
+    "parse_stream",
+]
 
 #: the most RAM a block table may claim unless the ``max_ram`` option says otherwise: 1 TiB, all
 #: the physical address space of QEMU's default x86 CPU models (40 bits)
 DEFAULT_MAX_RAM = 1 << 40
 _MAPPED_ALIGN = 1 << 20
-_MAX_BLOCKS = 4096
+MAX_BLOCKS = 4096
 
 
 @attrs.define(eq=False)
@@ -75,6 +84,47 @@ def parse_stream(
         if walker.scanner is not None:
             walker.scanner.image.close()
         raise
+
+
+def check_capabilities(caps: list[str], at: int) -> list[str]:
+    """The capabilities a stream announces (``at``: the offset after the list), if all are known."""
+    unknown = sorted(set(caps) - c.KNOWN_CAPABILITIES)
+    if unknown:
+        raise FormatError(
+            f"stream announces capability {unknown[0]!r} (offset {at}), which changes its format in a "
+            "way this reader does not know: save with it off"
+        )
+    return list(caps)
+
+
+def check_page_bits(bits: int, at: int) -> None:
+    """The ``configuration/target-page-bits`` value at offset ``at`` (a shift, never computed for
+    a hostile one)."""
+    if bits >= 64 or 1 << bits != PAGE_SIZE:
+        raise FormatError(f"target page bits {bits} at offset {at}; only {PAGE_SIZE}-byte pages are supported")
+
+
+def check_ram_start(head: Any, at: int, ram_id: int | None) -> None:
+    """A START section's header at ``at``: RAM, the only iterative section known, once, version 4
+    (``ram_id``: the RAM section found before, if any)."""
+    if head.idstr != "ram":
+        raise FormatError(
+            f"iterative section {head.idstr!r} at offset {at}: only RAM may be saved iteratively here; "
+            "turn off the capability that adds it (block, dirty-bitmaps, a VFIO device's state)"
+        )
+    if ram_id is not None:
+        raise FormatError(f"a second RAM START section at offset {at}")
+    if head.version_id != 4:
+        raise FormatError(f"RAM section version {head.version_id} at offset {at}; only version 4 is known")
+
+
+def check_ram_claim(total: int, at: int, max_ram: int) -> None:
+    """The RAM a block table at ``at`` claims, refused past ``max_ram`` before anything is made for it."""
+    if total > max_ram:
+        raise FormatError(
+            f"RAM block table at offset {at} claims {total} bytes of RAM, more than max_ram "
+            f"({max_ram}); if the VM has that much, raise the qemu source's max_ram option"
+        )
 
 
 class _Walker:
@@ -167,19 +217,10 @@ class _Walker:
             sub, pos = self.parse(c.SUBSECTION_HEADER, pos, "configuration subsection")
             if sub.name == "configuration/capabilities":
                 caps, pos = self.parse(c.CAPABILITIES, pos, "capability list")
-                unknown = sorted(set(caps) - c.KNOWN_CAPABILITIES)
-                if unknown:
-                    raise FormatError(
-                        f"stream announces capability {unknown[0]!r} (offset {pos}), which changes its format in a "
-                        "way this reader does not know: save with it off"
-                    )
-                self.capabilities = list(caps)
+                self.capabilities = check_capabilities(caps, pos)
             elif sub.name == "configuration/target-page-bits":
                 bits, pos = self.parse(c.Int32ub, pos, "target page bits")
-                if 1 << bits != PAGE_SIZE:
-                    raise FormatError(
-                        f"target page size {1 << bits} at offset {pos - 4}; only {PAGE_SIZE} is supported"
-                    )
+                check_page_bits(bits, pos - 4)
             elif sub.name == "configuration/uuid":
                 pos += 16
             else:
@@ -193,15 +234,7 @@ class _Walker:
             return after
         if kind == SectionType.START:
             head, after = self.parse(c.SECTION_FULL, pos, "section header")
-            if head.idstr != "ram":
-                raise FormatError(
-                    f"iterative section {head.idstr!r} at offset {pos}: only RAM may be saved iteratively here; "
-                    "turn off the capability that adds it (block, dirty-bitmaps, a VFIO device's state)"
-                )
-            if self.ram_id is not None:
-                raise FormatError(f"a second RAM START section at offset {pos}")
-            if head.version_id != 4:
-                raise FormatError(f"RAM section version {head.version_id} at offset {pos}; only version 4 is known")
+            check_ram_start(head, pos, self.ram_id)
             self.ram_id = head.section_id
             after = self.block_table(after)
         elif kind in (SectionType.PART, SectionType.END):
@@ -235,11 +268,7 @@ class _Walker:
                 f"RAM section at offset {pos} does not start with its block table (flags {header & 0xFFF:#x})"
             )
         total, table_at = header & ~0xFFF, pos
-        if total > self.max_ram:
-            raise FormatError(
-                f"RAM block table at offset {table_at} claims {total} bytes of RAM, more than max_ram "
-                f"({self.max_ram}); if the VM has that much, raise the qemu source's max_ram option"
-            )
+        check_ram_claim(total, table_at, self.max_ram)
         pos += 8
         ignore_shared = "x-ignore-shared" in self.capabilities
         mapped = "mapped-ram" in self.capabilities
@@ -247,8 +276,8 @@ class _Walker:
         entries: list[tuple[str, int, int | None, MappedBlock | None]] = []
         seen = 0
         while seen < total:
-            if len(entries) >= _MAX_BLOCKS:
-                raise FormatError(f"RAM block table at offset {table_at} lists more than {_MAX_BLOCKS} blocks")
+            if len(entries) >= MAX_BLOCKS:
+                raise FormatError(f"RAM block table at offset {table_at} lists more than {MAX_BLOCKS} blocks")
             entry_at = pos
             entry, pos = self.parse(schema, pos, "RAM block table")
             info = None
