@@ -335,12 +335,13 @@ class _Splitter:
             if kind == SectionType.COMMAND:
                 self.command()
             elif kind == SectionType.START:
-                yield from self.ram_section(self.ram_start())
+                self.ram_start()
+                yield from self.ram_section(counted=False)  # the setup: the block table, no page
             elif kind in (SectionType.PART, SectionType.END):
                 head = self.parse(c.SECTION_PART, "section header")
                 if self.ram_id is None or head.section_id != self.ram_id:
                     raise FormatError(f"section {kind} at offset {at} continues section {head.section_id}, not RAM")
-                yield from self.ram_section(True)
+                yield from self.ram_section(counted=True)
                 if kind == SectionType.END:
                     break
             elif kind in (SectionType.FULL, SectionType.EOF):
@@ -380,14 +381,13 @@ class _Splitter:
             what = _COMMANDS.get(command, f"sends command {command}, which a one-way relay cannot carry")
             raise FormatError(f"the COMMAND section at offset {at} {what}")
 
-    def ram_start(self) -> bool:
-        """The START section of RAM and its block table; False: not a pass of its own (setup)."""
+    def ram_start(self) -> None:
+        """The header of RAM's START section and its block table."""
         at = self.inp.offset
         head = self.parse(c.SECTION_FULL, "section header")
         check_ram_start(head, at, self.ram_id)
         self.ram_id = head.section_id
         self.block_table()
-        return False
 
     def block_table(self) -> None:
         at = self.inp.offset
