@@ -129,21 +129,36 @@ def _qmp_client() -> Any:
     return qmp.QEMUMonitorProtocol
 
 
-@pytest.fixture(scope="module")
-def live_capture(fixture_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _qemu(version: str) -> tuple[list[str], dict[str, str]]:
+    """The command that starts QEMU ``version`` and its environment, or a skip: 7.2 is Debian 12's,
+    10.0 the one ``tools/fetch-qemu10.sh`` unpacks (``$VMDELTA_QEMU10``)."""
+    if version == "7.2":
+        if shutil.which("qemu-system-x86_64") is None:
+            pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+        return ["qemu-system-x86_64"], dict(os.environ)
+    root = Path(os.environ.get("VMDELTA_QEMU10", "/tmp/vmdelta-qemu10"))
+    if not (root / "usr/bin/qemu-system-x86_64").is_file():
+        pytest.skip("QEMU 10 not unpacked (plugins/vmdelta-source-qemu/tools/fetch-qemu10.sh)")
+    firmware = ["-L", str(root / "usr/share/qemu"), "-L", str(root / "usr/share/seabios")]
+    modules = str(root / "usr/lib/x86_64-linux-gnu/qemu")
+    return [str(root / "usr/bin/qemu-system-x86_64"), *firmware], {**os.environ, "QEMU_MODULE_DIR": modules}
+
+
+@pytest.fixture(scope="module", params=["7.2", "10.0"])
+def live_capture(request: pytest.FixtureRequest, fixture_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A running guest (the fixture kernel booting, TCG, 128 MiB) migrated while it runs to
-    ``exec:cat > FILE`` at 8 MiB/s: QEMU makes pass after pass over the pages the guest dirties.
-    The downtime limit is kept low until QEMU has synchronized its dirty bitmap three times,
-    then raised so that the migration ends."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    ``exec:cat > FILE`` at 8 MiB/s by QEMU 7.2 and 10.0: QEMU makes pass after pass over the pages
+    the guest dirties. The downtime limit is kept low until QEMU has synchronized its dirty bitmap
+    three times, then raised so that the migration ends."""
+    qemu, env = _qemu(request.param)
     monitor = _qmp_client()
     folder = tmp_path_factory.mktemp("live")
     sock, out, log = folder / "qmp.sock", folder / "live.mem", folder / "qemu.log"
     with log.open("wb") as stderr:
         vm = subprocess.Popen(
             [
-                *("qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-smp", "1", "-m", "128M"),
+                *qemu,
+                *("-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-smp", "1", "-m", "128M"),
                 *("-nographic", "-monitor", "none", "-parallel", "none", "-nic", "none", "-no-reboot"),
                 *("-kernel", str(fixture_set / "boot/vmlinuz"), "-initrd", str(fixture_set / "boot/initramfs.cpio.gz")),
                 *("-append", "console=ttyS0 panic=-1 quiet fixture_mem=128"),
@@ -154,6 +169,7 @@ def live_capture(fixture_set: Path, tmp_path_factory: pytest.TempPathFactory) ->
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            env=env,
         )
     qmp = monitor(str(sock))
     try:
