@@ -17,10 +17,15 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from samples import sample_pair, write_pair
 
-from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
+from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
 from vmdelta_core.cli import main
+from vmdelta_core.errors import VmdeltaError
+from vmdelta_core.fuzzing import check_untrusted, fuzz_settings
+from vmdelta_core.interop import import_elijah
 
 CHUNK = 4096
 # the original's constants, as the notes give them (ref in the high nibble, type in the low)
@@ -608,3 +613,75 @@ def test_an_encoding_no_installed_encoder_decodes_is_refused_naming_it(vm, capsy
     monkeypatch.setenv("VMDELTA_DISABLE_PLUGINS", "bsdiff,disk,freepfn,qemu,trim,xdelta3,xor,xray,zstd")
     stream = item(0, CHUNK, XDELTA | MEMORY, u64(5) + b"VCD\x00\x00")
     refused(vm, capsys, write_package(vm["folder"] / "x.zip", vm, [(stream, [0], [])]), "XDELTA items", code_wanted=6)
+
+
+# --------------------------------------------------------------------------------------------
+# fuzzing (tox -e fuzz runs these with many more examples)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small VM and its exported package, made once for every fuzz example."""
+    folder = tmp_path_factory.mktemp("elijah-fuzz")
+    memory = write_pair(folder, "memory", *sample_pair(seed=21, units=32))
+    disk = write_pair(folder, "disk", *sample_pair(seed=22, units=24, grow=1000))
+    overlay = make_overlay(folder, [("memory", *memory), ("disk", *disk)])
+    package = folder / "good.zip"
+    assert main(["export", "-q", str(overlay), "--elijah", str(package), "--base-disk", str(disk[0])]) == 0
+    return {"memory_base": memory[0], "memory": memory[1], "disk_base": disk[0], "disk": disk[1], "package": package}
+
+
+def _import_fuzzed(vm: dict[str, Path], data: bytes, name: str) -> None:
+    """Import ``data`` under the fuzz contract; an overlay it accepts must apply."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        package, output = folder / "fuzzed.zip", folder / "out.vmdo"
+        package.write_bytes(data)
+        result = check_untrusted(
+            name,
+            lambda: import_elijah(package, output, base_memory=vm["memory_base"], base_disk=vm["disk_base"], threads=1),
+            memory=64 << 20,
+        )
+        if isinstance(result, VmdeltaError):
+            assert "\n" not in str(result)
+            assert not output.exists()
+            return
+        apply_overlay(
+            ApplyConfig(
+                overlay=output,
+                images=[
+                    ApplyImageSpec("memory", vm["memory_base"], folder / "m.out"),
+                    ApplyImageSpec("disk", vm["disk_base"], folder / "d.out"),
+                ],
+            )
+        )
+        assert (folder / "m.out").stat().st_size == result.metadata.images[0].size
+
+
+@fuzz_settings(40)
+@given(flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=6))
+def test_fuzz_mutated_packages(fuzz_vm, flips):
+    data = bytearray(fuzz_vm["package"].read_bytes())
+    for at, mask in flips:
+        data[at % len(data)] ^= mask
+    _import_fuzzed(fuzz_vm, bytes(data), "elijah package")
+
+
+@fuzz_settings(40)
+@given(stream=st.binary(max_size=3 * CHUNK), chunks=st.lists(st.integers(0, 40), max_size=4))
+def test_fuzz_item_streams(fuzz_vm, stream, chunks, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("items")
+    vm = {**fuzz_vm, "folder": folder}
+    package = write_package(folder / "p.zip", vm, [(stream, chunks, [])])
+    _import_fuzzed(fuzz_vm, package.read_bytes(), "elijah item stream")
+
+
+@fuzz_settings(40)
+@given(meta=st.binary(max_size=512))
+def test_fuzz_meta(fuzz_vm, meta, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("meta")
+    package = write_package(folder / "p.zip", {**fuzz_vm, "folder": folder}, [], meta_bytes=meta)
+    _import_fuzzed(fuzz_vm, package.read_bytes(), "elijah overlay-meta")
