@@ -167,6 +167,14 @@ def test_manifest_errors_name_the_vm_and_field(tmp_path: Path, capsys) -> None:
     code = main(["batch", str(manifest)])
     _, err = capsys.readouterr()
     assert code == 2 and err == "vmdelta: error: two VMs are named 'a'; give each VM its own name\n"
+    # a report that would replace an input is refused before any work
+    manifest.write_text(
+        '[[vms]]\noverlay = { output = "a.overlay" }\nimages = [{ kind = "disk", base = "b", modified = "m" }]\n'
+    )
+    (tmp_path / "m").write_bytes(b"modified")
+    code = main(["batch", str(manifest), "--report", str(tmp_path / "m")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "is the same file as an input" in err and (tmp_path / "m").read_bytes() == b"modified"
 
 
 def test_without_dask_one_line_says_how_to_install_it(tmp_path: Path, capsys, monkeypatch) -> None:

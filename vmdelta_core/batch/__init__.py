@@ -12,6 +12,7 @@ from pathlib import Path
 from vmdelta_core.batch.manifest import Fleet, VmSpec, load_manifest
 from vmdelta_core.batch.report import BatchReport, VmResult
 from vmdelta_core.batch.runner import INSTALL_HINT, BatchEvents, run_batch
+from vmdelta_core.outputs import OutputSet
 
 __all__ = ["INSTALL_HINT", "BatchEvents", "BatchReport", "Fleet", "VmResult", "VmSpec", "batch", "load_manifest"]
 
@@ -30,8 +31,13 @@ def batch(
     :param workers: the local cluster's worker processes (one per core when ``None``); with a
         scheduler, how many workers to wait for.
     """
+    inputs: list[Path] = []
     if not isinstance(fleet, Fleet):
+        inputs.append(Path(fleet))
         fleet = load_manifest(Path(fleet))
+    if fleet.report is not None:  # refused now, not once the fleet is made
+        inputs += [path for vm in fleet.vms for spec in vm.config.images for path in spec.input_paths()]
+        OutputSet(inputs).check(fleet.report)
     report = run_batch(fleet, scheduler=scheduler, workers=workers, events=events)
     if fleet.report is not None:
         report.write(fleet.report)

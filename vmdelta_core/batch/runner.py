@@ -29,6 +29,8 @@ from vmdelta_core.errors import ConfigError
 __all__ = ["INSTALL_HINT", "BatchEvents", "run_batch"]
 
 INSTALL_HINT = "vmdelta batch needs Dask: pip install 'vmdelta-core[batch]'"
+#: seconds to wait for ``workers`` to join a running scheduler
+WAIT_FOR_WORKERS = 600
 
 
 class BatchEvents:
@@ -61,7 +63,13 @@ def _client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
             raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:
             if workers:
-                client.wait_for_workers(workers, timeout=600)
+                try:
+                    client.wait_for_workers(workers, timeout=WAIT_FOR_WORKERS)
+                except TimeoutError:
+                    joined = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+                    raise ConfigError(
+                        f"{joined} of the {workers} workers asked for joined {scheduler} within {WAIT_FOR_WORKERS} s"
+                    ) from None
             yield client
         return
     import os
