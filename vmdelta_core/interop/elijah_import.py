@@ -7,7 +7,7 @@ give the digests the new overlay records, so ``vmdelta apply`` verifies the resu
 any overlay. The items are then written in vmdelta's order (memory, then the disk; by offset)
 through :class:`~vmdelta_core.overlay.container.OverlayWriter`: RAW items read back from the
 rebuilt copy, encoded items keep their payload, a self reference whose target would come later
-in that order is stored RAW.
+in that order is stored RAW, and later references to the same content point to it.
 """
 
 from __future__ import annotations
@@ -364,9 +364,10 @@ def _write_overlay(
         pool=pool,
     )
     images, self_as_raw = [], {}
+    holders: dict[tuple[str, int], tuple[int, int]] = {}
     try:
         for number, kind in enumerate(KINDS):
-            stats, self_as_raw[kind] = _write_image(writer, number, rebuild, scratch[kind].fd, kind)
+            stats, self_as_raw[kind] = _write_image(writer, number, rebuild, scratch[kind].fd, kind, holders)
             images.append((kind, stats))
     except BaseException:
         writer.abort()
@@ -445,9 +446,19 @@ def _components(registry: Registry, codec: ComponentInfo, encoders: dict[int, Co
 
 
 def _write_image(
-    writer: OverlayWriter, number: int, rebuild: _Rebuild, fd: int, kind: str
+    writer: OverlayWriter,
+    number: int,
+    rebuild: _Rebuild,
+    fd: int,
+    kind: str,
+    holders: dict[tuple[str, int], tuple[int, int]],
 ) -> tuple[ImageStatistics, int]:
-    """One image's items, by offset; its statistics and how many self references became RAW."""
+    """One image's items, by offset; its statistics and how many self references became RAW.
+
+    ``holders`` maps each item a self reference resolves to (kind, offset) onto the first unit in
+    vmdelta's order that holds its content: the item itself, or the first self reference to it,
+    stored RAW because its target comes later. Later references point there.
+    """
     entries = [rebuild.items[kind][offset] for offset in sorted(rebuild.items[kind])]
     tail = _tail_entry(entries, rebuild.sizes[kind], rebuild.bases[kind].size, fd)
     if tail is not None:
@@ -462,13 +473,16 @@ def _write_image(
         refs, values, payloads = [], [], []
         for entry in batch:
             ref, value, payload = entry.ref, entry.value, entry.payload
-            if entry.target is not None:
-                target_number = KINDS.index(entry.target[0])
-                if (target_number, entry.target[1]) < (number, entry.offset):
-                    value = int(join_addresses(target_number, np.array([entry.target[1]]))[0])
+            if entry.target is None:
+                holders.setdefault((kind, entry.offset), (number, entry.offset))
+            else:
+                holder = holders.get(entry.target)
+                if holder is not None:
+                    value = int(join_addresses(holder[0], np.array([holder[1]]))[0])
                     counts["earlier"] += 1
-                else:
+                else:  # its target comes later: this unit holds the content from here on
                     ref, self_as_raw = int(Ref.RAW), self_as_raw + 1
+                    holders[entry.target] = (number, entry.offset)
             if ref == Ref.RAW:
                 payload = os.pread(fd, entry.length, entry.offset)
             elif ref == Ref.ZEROS:
