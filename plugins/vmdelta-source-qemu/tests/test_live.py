@@ -316,6 +316,24 @@ def test_a_block_table_beyond_max_ram_is_refused() -> None:
     assert joined(split(data, max_ram=10 * PAGE)) == data
 
 
+def test_claims_cost_what_the_stream_holds() -> None:
+    """A block table claiming 1 TiB with pages at its far end is split in a few MiB; device state
+    past ``max_device_state`` is refused, not held."""
+    b = StreamBuilder([("pc.ram", (1 << 40) - PAGE), ("vga.vram", PAGE)])
+    b.start()
+    b.eos_footer()
+    b.part(end=True)
+    b.page("pc.ram", (1 << 28) - 2, pattern(1))
+    b.page("vga.vram", 0, pattern(2))
+    b.eos_footer()
+    b.devices()
+    data = b.finish()
+    tokens = check_untrusted("qemu live stream", lambda: split(data), memory=8 << 20)
+    assert [t.address for t in tokens if isinstance(t, Page)] == [(1 << 40) - 2 * PAGE, (1 << 40) - PAGE]
+    with pytest.raises(FormatError, match="more than 64 bytes of device state after the RAM section"):
+        split(data, max_device_state=64)
+
+
 def test_passes_and_last_pages() -> None:
     """The synthetic stream's sections: setup (no pass), two PART and the END; page 1 of pc.ram
     is sent again in the END section, vga.vram follows pc.ram in the image."""
@@ -370,7 +388,7 @@ flips = st.lists(st.tuples(st.integers(0, 1 << 32), st.integers(0, 7)), min_size
 @pytest.mark.fixtures
 @fuzz_settings(80)
 @given(region=st.sampled_from([(0, 4096), (4096, 1 << 32), (-4096, 0)]), flips=flips)
-def test_bit_flips_are_refused_or_carried(small_real: bytes, region: tuple[int, int], flips: list) -> None:
+def test_fuzz_bit_flips_are_refused_or_carried(small_real: bytes, region: tuple[int, int], flips: list) -> None:
     """Flipped bits in the head, anywhere, or the end: a clean refusal, or a split that still
     gives the flipped stream back, within the fuzz contract's time and 64 MiB."""
     size = len(small_real)
@@ -386,7 +404,7 @@ def test_bit_flips_are_refused_or_carried(small_real: bytes, region: tuple[int, 
 
 @fuzz_settings(150)
 @given(edits=st.lists(st.tuples(st.integers(0, 1 << 32), st.integers(0, 255)), max_size=6), cut=st.integers(0, 1 << 32))
-def test_synthetic_damage_is_refused_or_carried(edits: list, cut: int) -> None:
+def test_fuzz_synthetic_damage_is_refused_or_carried(edits: list, cut: int) -> None:
     data = bytearray(simple_stream())
     for at, value in edits:
         data[at % len(data)] = value
