@@ -358,7 +358,7 @@ def test_items_in_any_order_with_self_references_forward_import_byte_exact(vm, c
     assert code == 0, captured.err
     report = json.loads(captured.out)
     # memory 2 names disk 5, which comes later: it holds the page RAW, and memory 7 names it
-    assert report["self_references_stored_raw"] == {"memory": 1, "disk": 0}
+    assert report["self_references_stored_raw"] == {"memory": 1, "disk0": 0}
     assert apply_and_read(vm, back, capsys) == (bytes(memory), bytes(disk))
 
 

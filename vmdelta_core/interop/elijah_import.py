@@ -74,7 +74,8 @@ class ImportReport:
     size: int
     seconds: float
     blobs: int
-    #: per image: items of the package, and how many of its self references were stored RAW
+    #: per image (by its name in the overlay): items of the package, and how many of its self
+    #: references were stored RAW
     items: dict[str, int]
     self_as_raw: dict[str, int]
     metadata: OverlayMetadata = attrs.field(repr=False)
@@ -143,7 +144,7 @@ def import_elijah(
         size=size,
         seconds=time.monotonic() - started,
         blobs=len(meta.blobs),
-        items={kind: len(rebuild.items[kind]) for kind in KINDS},
+        items={_NAMES[kind]: len(rebuild.items[kind]) for kind in KINDS},
         self_as_raw=self_as_raw,
         metadata=metadata,
     )
@@ -367,7 +368,7 @@ def _write_overlay(
     holders: dict[tuple[str, int], tuple[int, int]] = {}
     try:
         for number, kind in enumerate(KINDS):
-            stats, self_as_raw[kind] = _write_image(writer, number, rebuild, scratch[kind].fd, kind, holders)
+            stats, self_as_raw[_NAMES[kind]] = _write_image(writer, number, rebuild, scratch[kind].fd, kind, holders)
             images.append((kind, stats))
     except BaseException:
         writer.abort()
