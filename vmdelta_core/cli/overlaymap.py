@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import attrs
 import numpy as np
 
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.outputs import OutputSet
 from vmdelta_core.overlay.container import OverlayReader
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
@@ -131,10 +131,11 @@ def read_image_maps(reader: OverlayReader, meta: OverlayMetadata, registry: Regi
         for entry in reader.frames_of(number):
             items = reader.items(entry, codecs[entry.codec])
             last = np.append(items.offsets[1:] != items.offsets[:-1], True)  # a live repeat: the later wins
-            indices = items.offsets[last].astype(np.int64) // unit
+            indices = items.offsets[last] // np.uint64(unit)
+            if indices.size and int(indices.max()) >= units:
+                raise FormatError(f"{reader.path}: frame at byte {entry.file_offset} reaches past image {image.name}")
             kinds = lookup[items.refs[last].astype(np.int64)]
-            flat = (indices // per_pixel) * len(classes) + kinds
-            tally += np.bincount(flat, minlength=tally.size).reshape(tally.shape)
+            np.add.at(tally, (indices.astype(np.int64) // per_pixel, kinds), 1)
         # the units no item names are the base's
         sizes = np.full(pixel_count, per_pixel, dtype=np.int64)
         if pixel_count:
