@@ -118,7 +118,7 @@ def export_elijah(
         meta = OverlayMetadata.from_json(reader.metadata, reader.frames)
         images = _vm_images(meta)
         sha256 = _check_base(given["disk"], images["disk"][1], progress, want_sha256=True)
-        plan = _Conversion(meta, registry, images)
+        plan = _Conversion(meta, images)
         bases: dict[str, SourceImage] = {}
         for kind in plan.needs_base:
             path = given[kind]
@@ -227,7 +227,7 @@ class _Conversion:
     """Which refs keep their records, which are decoded to RAW (by which encoder), and the bases
     that decoding needs (by kind, with the reason)."""
 
-    def __init__(self, meta: OverlayMetadata, registry: Registry, images: dict[str, tuple[int, ImageRecord]]) -> None:
+    def __init__(self, meta: OverlayMetadata, images: dict[str, tuple[int, ImageRecord]]) -> None:
         self.kept = set(_KEPT)
         self.decoders: dict[int, Encoder] = {}
         self.needs_base: dict[str, str] = {}
