@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +159,9 @@ class ImageRebuilder:
         advance = progress.start(f"rebuild {image.name}", image.size)
         written: list[np.ndarray] = []
         previous, done = -1, 0
-        for frame, stored in self.feed.frames(number):
+        for frame, items in self._parsed_ahead(number):
             where = f"frame at byte {frame.file_offset}"
-            codec = self.decoders.codecs.get(frame.codec)
-            if codec is None:
-                raise FormatError(f"{where} names codec {frame.codec}, which the metadata does not list")
-            cols = frame_items(frame, stored, codec, f"{self.feed.name}: {where}")
+            cols = items.result()
             previous = _check_frame(cols, frame, image, self.meta.unit_size, previous)
             self._write(number, cols, where)
             written.append(cols.offsets.astype(np.int64) // self.meta.unit_size)
@@ -175,6 +172,26 @@ class ImageRebuilder:
         for base in self.bases:  # base and self references read anywhere: drop those pages
             base.release(0, base.size)
         return np.sort(np.concatenate(written)) if written else np.zeros(0, dtype=np.int64)
+
+    def _parsed_ahead(self, number: int) -> Iterator[tuple[FrameEntry, Future[ItemColumns]]]:
+        """Image ``number``'s frames, each decompressed and parsed on the pool while the frame
+        before it is written (two frames held at most)."""
+
+        def parse(frame: FrameEntry, stored: bytes) -> ItemColumns:
+            where = f"frame at byte {frame.file_offset}"
+            codec = self.decoders.codecs.get(frame.codec)
+            if codec is None:
+                raise FormatError(f"{where} names codec {frame.codec}, which the metadata does not list")
+            return frame_items(frame, stored, codec, f"{self.feed.name}: {where}")
+
+        ahead: tuple[FrameEntry, Future[ItemColumns]] | None = None
+        for frame, stored in self.feed.frames(number):
+            parsing = (frame, self.pool.submit(parse, frame, stored))
+            if ahead is not None:
+                yield ahead
+            ahead = parsing
+        if ahead is not None:
+            yield ahead
 
     def _write(self, number: int, cols: ItemColumns, where: str) -> None:
         """Write a frame's items, runs of adjacent units with one system call each.
