@@ -67,7 +67,10 @@ def _seconds(cell: str) -> float | None:
 
 def draw(tables: dict[str, list[Row]], output: Path, *, title: str) -> None:
     """One row of three bar panels per case; vmdelta's bar stands out, each bar carries its value."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("bench/chart.py draws with matplotlib: pip install matplotlib (tox -e bench has it)") from None
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot
