@@ -390,7 +390,8 @@ def raw(offset: int, typ: int = MEMORY, length: int = CHUNK) -> bytes:
     [
         pytest.param([(raw(1 << 40), [0], [])], "is not a chunk of the", id="offset-past-the-image"),
         pytest.param([(raw(0), [1 << 28], [])], "chunk past the", id="chunk-listed-past-the-image"),
-        pytest.param([(raw(0), [0, 0], [])], "chunk twice", id="chunk-listed-twice"),
+        pytest.param([(raw(0), [0, 0], [])], "memory chunk twice", id="chunk-listed-twice"),
+        pytest.param([(raw(0), [0], []), (raw(CHUNK), [0], [])], "memory chunk twice", id="chunk-listed-in-two-blobs"),
         pytest.param([(raw(100), [0], [])], "is not a chunk of the", id="offset-not-aligned"),
         pytest.param([(raw(0, length=100), [0], [])], "has length 100", id="wrong-length"),
         pytest.param(

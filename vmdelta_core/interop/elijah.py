@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 import attrs
 import msgpack
+import numpy as np
 
 from vmdelta_core.errors import FormatError
 from vmdelta_core.overlay.metadata import MAX_IMAGE_SIZE
@@ -65,7 +66,7 @@ KEY_DISK_CHUNKS = "disk_chunk"
 KEY_MEMORY_CHUNKS = "memory_chunk"
 
 #: bounds on what a package may claim (far above anything the original wrote)
-MAX_META = 64 << 20
+MAX_META = 16 << 20  # some 3 million chunks: 12 GiB of changed units
 MAX_BLOBS = 1 << 16
 MAX_CHUNKS = (MAX_IMAGE_SIZE - 1) // CHUNK + 1
 #: the largest record: head, payload length, a whole chunk of payload, live iteration
@@ -205,16 +206,14 @@ def _check_chunks(blobs: list[BlobInfo], kind: str, size: int) -> None:
     """Every chunk listed is inside its image and listed once: what bounds the items (and so
     the bytes) the blobs may hold, before any is decompressed."""
     units = -(-size // CHUNK)
-    seen: set[int] = set()
-    listed = 0
-    for blob in blobs:
-        chunks = blob.memory_chunks if kind == "memory" else blob.disk_chunks
-        if any(c >= units for c in chunks):
+    lists = [blob.memory_chunks if kind == "memory" else blob.disk_chunks for blob in blobs]
+    for blob, chunks in zip(blobs, lists, strict=True):
+        if chunks and max(chunks) >= units:
             raise FormatError(f"{META_NAME}: blob {blob.name} lists a {kind} chunk past the {size}-byte {kind} image")
-        seen.update(chunks)
-        listed += len(chunks)
-        if len(seen) != listed:
-            raise FormatError(f"{META_NAME}: blob {blob.name} lists a {kind} chunk twice")
+    listed = np.fromiter((c for chunks in lists for c in chunks), dtype=np.int64, count=sum(map(len, lists)))
+    listed.sort()
+    if (listed[1:] == listed[:-1]).any():
+        raise FormatError(f"{META_NAME} lists a {kind} chunk twice")
 
 
 def _blob_info(entry: _Map) -> BlobInfo:
