@@ -64,7 +64,7 @@ def read_prefix(fd: int, size: int, where: str) -> bytes:
     """The header and data of the save image open as ``fd`` (``size`` bytes), unchecked beyond
     what it takes to know their length; :func:`parse_prefix` checks them."""
     head = os.pread(fd, HEADER_SIZE, 0)
-    fields = _fields(head, where)
+    fields, _ = _fields(head, where)
     data_len = fields.data_len
     if data_len > MAX_DATA:
         raise FormatError(f"{where}: the header announces {data_len} bytes of domain XML, more than {MAX_DATA}")
@@ -79,8 +79,7 @@ def read_prefix(fd: int, size: int, where: str) -> bytes:
 def parse_prefix(prefix: bytes, where: str) -> SaveHeader:
     """Check the header and data (``prefix``: exactly ``92 + data_len`` bytes) and read the
     domain XML; one :class:`FormatError` line otherwise."""
-    fields = _fields(prefix, where)
-    little = fields.little
+    fields, little = _fields(prefix, where)
     data = prefix[HEADER_SIZE:]
     if fields.data_len != len(data):
         raise FormatError(f"{where}: the header announces {fields.data_len} bytes of domain XML, {len(data)} follow")
@@ -111,8 +110,9 @@ def parse_prefix(prefix: bytes, where: str) -> SaveHeader:
     )
 
 
-def _fields(head: bytes, where: str) -> Any:
-    """The header's fields in the byte order that gives a version libvirt knows."""
+def _fields(head: bytes, where: str) -> tuple[Any, bool]:
+    """The header's fields in the byte order that gives a version libvirt knows, and whether
+    that order is little-endian."""
     if len(head) < HEADER_SIZE:
         raise FormatError(f"{where}: {len(head)} bytes, shorter than a libvirt save image header ({HEADER_SIZE})")
     magic = head[:16]
@@ -128,8 +128,7 @@ def _fields(head: bytes, where: str) -> Any:
         except ConstructError as exc:  # pragma: no cover - 92 bytes always parse
             raise FormatError(f"{where}: bad save image header: {exc}") from None
         if 1 <= fields.version <= SAVE_VERSION:
-            fields.little = little
-            return fields
+            return fields, little
     raise FormatError(
         f"{where}: save image version {int.from_bytes(head[16:20], 'little')} at offset 16; "
         f"versions 1 to {SAVE_VERSION} are known"
