@@ -22,6 +22,7 @@ __all__ = [
     "MissingComponent",
     "console",
     "err_console",
+    "human_size",
     "plugins_table",
     "print_json",
     "printable",
@@ -146,7 +147,8 @@ class MissingComponent:
     remedy: str
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes as people read them: ``512 B``, ``4.8 MiB``."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -177,7 +179,7 @@ def render_overlay(
     out = console if to is None else to
 
     images = meta.images
-    title = "overlay" + (f" — {_size(size)}" if size is not None else "")
+    title = "overlay" + (f" — {human_size(size)}" if size is not None else "")
     table = Table(title=title, title_justify="left")
     table.add_column("")
     for image in images:
@@ -187,7 +189,7 @@ def render_overlay(
         table.add_row(_cell(label), *[_cell(v) for v in values])
 
     stats = [image.statistics for image in images]
-    row("image size", [_size(image.size) for image in images])
+    row("image size", [human_size(image.size) for image in images])
     row("units", [s.units for s in stats])
     row("changed", [s.changed for s in stats])
     for name in sorted({name for s in stats for name in s.dropped}):
@@ -201,10 +203,10 @@ def render_overlay(
         row(f"  {name}", [use.units if use else "-" for use in uses])
         row(
             "    bytes → stored",
-            [f"{_size(use.bytes)} → {_size(use.stored_bytes or 0)}" if use else "-" for use in uses],
+            [f"{human_size(use.bytes)} → {human_size(use.stored_bytes or 0)}" if use else "-" for use in uses],
         )
-    row("  references, stored", [_size(s.references_stored_bytes) for s in stats])
-    row("stored (compressed)", [_size(s.stored_bytes) for s in stats])
+    row("  references, stored", [human_size(s.references_stored_bytes) for s in stats])
+    row("stored (compressed)", [human_size(s.stored_bytes) for s in stats])
     out.print(table)
     for image in images:
         for f in image.filters:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import attrs
 import numpy as np
 
+from vmdelta_core.cli.output import human_size
 from vmdelta_core.errors import ConfigError, FormatError
 from vmdelta_core.outputs import OutputSet
 from vmdelta_core.overlay.container import OverlayReader
@@ -225,12 +226,25 @@ def _image_scale(meta: OverlayMetadata, m: ImageMap, width: int) -> str:
 def _legend_lines(meta: OverlayMetadata, classes: list[MapClass], maps: list[ImageMap]) -> list[tuple[int | None, str]]:
     totals = sum((m.counts for m in maps), np.zeros(len(classes), dtype=np.int64))
     lines: list[tuple[int | None, str]] = [
-        (number, f"{c.label}: {int(totals[number])}") for number, c in enumerate(classes)
+        (number, f"{c.label}: {int(totals[number])} units{_paid(meta, c)}") for number, c in enumerate(classes)
     ]
+    references = sum(image.statistics.references_stored_bytes for image in meta.images)
+    lines.append((None, f"the references (zero, base, earlier unit) stored in {human_size(references)}"))
     for image in meta.images:
         for f in image.filters:
-            lines.append((None, f"{image.name}: dropped by {f.name}: {f.dropped} (drawn as unchanged: not located)"))
+            where = "drawn as unchanged: the overlay does not say where"
+            lines.append((None, f"{image.name}: dropped by {f.name}: {f.dropped} units ({where})"))
     return lines
+
+
+def _paid(meta: OverlayMetadata, c: MapClass) -> str:
+    """What the overlay paid for an encoder's units: payload bytes, and as stored."""
+    if not c.label.startswith("encoder "):
+        return ""
+    uses = [i.statistics.encoders.get(c.label.removeprefix("encoder ")) for i in meta.images]
+    payload = sum(use.bytes for use in uses if use)
+    stored = sum(use.stored_bytes or 0 for use in uses if use)
+    return f", {human_size(payload)} of payload stored in {human_size(stored)}"
 
 
 def write_map(overlay: Path, target: Path, registry: Registry) -> list[ImageMap]:
