@@ -175,7 +175,7 @@ def draw_map(meta: OverlayMetadata, maps: list[ImageMap]) -> Image.Image:
     swatches use copies of the colours at other indices), so counting pixels by index counts
     cells (:func:`cell_size` pixels a side).
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     classes, _ = overlay_classes(meta)
     background, ink = len(classes), len(classes) + 1
@@ -184,7 +184,13 @@ def draw_map(meta: OverlayMetadata, maps: list[ImageMap]) -> Image.Image:
 
     blocks = [(m, _grid_width(m.pixels.size)) for m in maps]
     legend = _legend_lines(meta, classes, maps)
-    width = max([420, *(w * _zoom(w) + 2 * _MARGIN for _, w in blocks)])
+    font = ImageFont.load_default()
+    texts = [text for _, text in legend] + [_image_title(meta, m) for m in maps]
+    texts += [_image_scale(meta, m, w) for m, w in blocks]
+    measure = ImageDraw.Draw(Image.new("P", (1, 1)))  # text in a palette image is not anti-aliased, so wider
+    widths = [_SWATCH + 6 + math.ceil(measure.textlength(t, font=font)) for t in texts]
+    width = max([*(w * _zoom(w) for _, w in blocks), *widths])
+    width += 2 * _MARGIN
     height = _MARGIN + sum(2 * _LINE + -(-m.pixels.size // w) * _zoom(w) + _MARGIN for m, w in blocks)
     height += (len(legend) + 1) * _LINE + _MARGIN
     picture = Image.new("P", (width, height), background)
@@ -192,8 +198,8 @@ def draw_map(meta: OverlayMetadata, maps: list[ImageMap]) -> Image.Image:
     draw = ImageDraw.Draw(picture)
     y = _MARGIN
     for m, w in blocks:
-        draw.text((_MARGIN, y), _image_title(meta, m), fill=ink)
-        draw.text((_MARGIN, y + _LINE), _image_scale(meta, m, w), fill=ink)
+        draw.text((_MARGIN, y), _image_title(meta, m), fill=ink, font=font)
+        draw.text((_MARGIN, y + _LINE), _image_scale(meta, m, w), fill=ink, font=font)
         y += 2 * _LINE
         rows, zoom = -(-m.pixels.size // w), _zoom(w)
         if rows:
@@ -202,12 +208,12 @@ def draw_map(meta: OverlayMetadata, maps: list[ImageMap]) -> Image.Image:
             cells = Image.frombytes("P", (w, rows), grid.tobytes())
             picture.paste(cells.resize((w * zoom, rows * zoom), Image.Resampling.NEAREST), (_MARGIN, y))
         y += rows * zoom + _MARGIN
-    draw.text((_MARGIN, y), "legend (units of every image)", fill=ink)
+    draw.text((_MARGIN, y), "legend (units of every image)", fill=ink, font=font)
     y += _LINE
     for swatch, text in legend:
         if swatch is not None:
             draw.rectangle((_MARGIN, y + 1, _MARGIN + _SWATCH - 1, y + _SWATCH), fill=swatches + swatch)
-        draw.text((_MARGIN + _SWATCH + 6, y), text, fill=ink)
+        draw.text((_MARGIN + _SWATCH + 6, y), text, fill=ink, font=font)
         y += _LINE
     return picture
 
