@@ -88,8 +88,6 @@ def create_vm(name: str, config: CreateConfig, *bases: dict[str, Any], shard_siz
         # the worker's processor time while it ran (its one thread, and Dask's own, which is little)
         "cpu_seconds": round(time.process_time() - cpu, 3),
         "images": [image.to_json() for image in report.images],
-        "bases": [base["fingerprint"] for base in bases],
-        "host": os.uname().nodename,
     }
 
 
