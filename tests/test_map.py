@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from samples import write_pair
 
 from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
 from vmdelta_core.cli import main, overlaymap
+from vmdelta_core.components import Filter, FilterContext, FilterResult
+from vmdelta_core.config import FilterSpec
+from vmdelta_core.hookspecs import hookimpl
 from vmdelta_core.overlay.container import OverlayReader
 from vmdelta_core.overlay.metadata import ImageStatistics, OverlayMetadata
 from vmdelta_core.testing import registry_with
@@ -155,3 +159,37 @@ def test_commands_that_draw_nothing_do_not_import_pillow() -> None:
     check = "import sys; from vmdelta_core.cli import main; main(['plugins', '--json']); print('PIL' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert done.stdout.rstrip().endswith("False")
+
+
+class DropEveryOther(Filter):
+    """An in-test filter with a long name, so that its legend line is the widest."""
+
+    name = "drop-every-other-changed-unit-of-the-image-as-a-test-of-the-legend"
+
+    def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
+        return FilterResult(np.arange(candidates.size) % 2 == 0, "in-test")
+
+
+class Filters:
+    @hookimpl
+    def vmdelta_register_filters(self, register: Callable[[Filter], None]) -> None:
+        register(DropEveryOther())
+
+
+def test_every_line_of_text_fits_in_the_picture(tmp_path: Path) -> None:
+    registry = registry_with(Filters())
+    rng = np.random.default_rng(6)
+    base = rng.integers(0, 256, 64 * UNIT, dtype=np.uint8)
+    modified = base.copy()
+    modified[: 8 * UNIT] ^= 1
+    b, m = write_pair(tmp_path, "disk", base, modified)
+    overlay, picture = tmp_path / "filtered.overlay", tmp_path / "map.png"
+    spec = ImageSpec("disk", b, m, format="file", filters=[FilterSpec(DropEveryOther.name)])
+    create_overlay(CreateConfig(output=overlay, images=[spec], cache_dir=tmp_path / "c"), registry=registry)
+    overlaymap.write_map(overlay, picture, registry)
+    classes, _ = overlaymap.overlay_classes(metadata_of(overlay))
+    with Image.open(picture) as image:
+        indices = np.asarray(image)
+    ink = len(classes) + 1  # the palette: the classes, the background, then the ink
+    drawn = np.flatnonzero((indices == ink).any(axis=0))
+    assert drawn.size and drawn.max() < indices.shape[1] - 5  # nothing cut at the right edge
