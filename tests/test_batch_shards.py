@@ -6,14 +6,17 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 
-from vmdelta_core import SourceImage
-from vmdelta_core.api import CreateConfig, ImageSpec
+from vmdelta_core import Filter, FilterContext, FilterResult, SourceImage, hookimpl
+from vmdelta_core.api import CreateConfig, FilterSpec, ImageSpec, create_overlay
+from vmdelta_core.create import shards
 from vmdelta_core.create.changes import changed_units
 from vmdelta_core.create.shards import _ChunkDigests, _JoinedDigest, shard_ranges
 from vmdelta_core.overlay.digest import ImageDigest
+from vmdelta_core.testing import registry_with
 
 CHUNK = ImageDigest.CHUNK
 
@@ -60,3 +63,40 @@ def test_ranges_find_the_changes_and_the_digest_of_the_whole_image() -> None:
         parts.append(digest.parts())
     assert np.concatenate(found).tolist() == whole.tolist()
     assert _JoinedDigest(b"".join(parts), size).hexdigest() == whole_digest.hexdigest()
+
+
+class EveryThird(Filter):
+    """Drops every third changed unit it is shown: a filter whose choice depends on all of them,
+    which shards must therefore run over the whole image, as one process does."""
+
+    name = "every-third"
+
+    def select(self, context: FilterContext, candidates: np.ndarray) -> FilterResult:
+        return FilterResult(np.arange(candidates.size) % 3 == 2, "in-test", {"seen": int(candidates.size)})
+
+
+class Plugin:
+    @hookimpl
+    def vmdelta_register_filters(self, register) -> None:
+        register(EveryThird())
+
+
+@pytest.mark.fixtures
+def test_stages_in_one_process_make_the_overlay_of_create_with_a_filter(realistic: Path, tmp_path: Path) -> None:
+    """Scan, select, encode and merge called in turn: the overlay is create's, byte for byte, with
+    a filter that drops units (the digest then taken of the image apply rebuilds)."""
+    registry = registry_with(Plugin())
+    images = [
+        ImageSpec("disk", realistic / "base.img", realistic / "modified.img", filters=[FilterSpec("every-third")])
+    ]
+    config = CreateConfig(output=tmp_path / "shards.overlay", images=images, cache_dir=tmp_path / "cache")
+    whole = create_overlay(attrs.evolve(config, output=tmp_path / "whole.overlay"), registry=registry)
+    ranges = shards.shard_ranges(config, shards.image_sizes(config, registry), 32 << 20)
+    assert len(ranges) == 4
+    selection = shards.select_shards(config, [shards.scan_shard(config, r, registry) for r in ranges], registry)
+    parts = [shards.part_path(config.output, k) for k in range(len(ranges))]
+    counts = [shards.encode_shard(config, r, selection, k, parts[k], registry) for k, r in enumerate(ranges)]
+    made = shards.merge_shards(config, ranges, selection, counts, parts, registry)
+    assert whole.images[0].statistics.dropped == {"every-third": whole.images[0].statistics.changed // 3}
+    assert made.output.read_bytes() == whole.output.read_bytes()
+    assert not any(part.exists() for part in parts)
