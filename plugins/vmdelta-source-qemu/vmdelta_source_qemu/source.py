@@ -9,9 +9,9 @@ kind of artifact back. ``qemu-ram`` reads a raw RAM image (the x-ignore-shared b
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from vmdelta_source_qemu.c_migration import PAGE_SIZE
 from vmdelta_source_qemu.embedded import open_stream, rebuilt_image
 from vmdelta_source_qemu.envelope import read_envelope
 from vmdelta_source_qemu.imagefile import CHUNK_PAGES
+from vmdelta_source_qemu.live import LiveToken, split_live_stream
+from vmdelta_source_qemu.reader import ram_limit
 from vmdelta_source_qemu.writer import stream_snapshot, write_snapshot
 
 __all__ = ["QemuRamSource", "QemuSource"]
@@ -82,6 +84,12 @@ class QemuSource(Source):
             raise ConfigError("an x-ignore-shared snapshot keeps its RAM in a file: write the memory to a file")
         with rebuilt_image(Path(rebuilt.path)) as (image, _release):
             stream_snapshot(checked.envelope, checked.blocks, image, out)
+
+    def split_live(self, stream: BinaryIO, options: Mapping[str, Any] | None = None) -> Iterator[LiveToken]:
+        """An outgoing live migration stream, read from ``stream`` as it arrives, split for a
+        handoff's relay (:mod:`vmdelta_source_qemu.live`): verbatim bytes, pages of RAM at their
+        image addresses, and the end of each pass."""
+        return split_live_stream(stream, max_ram=ram_limit(options or {}))
 
 
 def _write_ram_file(target: Path, image: np.ndarray, block: RamBlock, release: Callable[[int, int], None]) -> None:

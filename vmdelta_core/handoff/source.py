@@ -1,0 +1,176 @@
+"""The source host of a handoff: QEMU's live migration driven through QMP, its stream relayed.
+
+vmdelta hands QEMU one end of a pipe (``getfd`` over the monitor socket) and migrates to it
+(``migrate fd:``); it reads the other end only as fast as the link to the destination drains,
+so QEMU's own bandwidth estimate, dirty-page passes and downtime limit work as designed. The
+migration's capabilities and parameters pass through. Should anything fail, the migration is
+cancelled and the VM goes on running here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmdelta_core.errors import ConfigError, PluginError, StorageError, VmdeltaError
+from vmdelta_core.handoff.relay import RelaySender, RelayStatistics
+from vmdelta_core.handoff.session import BaseSpec, RelayChannel, offer_handoff, open_bases
+from vmdelta_core.registry import Registry, default_registry
+
+__all__ = ["HandoffReport", "SendConfig", "hand_off"]
+
+_FD_NAME = "vmdelta-handoff"
+#: how long QEMU's monitor may take to greet
+_MONITOR_SECONDS = 10.0
+
+
+@attrs.frozen
+class SendConfig:
+    """The running VM (its QMP socket), where it goes, and the bases both hosts hold."""
+
+    qmp: Path = attrs.field(converter=Path)
+    host: str
+    port: int
+    token: str = attrs.field(repr=False)
+    bases: tuple[BaseSpec, ...]
+    name: str | None = None
+    #: migrate-set-capabilities, by name (the relay carries plain precopy only)
+    capabilities: Mapping[str, bool] = attrs.field(factory=dict)
+    #: migrate-set-parameters, as QMP takes them (``downtime-limit`` in ms, ...)
+    parameters: Mapping[str, Any] = attrs.field(factory=dict)
+    timeout: float = 60.0
+    cache_dir: Path | None = None
+
+
+@attrs.frozen
+class HandoffReport:
+    """What a handoff did: its time, QEMU's own figures, the relay's statistics."""
+
+    seconds: float
+    qemu: Mapping[str, Any]
+    relay: RelayStatistics
+    destination: Mapping[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 3),
+            "downtime_ms": self.qemu.get("downtime"),
+            "qemu": dict(self.qemu),
+            "relay": self.relay.as_json(),
+            "destination": dict(self.destination),
+        }
+
+
+def hand_off(
+    config: SendConfig,
+    registry: Registry | None = None,
+    on_progress: Callable[[RelayStatistics], None] | None = None,
+) -> HandoffReport:
+    """Move the VM behind ``config.qmp`` to the destination; when this returns, the destination's
+    QEMU has the whole stream and this VM is paused (QEMU's ``postmigrate``)."""
+    try:
+        from qemu.qmp import QMPError
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+    except ImportError:
+        raise ConfigError("a handoff talks to QEMU through qemu.qmp: pip install 'vmdelta-core[handoff]'") from None
+
+    registry = registry or default_registry()
+    started = time.monotonic()
+    memory = next((spec for spec in config.bases if spec.kind == "memory"), None)
+    if memory is None:
+        raise ConfigError("a handoff relays against a memory base: give --memory-base")
+    opened = open_bases(list(config.bases), registry, config.cache_dir, lookup=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(opened.close)
+        source = registry.source(memory.format or registry.detect_source(memory.path, "memory"))
+        split = getattr(source, "split_live", None)
+        if split is None:
+            raise PluginError(f"the {source.name} source cannot read a live migration stream")
+        sock = offer_handoff(
+            config.host, config.port, token=config.token, name=config.name, offer=opened.offer, timeout=config.timeout
+        )
+        stack.callback(sock.close)
+        qmp = QEMUMonitorProtocol(str(config.qmp))
+        qmp.settimeout(_MONITOR_SECONDS)
+        try:
+            qmp.connect()
+        except TimeoutError:
+            raise ConfigError(
+                f"QEMU's monitor at {config.qmp} did not greet in {_MONITOR_SECONDS:g} s: it serves one client "
+                "at a time, so close the other one"
+            ) from None
+        except (OSError, QMPError) as exc:
+            raise ConfigError(f"cannot reach QEMU's monitor at {config.qmp}: {exc}") from None
+        stack.callback(qmp.close)
+        qmp.settimeout(config.timeout)
+        try:
+            _prepare(qmp, config)
+            read = _migrate_to_pipe(qmp)
+            channel = RelayChannel(sock)
+            sender = RelaySender(channel, opened.bases)
+            with open(read, "rb", buffering=0) as stream:
+                for token in split(stream):
+                    sender.feed(token)
+                    if on_progress is not None:
+                        on_progress(sender.stats)
+                sender.finish()
+            answer = channel.finish()
+            info = _completed(qmp, config.timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                qmp.cmd("migrate_cancel")  # the VM goes on running here
+            raise
+    return HandoffReport(time.monotonic() - started, info, sender.stats, answer)
+
+
+def _prepare(qmp: Any, config: SendConfig) -> None:
+    status = qmp.cmd("query-status")["status"]
+    if status not in ("running", "paused"):
+        raise ConfigError(f"the VM is {status}; a handoff moves a running or paused VM")
+    if config.capabilities:
+        qmp.cmd(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": name, "state": state} for name, state in config.capabilities.items()],
+        )
+    if config.parameters:
+        qmp.cmd("migrate-set-parameters", **dict(config.parameters))
+
+
+def _migrate_to_pipe(qmp: Any) -> int:
+    """Start the migration into a pipe; the end to read it from."""
+    read, write = os.pipe()
+    try:
+        qmp.send_fd_scm(write)
+        qmp.cmd("getfd", fdname=_FD_NAME)
+    except BaseException:
+        os.close(read)
+        raise
+    finally:
+        os.close(write)
+    try:
+        qmp.cmd("migrate", uri=f"fd:{_FD_NAME}")
+    except BaseException:
+        os.close(read)
+        raise
+    return read
+
+
+def _completed(qmp: Any, timeout: float) -> dict[str, Any]:
+    """QEMU's account of the finished migration (``query-migrate``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp.cmd("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise StorageError(f"QEMU's migration {status}: {info.get('error-desc', 'no reason given')}")
+        if time.monotonic() > deadline:
+            raise VmdeltaError("QEMU did not finish its migration in time")
+        time.sleep(0.02)
