@@ -16,7 +16,7 @@ from vmdelta_source_libvirt import LibvirtSource
 from vmdelta_source_libvirt.envelope import unpack_envelope
 from vmdelta_source_qemu import QemuSource
 
-from vmdelta_core.plugin import ConfigError, FormatError, RebuiltImage, SourceImage
+from vmdelta_core.plugin import ConfigError, FormatError, RebuiltImage, SourceImage, StorageError
 from vmdelta_core.testing import check_source, default_registry, main
 
 FORMATS = ["raw", "gzip", "bzip2", "xz", "lzop", "zstd"]
@@ -230,3 +230,16 @@ def test_a_damaged_envelope_is_refused_before_anything_is_written(tmp_path: Path
             image.envelope = broken
             with pytest.raises(FormatError):
                 _materialize(image, tmp_path)
+
+
+def test_the_decompressed_stream_goes_to_tmpdir_and_leaves_nothing(tmp_path: Path, stream: bytes) -> None:
+    path = _write(tmp_path, save_image(stream, "gzip"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with LibvirtSource().open(path, kind="memory", options={"tmpdir": str(scratch)}) as image:
+        assert image.exact_artifact
+        assert list(scratch.iterdir()) == []  # unlinked files only
+        out = _materialize(image, tmp_path)
+        assert out.read_bytes() == path.read_bytes()
+    with pytest.raises(StorageError, match="cannot make a temporary file in"):
+        LibvirtSource().open(path, kind="memory", options={"tmpdir": str(tmp_path / "missing")})
