@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -76,8 +78,8 @@ def _client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
 
     count = workers or max(1, os.cpu_count() or 1)
     # one thread a worker: a VM's create is numpy, hashing and compression, which want a core each
-    with (
-        distributed.LocalCluster(
+    with _interrupts_left_to_this_process():
+        cluster = distributed.LocalCluster(
             n_workers=count,
             threads_per_worker=1,
             processes=True,
@@ -85,10 +87,24 @@ def _client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
             # what a VM's failure says is in its result; a worker's own logs (a heartbeat lost
             # while the cluster closes) are not the user's business
             silence_logs=logging.CRITICAL,
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+        )
+    with cluster, distributed.Client(cluster) as client:
         yield client
+
+
+@contextlib.contextmanager
+def _interrupts_left_to_this_process() -> Iterator[None]:
+    """Ctrl-C reaches every process of the terminal's group: worker processes started while
+    SIGINT is ignored keep ignoring it (Python leaves an ignored SIGINT ignored), so only this
+    process sees it, and it closes the cluster, instead of each worker printing a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _has_dashboard() -> bool:

@@ -96,8 +96,17 @@ def batch(args: argparse.Namespace) -> int:
     if fleet.report is not None:
         OutputSet([manifest]).check(fleet.report)  # the fleet's own inputs are checked by batch()
     events = _Shown(quiet=args.quiet or args.json)
-    with events:
-        report = run(fleet, scheduler=args.scheduler, workers=args.workers, events=events)
+    try:
+        with events:
+            report = run(fleet, scheduler=args.scheduler, workers=args.workers, events=events)
+    except KeyboardInterrupt:
+        # each overlay appears whole or not at all: those finished before are there to keep
+        print(
+            f"vmdelta: interrupted; {events.written} of {len(fleet.vms)} overlays had been written, "
+            "the others were not",
+            file=sys.stderr,
+        )
+        return 130
     if args.json:
         from vmdelta_core.cli.output import print_json
 
@@ -119,6 +128,7 @@ class _Shown:
 
     def __init__(self, *, quiet: bool) -> None:
         self.quiet = quiet
+        self.written = 0
         self._bar: Any = None
         self._task: Any = None
 
@@ -150,6 +160,7 @@ class _Shown:
             self._bar.start()
 
     def finished(self, result: Any) -> None:
+        self.written += result.ok
         if self.quiet:
             return
         from vmdelta_core.cli.output import err_console, printable
