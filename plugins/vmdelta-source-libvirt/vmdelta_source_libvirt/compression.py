@@ -58,24 +58,24 @@ class Program:
 
     def decompress(self, source: int, start: int, out: BinaryIO, limit: int) -> None:
         """Decompress file ``source`` from byte ``start`` to its end into ``out``, at most
-        ``limit`` bytes: the kernel stops the program at the limit (``RLIMIT_FSIZE``), so a
-        small image that claims to hold a huge stream costs nothing but the limit."""
-        os.lseek(source, start, os.SEEK_SET)
-
-        def bounded() -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-
-        done = subprocess.run(
-            self.decompress_args, stdin=source, stdout=out, stderr=subprocess.PIPE, preexec_fn=bounded, check=False
-        )
-        if done.returncode == -signal.SIGXFSZ or (done.returncode and os.fstat(out.fileno()).st_size >= limit):
+        ``limit`` bytes: the kernel stops the program at the limit (``RLIMIT_FSIZE``, set
+        before it gets its first byte of input), so a small image that claims to hold a huge
+        stream costs nothing but the limit."""
+        with subprocess.Popen(self.decompress_args, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE) as proc:
+            assert proc.stdin is not None and proc.stderr is not None
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+            pump = threading.Thread(target=_pump, args=(source, proc.stdin, start), daemon=True)
+            pump.start()
+            err = proc.stderr.read()
+            proc.wait()
+            pump.join()
+        if proc.returncode == -signal.SIGXFSZ or (proc.returncode and os.fstat(out.fileno()).st_size >= limit):
             raise FormatError(
                 f"the {self.name} stream decompresses to more than {limit} bytes; if the VM has that much RAM, "
                 "raise the libvirt source's max_ram option"
             )
-        if done.returncode:
-            raise FormatError(f"the {self.name} stream does not decompress: {_last_line(done.stderr, self.name)}")
+        if proc.returncode:
+            raise FormatError(f"the {self.name} stream does not decompress: {_last_line(err, self.name)}")
 
     def compress(self, source: int, out: BinaryIO, head: bytes = b"") -> None:
         """Compress file ``source`` (from its start) onto ``out`` at its position; ``head``
@@ -106,10 +106,9 @@ class Program:
                 pump.join()
 
 
-def _pump(source: int, pipe: IO[bytes]) -> None:
-    """Copy file ``source`` from its start into ``pipe``, then close it (the program's end of
-    input); a program that stopped reading ends the copy."""
-    offset = 0
+def _pump(source: int, pipe: IO[bytes], offset: int = 0) -> None:
+    """Copy file ``source`` from ``offset`` to its end into ``pipe``, then close it (the
+    program's end of input); a program that stopped reading ends the copy."""
     try:
         while sent := os.sendfile(pipe.fileno(), source, offset, _CHUNK):
             offset += sent
