@@ -87,14 +87,22 @@ def as_fleet(vms: list[tuple[str, list[ImageSpec]]], out: Path, cache: Path, **s
     )
 
 
-def timed_batch(label: str, fleet_: Fleet, workers: int) -> tuple[float, Any]:
-    started = time.perf_counter()
+def processor_seconds() -> float:
+    """User and system time of this process and of its children that ended (the local cluster's
+    workers, the loop's processes): the work, whatever else the machine is doing."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed_batch(label: str, fleet_: Fleet, workers: int) -> tuple[float, float, Any]:
+    """Wall and processor seconds of ``vmdelta batch``, and its report."""
+    started, cpu = time.perf_counter(), processor_seconds()
     report = batch(fleet_, workers=workers)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, processor_seconds() - cpu
     assert report.succeeded, [vm.error for vm in report.failed]
     busy = sum(vm.seconds for vm in report.vms)
     print(f"  {label}: {seconds:.1f} s (VM tasks {busy:.1f} s, load average {os.getloadavg()[0]:.1f})", flush=True)
-    return seconds, report
+    return seconds, cpu, report
 
 
 def noop(value: int) -> int:
@@ -135,15 +143,18 @@ def manifest_cost(realistic: Path, work: Path, vms: int = 2000) -> float:
     return (time.perf_counter() - started) / vms
 
 
-def shell_loop(vms: list[tuple[str, list[ImageSpec]]], out: Path, cache: Path, *, shared_cache: bool) -> float:
-    started = time.perf_counter()
+def shell_loop(
+    vms: list[tuple[str, list[ImageSpec]]], out: Path, cache: Path, *, shared_cache: bool
+) -> tuple[float, float]:
+    """Wall and processor seconds of ``vmdelta create`` run for each VM in turn."""
+    started, cpu = time.perf_counter(), processor_seconds()
     for number, (name, images) in enumerate(vms):
         argv = [*VMDELTA, "create", "-q", "-o", str(out / f"{name}.overlay")]
         for spec in images:
             argv += [f"--{spec.kind}", str(spec.base), str(spec.modified)]
         argv += ["--cache-dir", str(cache if shared_cache else cache / str(number))]
         subprocess.run(argv, check=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, processor_seconds() - cpu
 
 
 def sparse_pair(realistic: Path, work: Path, size: int = 4 << 30) -> tuple[Path, Path]:
@@ -180,11 +191,11 @@ def main() -> None:
             out.mkdir(parents=True)
             return out, cache
 
-        one, report1 = timed_batch("batch, 1 worker", as_fleet(vms, *fresh("w1")), 1)
-        two, report2 = timed_batch("batch, 2 workers", as_fleet(vms, *fresh("w2")), 2)
-        loop_shared = shell_loop(vms, *fresh("loop-shared"), shared_cache=True)
+        one, one_cpu, report1 = timed_batch("batch, 1 worker", as_fleet(vms, *fresh("w1")), 1)
+        two, two_cpu, report2 = timed_batch("batch, 2 workers", as_fleet(vms, *fresh("w2")), 2)
+        loop_shared, loop_shared_cpu = shell_loop(vms, *fresh("loop-shared"), shared_cache=True)
         print(f"  shell loop, shared cache: {loop_shared:.1f} s", flush=True)
-        loop_fresh = shell_loop(vms, *fresh("loop-fresh"), shared_cache=False)
+        loop_fresh, loop_fresh_cpu = shell_loop(vms, *fresh("loop-fresh"), shared_cache=False)
         print(f"  shell loop, fresh cache per VM: {loop_fresh:.1f} s", flush=True)
         figures["fleet"] = {
             "vms": len(vms),
@@ -193,6 +204,12 @@ def main() -> None:
             "batch_2_workers_s": round(two, 2),
             "loop_shared_cache_s": round(loop_shared, 2),
             "loop_fresh_cache_s": round(loop_fresh, 2),
+            "cpu_s": {
+                "batch_1_worker_s": round(one_cpu, 2),
+                "batch_2_workers_s": round(two_cpu, 2),
+                "loop_shared_cache_s": round(loop_shared_cpu, 2),
+                "loop_fresh_cache_s": round(loop_fresh_cpu, 2),
+            },
             "vm_task_s": [vm.seconds for vm in report1.vms],
             "vm_task_cpu_s": [vm.cpu_seconds for vm in report1.vms],
             "vm_task_s_2_workers": [vm.seconds for vm in report2.vms],
@@ -222,7 +239,7 @@ def main() -> None:
         )
         whole = time.perf_counter() - started
         print(f"  4 GiB sparse pair, one process: {whole:.1f} s", flush=True)
-        sharded, report = timed_batch(
+        sharded, _, report = timed_batch(
             "4 GiB sparse pair, 512 MiB shards on 2 workers",
             as_fleet(big, *fresh("big-shards"), shard_size=512 * MiB),
             2,
@@ -245,15 +262,17 @@ def print_table(f: dict[str, Any]) -> None:
     fl, big = f["fleet"], f["sparse_4g"]
     tasks = fl["vm_task_s"]
     print()
-    print(f"| {fl['vms']} VMs, {fl['bases']} distinct bases | wall time | against batch on 2 workers |")
-    print("|---|---:|---:|")
+    print(
+        f"| {fl['vms']} VMs, {fl['bases']} distinct bases | wall time | against batch on 2 workers | processor time |"
+    )
+    print("|---|---:|---:|---:|")
     for label, key in (
         ("`vmdelta batch`, 2 workers", "batch_2_workers_s"),
         ("`vmdelta batch`, 1 worker", "batch_1_worker_s"),
         ("shell loop of `vmdelta create`, shared index cache", "loop_shared_cache_s"),
         ("shell loop of `vmdelta create`, fresh cache per VM", "loop_fresh_cache_s"),
     ):
-        print(f"| {label} | {fl[key]:.1f} s | {fl[key] / fl['batch_2_workers_s']:.2f}x |")
+        print(f"| {label} | {fl[key]:.1f} s | {fl[key] / fl['batch_2_workers_s']:.2f}x | {fl['cpu_s'][key]:.1f} s |")
     print()
     print(
         f"VM task: {min(tasks):.2f} to {max(tasks):.2f} s (mean {sum(tasks) / len(tasks):.2f} s); index task: "

@@ -66,6 +66,7 @@ from vmdelta_core.registry import Registry, default_registry
 
 __all__ = [
     "ShardRange",
+    "ShardSelection",
     "encode_shard",
     "image_sizes",
     "merge_shards",
@@ -104,7 +105,7 @@ class ScanResult:
 
 
 @attrs.frozen
-class Selection:
+class ShardSelection:
     """What :func:`select_shards` decided for the whole overlay."""
 
     kept: tuple[np.ndarray, ...]  # per shard, in shard order
@@ -224,7 +225,9 @@ def _hashed(pair: OpenedPair, indices: np.ndarray, unit: int) -> tuple[np.ndarra
     return np.concatenate(units), np.concatenate(hashes)
 
 
-def select_shards(config: CreateConfig, scans: Sequence[ScanResult], registry: Registry | None = None) -> Selection:
+def select_shards(
+    config: CreateConfig, scans: Sequence[ScanResult], registry: Registry | None = None
+) -> ShardSelection:
     """Step 2: the filters over each image's changed units, the digests, each shard's kept units
     and the dedup seed."""
     registry = registry or default_registry()
@@ -267,7 +270,7 @@ def select_shards(config: CreateConfig, scans: Sequence[ScanResult], registry: R
                 lengths.append(before + int(np.searchsorted(units, scan.range.first)))
             seed_units.append(join_addresses(number, units.astype(np.uint64) * np.uint64(unit)))
             seed_hashes.append(hashes)
-    return Selection(
+    return ShardSelection(
         kept=tuple(kept_of),
         seed_hashes=np.concatenate(seed_hashes),
         seed_addresses=np.concatenate(seed_units),
@@ -279,7 +282,7 @@ def select_shards(config: CreateConfig, scans: Sequence[ScanResult], registry: R
 def encode_shard(
     config: CreateConfig,
     shard: ShardRange,
-    selection: Selection,
+    selection: ShardSelection,
     number: int,
     part: Path,
     registry: Registry | None = None,
@@ -320,7 +323,7 @@ def encode_shard(
 def merge_shards(
     config: CreateConfig,
     shards: Sequence[ShardRange],
-    selection: Selection,
+    selection: ShardSelection,
     counts: Sequence[ImageStatistics],
     parts: Sequence[Path],
     registry: Registry | None = None,
