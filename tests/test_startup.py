@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,7 @@ def test_apply_reads_its_overlay_before_it_loads_the_plugins(tmp_path, monkeypat
     """The first work (opening and checking the overlay) does not wait for every plugin."""
     loaded = []
     monkeypatch.setattr(synthesis, "default_registry", lambda: loaded.append(1))
+    monkeypatch.setattr(synthesis, "registry_of", lambda distributions: loaded.append(2))
     (tmp_path / "base.img").write_bytes(bytes(4096))
     spec = ApplyImageSpec("disk", tmp_path / "base.img", tmp_path / "out.img")
     with pytest.raises(ConfigError, match="does not exist"):
@@ -68,3 +70,52 @@ def test_every_name_of_the_api_resolves() -> None:
 
     for name in api.__all__:
         assert getattr(api, name).__name__ == name
+
+
+APPLY_A_CORE_OVERLAY = """
+import sys
+from pathlib import Path
+import numpy as np
+from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
+from vmdelta_core.testing import registry_with
+
+folder = Path(sys.argv[1])
+base = np.arange(64 * 4096, dtype=np.uint32).astype(np.uint8)
+modified = base.copy()
+modified[4096:8192] = 7
+(folder / "b").write_bytes(base.tobytes())
+(folder / "m").write_bytes(modified.tobytes())
+spec = ImageSpec("disk", folder / "b", folder / "m")
+create_overlay(CreateConfig(folder / "o", [spec], cache_dir=folder / "c"), registry=registry_with())
+apply_overlay(ApplyConfig(folder / "o", [ApplyImageSpec("disk", folder / "b", folder / "out")], cache_dir=folder / "c"))
+assert (folder / "out").read_bytes() == modified.tobytes()
+print(" ".join(sys.modules))
+"""
+
+
+def test_apply_loads_only_the_plugins_its_overlay_names(tmp_path: Path) -> None:
+    """An overlay of the core's components alone: no installed plugin is imported to apply it."""
+    run = subprocess.run(
+        [sys.executable, "-c", APPLY_A_CORE_OVERLAY, str(tmp_path)], check=True, capture_output=True, text=True
+    )
+    plugins = [
+        m for m in run.stdout.split() if m.startswith(("vmdelta_source_", "vmdelta_encoder_", "vmdelta_filter_"))
+    ]
+    assert plugins == []
+
+
+def test_apply_falls_back_to_every_plugin_when_those_named_fall_short(tmp_path: Path, monkeypatch) -> None:
+    from samples import sample_pair, write_pair
+
+    from vmdelta_core.api import CreateConfig, ImageSpec, create_overlay
+    from vmdelta_core.testing import registry_with
+
+    base, modified = write_pair(tmp_path, "disk", *sample_pair(seed=2, units=24))
+    config = CreateConfig(tmp_path / "o", [ImageSpec("disk", base, modified)], cache_dir=tmp_path / "c")
+    create_overlay(config, registry=registry_with())
+    # the plugins the overlay names lack its raw encoder (it moved): every plugin is loaded instead
+    monkeypatch.setattr(synthesis, "registry_of", lambda d: registry_with(blocked=frozenset({"core-raw"})))
+    monkeypatch.setattr(synthesis, "default_registry", registry_with)
+    spec = ApplyImageSpec("disk", base, tmp_path / "out")
+    synthesis.apply_overlay(ApplyConfig(tmp_path / "o", [spec], cache_dir=tmp_path / "c"))
+    assert (tmp_path / "out").read_bytes() == modified.read_bytes()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +22,7 @@ from vmdelta_core.plugins import (
     plugin_distribution,
 )
 
-__all__ = ["FALLBACK_SOURCE", "RAW_ENCODER", "ComponentInfo", "Registry", "default_registry"]
+__all__ = ["FALLBACK_SOURCE", "RAW_ENCODER", "ComponentInfo", "Registry", "default_registry", "registry_of"]
 
 FALLBACK_SOURCE = "file"
 #: the encoder every overlay can use, last in the default list
@@ -197,3 +197,21 @@ def default_registry() -> Registry:
         if _default is None or _default[0] != blocked:
             _default = (blocked, Registry(new_plugin_manager(blocked=blocked)))
         return _default[1]
+
+
+_only: dict[frozenset[str], Registry] = {}
+
+
+def registry_of(distributions: Iterable[str]) -> Registry:
+    """The builtins and the installed, unblocked plugins of ``distributions`` only: what an
+    overlay's components name, so that ``apply`` imports the plugins it uses and not every one
+    installed. Kept for the process like :func:`default_registry`, one per set of plugins."""
+    wanted = {_normalized(d) for d in distributions}
+    others = {
+        name for name, dist in installed_plugins().items() if dist != "vmdelta-core" and _normalized(dist) not in wanted
+    }
+    blocked = blocked_plugins() | frozenset(others)
+    with _default_lock:
+        if blocked not in _only:
+            _only[blocked] = Registry(new_plugin_manager(blocked=blocked))
+        return _only[blocked]

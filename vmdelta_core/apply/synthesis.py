@@ -36,7 +36,7 @@ from vmdelta_core.overlay.digest import digest_kind, own_file_digest
 from vmdelta_core.overlay.envelope import decompress_envelope
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
 from vmdelta_core.records import ApplyReport, NullProgress, Progress, RebuiltReport
-from vmdelta_core.registry import Registry, default_registry
+from vmdelta_core.registry import Registry, default_registry, registry_of
 
 __all__ = ["apply_overlay"]
 
@@ -79,8 +79,8 @@ def apply_overlay(
         streamed = _streamed_output(config, stdout)
         meta = read_overlay(feed, config, progress)
         # the plugins are loaded once the overlay's first bytes are in (a stream's frames are
-        # read ahead meanwhile)
-        registry = registry or default_registry()
+        # read ahead meanwhile), and only those it names
+        registry = registry or _registry_for(meta)
         decoders = Decoders.find(meta, registry)
         bases = [
             open_base(stack, registry, meta, image, spec, config, progress)
@@ -163,6 +163,21 @@ def _early_outputs(
         os.ftruncate(files.scratch.fd, image.size)
         early[number] = files.scratch.fd
     return early
+
+
+def _registry_for(meta: OverlayMetadata) -> Registry:
+    """The plugins of the distributions the overlay's components name, and the builtins. Should
+    they fall short (a component now in another distribution), every installed plugin: its
+    errors name what is missing, disabled or to install."""
+    registry = registry_of({component.distribution for component in meta.components})
+    try:
+        Decoders.find(meta, registry)
+        for image in meta.images:
+            registry.source(image.source)
+            registry.source(image.base_source)
+    except PluginError:
+        return default_registry()
+    return registry
 
 
 @attrs.frozen
