@@ -113,7 +113,8 @@ def load_manifest(path: Path) -> Fleet:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except (RecursionError, ValueError):
         raise ConfigError(f"{path}: nested too deep or holds a number too large to read") from None
-    return fleet_from_mapping(data, folder=path.parent, origin=str(path))
+    # absolute: the workers of a cluster need not share this process's working folder
+    return fleet_from_mapping(data, folder=Path(os.path.abspath(path.parent)), origin=str(path))
 
 
 def fleet_from_mapping(data: Mapping[str, Any], *, folder: Path, origin: str = "manifest") -> Fleet:
