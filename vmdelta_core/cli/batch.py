@@ -23,6 +23,7 @@ VMs may share bases, whose indexes are then built once, in parallel, and reused:
 
   [batch]
   report = "fleet-report.json"   # every VM's overlay, size, time and statistics, or its error
+  shard_size = 1073741824        # optional: images over 1 GiB made by 1 GiB address-range tasks
 
   [[vms]]
   name = "tenant-a"
@@ -35,7 +36,7 @@ VMs may share bases, whose indexes are then built once, in parallel, and reused:
 Schema: schemas/batch.schema.json. Without --scheduler the batch runs on a local cluster of
 worker processes; `dask scheduler` and `dask worker ADDRESS` on other machines make a real one.
 A VM that fails is reported with its error and the others go on; the exit status is 0 only when
-every overlay was written."""
+every overlay was written. More in docs/fleets.md."""
 
 
 def _workers(text: str) -> int:
