@@ -226,3 +226,21 @@ def test_a_vm_made_in_shards_is_the_overlay_of_one_made_whole_and_applies_byte_e
         )
     )
     assert files_identical(outs[0], images[0].modified) and files_identical(outs[1], images[1].modified)
+
+
+def test_the_documented_manifests_are_valid() -> None:
+    """The examples in ``vmdelta batch --help``, docs/fleets.md and the README read as they say."""
+    import re
+    import tomllib
+
+    from vmdelta_core.batch.manifest import fleet_from_mapping
+    from vmdelta_core.cli.batch import _EXAMPLE
+
+    root = Path(__file__).resolve().parent.parent
+    examples = ["\n".join(line[2:] for line in _EXAMPLE.splitlines() if line.startswith("  "))]
+    for doc in ("docs/fleets.md", "README.md"):
+        examples += [b for b in re.findall(r"```toml\n(.*?)```", (root / doc).read_text(), re.S) if "[[vms]]" in b]
+    assert len(examples) == 3
+    for text in examples:
+        fleet = fleet_from_mapping(tomllib.loads(text), folder=Path("/fleet"))
+        assert fleet.vms and fleet.report == Path("/fleet/fleet-report.json")
