@@ -130,11 +130,21 @@ def test_a_wrong_base_is_refused_before_anything_migrates(realistic: Path, runni
     with contextlib.closing(running["monitor"]()) as qmp:
         before = qmp.cmd("query-migrate")  # the load of the capture this guest was resumed from
     with _receiver(realistic, tmp_path, running["disk"], memory_base=wrong) as receiver:
-        thread = threading.Thread(target=lambda: receiver.serve_one(time.monotonic() + 60))
+        refused: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                receiver.serve_one(time.monotonic() + 60)
+            except BaseMismatchError as exc:
+                refused.append(exc)
+
+        thread = threading.Thread(target=receive)
         thread.start()
         with pytest.raises(BaseMismatchError, match="holds no memory base"):
             hand_off(_send_config(realistic, running, receiver.address))
         thread.join(60)
+    assert refused, "the destination did not refuse the handoff"
+    assert not list((tmp_path / "dst").glob("qmp.sock"))  # no QEMU was started there
     with contextlib.closing(running["monitor"]()) as qmp:
         assert qmp.cmd("query-status")["status"] == "running"
         assert qmp.cmd("query-migrate") == before  # no migration was even started

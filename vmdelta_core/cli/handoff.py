@@ -185,7 +185,6 @@ def _receive(args: argparse.Namespace) -> int:
     from vmdelta_core.errors import ConfigError
     from vmdelta_core.handoff.session import HandoffReceiver, ReceiveConfig
     from vmdelta_core.registry import default_registry
-    from vmdelta_core.serve.protocol import error_for
     from vmdelta_core.serve.settings import QemuLaunch, parse_address, read_token
 
     command = args.qemu[1:] if args.qemu[:1] == ["--"] else args.qemu
@@ -208,11 +207,9 @@ def _receive(args: argparse.Namespace) -> int:
         answer = receiver.serve_one(deadline)
     if args.json:
         print(json.dumps(answer, sort_keys=True))
-    elif not args.quiet and answer["status"] == "ok":
+    elif not args.quiet:
         print(
             f"received {answer['stream_bytes']} bytes of stream ({answer['received']} on the wire); "
             f"VM {answer['vm']['pid']}"
         )
-    if answer["status"] != "ok":
-        raise error_for(answer)
     return 0

@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from vmdelta_core.components import SourceImage
-from vmdelta_core.errors import BaseMismatchError, ConfigError, VmdeltaError
+from vmdelta_core.errors import BaseMismatchError, ConfigError, StorageError, VmdeltaError
 from vmdelta_core.handoff.relay import PAGE, HandoffBase, RelayReceiver
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.overlay.schema import Ref
@@ -39,6 +39,7 @@ from vmdelta_core.serve.protocol import (
     TransportError,
     answer_line,
     error_line,
+    error_of,
     kind_of,
     read_line,
     recv_exactly,
@@ -213,8 +214,12 @@ class HandoffReceiver:
         self.close()
 
     def serve_one(self, deadline: float | None = None) -> dict[str, Any]:
-        """Wait for a source (refusing those with a wrong token), receive its handoff, return
-        what was answered."""
+        """Wait for a source (refusing those with a wrong token), receive its handoff and return
+        the answer it was given.
+
+        :raises VmdeltaError: the handoff was refused or failed (the source was told why, and
+            no VM was left).
+        """
         while True:
             try:
                 conn, peer = self._listener.accept()
@@ -231,7 +236,7 @@ class HandoffReceiver:
                     with contextlib.suppress(OSError):
                         conn.sendall(error_line(refused.kind, str(refused)))
                     if refused.kind != "auth":
-                        return {"status": "error", "error": refused.kind, "message": str(refused)}
+                        raise error_of(refused.kind, str(refused)) from None
 
     def _converse(self, conn: socket.socket, peer: str) -> dict[str, Any]:
         offer, name = self._hello(conn)
@@ -244,13 +249,14 @@ class HandoffReceiver:
                 written = receiver.receive(chunks)  # type: ignore[arg-type]
                 pipe.close()  # the whole stream: QEMU resumes the VM
             except (VmdeltaError, OSError) as exc:
-                log.warning("handoff from %s failed: %s", peer, exc)
                 _stop(vm)
-                message = str(exc) if isinstance(exc, VmdeltaError) else f"writing to QEMU: {exc.strerror or exc}"
-                answer = {"status": "error", "error": kind_of(exc), "message": message}
+                failure = (
+                    exc if isinstance(exc, VmdeltaError) else StorageError(f"writing to QEMU: {exc.strerror or exc}")
+                )
+                log.warning("handoff from %s failed: %s", peer, failure)
                 with contextlib.suppress(OSError):
-                    conn.sendall(answer_line(answer))
-                return answer
+                    conn.sendall(error_line(kind_of(failure), str(failure)))
+                raise failure from None
         threading.Thread(target=vm.wait, name=f"vmdelta-vm-{vm.pid}", daemon=True).start()  # no zombie
         answer = {"status": "ok", "stream_bytes": written, "received": chunks.received, "vm": {"pid": vm.pid}}
         conn.sendall(answer_line(answer))

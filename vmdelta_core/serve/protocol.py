@@ -43,6 +43,7 @@ __all__ = [
     "answer_line",
     "error_for",
     "error_line",
+    "error_of",
     "kind_of",
     "pack_hello",
     "prologue_end",
@@ -97,11 +98,15 @@ def error_line(kind: str, message: str) -> bytes:
     return _line({"status": "error", "error": kind, "message": message})
 
 
+def error_of(kind: object, message: str) -> VmdeltaError:
+    """The exception of an error's wire ``kind``."""
+    cls = _KINDS.get(kind, VmdeltaError) if isinstance(kind, str) else VmdeltaError
+    return cls(message)
+
+
 def error_for(answer: dict[str, Any]) -> VmdeltaError:
     """The exception an error answer stands for, its message the server's."""
-    kind = answer.get("error")
-    cls = _KINDS.get(kind, VmdeltaError) if isinstance(kind, str) else VmdeltaError
-    return cls(f"server: {answer.get('message', 'refused')}")
+    return error_of(answer.get("error"), f"server: {answer.get('message', 'refused')}")
 
 
 def _line(data: dict[str, Any]) -> bytes:
