@@ -25,11 +25,15 @@ Image = pytest.importorskip("PIL.Image", reason="inspect --map needs Pillow: pip
 UNIT = 4096
 
 
-def expected_units(label: str, stats: ImageStatistics) -> int:
-    """The units of one map class, as the overlay's statistics count them. Dropped units are the
-    base's after apply, and the overlay does not say where they were: drawn as unchanged."""
+def expected_units(label: str, stats: ImageStatistics, placed: dict[str, int] | None = None) -> int:
+    """The units of one map class, as the overlay's statistics count them. Units a filter dropped
+    are drawn in its colour where the overlay places them (``placed``: their count per filter),
+    else as unchanged (they are the base's after apply)."""
+    placed = placed or {}
+    if label.startswith("dropped by "):
+        return placed.get(label.removeprefix("dropped by "), 0)
     counts = {
-        "unchanged": stats.units - stats.changed + sum(stats.dropped.values()),
+        "unchanged": stats.units - stats.changed + sum(n for f, n in stats.dropped.items() if f not in placed),
         "zero": stats.zero,
         "same as base memory": stats.base_memory,
         "same as base disk": stats.base_disk,
@@ -54,10 +58,16 @@ def pixels_by_class(picture: Path, classes: int) -> np.ndarray:
 
 
 @pytest.mark.fixtures
+@pytest.mark.parametrize("filtered", [False, True], ids=["no-filter", "trim"])
 def test_the_map_of_a_real_capture_counts_what_the_statistics_count(
-    realistic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    realistic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], filtered: bool
 ) -> None:
+    from vmdelta_core.registry import default_registry
+
+    if filtered and not any(c.kind == "filter" and c.name == "trim" for c in default_registry()):
+        pytest.skip("the trim filter is not installed")
     overlay, picture = tmp_path / "vm.overlay", tmp_path / "map.png"
+    trim = ["--filter", f"trim:{realistic / 'trim-trace.log'}"] if filtered else []
     assert (
         main(
             [
@@ -71,6 +81,7 @@ def test_the_map_of_a_real_capture_counts_what_the_statistics_count(
                 "--disk",
                 str(realistic / "base.img"),
                 str(realistic / "modified.img"),
+                *trim,
                 "--cache-dir",
                 str(tmp_path / "cache"),
             ]
@@ -87,13 +98,16 @@ def test_the_map_of_a_real_capture_counts_what_the_statistics_count(
     expected = np.array(
         [
             sum(
-                expected_units(c.label, image.statistics) * overlaymap.cell_size(m) ** 2
+                expected_units(c.label, image.statistics, {f.name: f.dropped for f in image.filters if f.runs})
+                * overlaymap.cell_size(m) ** 2
                 for image, m in zip(meta.images, maps, strict=True)
             )
             for c in classes
         ]
     )
     assert expected[1:].sum() > 1000  # the capture changed; the picture shows it
+    if filtered:  # trim dropped disk units, and the picture shows where
+        assert [c.label for c in classes][-1] == "dropped by trim" and expected[-1] > 0
     assert pixels_by_class(picture, len(classes)).tolist() == expected.tolist()
 
 

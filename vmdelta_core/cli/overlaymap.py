@@ -8,8 +8,10 @@ disk or an earlier unit of the overlay, or a payload of one encoder. A cell cove
 the class most of its changed units have, so a single changed unit never disappears into a sea of
 unchanged ones.
 
-Filters drop units without recording where, so dropped units are drawn as unchanged (they are
-the base's after apply) and the legend gives their count per filter.
+Units a filter dropped are drawn in a colour of that filter's, where the overlay records them
+(as runs, when they are at most :data:`~vmdelta_core.overlay.metadata.MAX_FILTER_RUNS`);
+otherwise, as in overlays made before it did, as unchanged (they are the base's after apply), the
+legend giving their count.
 
 The picture needs Pillow (``pip install 'vmdelta-core[map]'``), imported only when a map is drawn.
 """
@@ -73,6 +75,8 @@ _ENCODER_COLOURS = [
     (124, 179, 66),
     (92, 107, 192),
 ]
+#: one per filter that dropped units: pale, as the units are the base's after apply
+_FILTER_COLOURS = [(206, 147, 216), (128, 222, 234), (197, 225, 165), (255, 204, 128), (176, 190, 197)]
 _BACKGROUND, _INK = (255, 255, 255), (0, 0, 0)
 _MARGIN, _SWATCH, _LINE = 10, 12, 16
 
@@ -100,7 +104,14 @@ def overlay_classes(meta: OverlayMetadata) -> tuple[list[MapClass], dict[int, in
         by_ref[ref] = len(classes)
         colour = _ENCODER_COLOURS[number % len(_ENCODER_COLOURS)]
         classes.append(MapClass(f"encoder {component.name}", colour))
+    for number, name in enumerate(_placed_filters(meta)):
+        classes.append(MapClass(f"dropped by {name}", _FILTER_COLOURS[number % len(_FILTER_COLOURS)]))
     return classes, by_ref
+
+
+def _placed_filters(meta: OverlayMetadata) -> list[str]:
+    """The filters whose dropped units the overlay places (in the order of their names)."""
+    return sorted({f.name for image in meta.images for f in image.filters if f.runs})
 
 
 @attrs.frozen
@@ -137,12 +148,31 @@ def read_image_maps(reader: OverlayReader, meta: OverlayMetadata, registry: Regi
                 raise FormatError(f"{reader.path}: frame at byte {entry.file_offset} reaches past image {image.name}")
             kinds = lookup[items.refs[last].astype(np.int64)]
             np.add.at(tally, (indices.astype(np.int64) // per_pixel, kinds), 1)
+        placed = {name: len(classes) - len(_placed_filters(meta)) + k for k, name in enumerate(_placed_filters(meta))}
+        for f in image.filters:
+            if f.runs:
+                tally[:, placed[f.name]] += _run_counts(f.runs, units, per_pixel, pixel_count, reader.path)
         # the units no item names are the base's
         sizes = np.full(pixel_count, per_pixel, dtype=np.int64)
         if pixel_count:
             sizes[-1] = units - per_pixel * (pixel_count - 1)
         tally[:, UNCHANGED] = sizes - tally[:, 1:].sum(axis=1)
         yield ImageMap(image, units, per_pixel, _pixel_classes(tally), tally.sum(axis=0))
+
+
+def _run_counts(runs: tuple[tuple[int, int], ...], units: int, per_pixel: int, pixels: int, path: Path) -> np.ndarray:
+    """Units of ``runs`` under each pixel: the difference of the units dropped before each
+    pixel's first unit (runs are sorted and apart, so that is a search, not a walk)."""
+    starts = np.array([start for start, _ in runs], dtype=np.int64)
+    counts = np.array([count for _, count in runs], dtype=np.int64)
+    if int(starts[-1] + counts[-1]) > units:
+        raise FormatError(f"{path}: a filter's dropped units reach past their image")
+    before = np.concatenate(([0], np.cumsum(counts)))  # units in the runs before run i
+    edges = np.minimum(np.arange(pixels + 1, dtype=np.int64) * per_pixel, units)
+    i = np.searchsorted(starts, edges, side="right") - 1
+    inside = np.where(i >= 0, np.clip(edges - starts[np.maximum(i, 0)], 0, counts[np.maximum(i, 0)]), 0)
+    dropped_before = np.where(i >= 0, before[np.maximum(i, 0)], 0) + inside
+    return np.diff(dropped_before)
 
 
 def _pixel_classes(tally: np.ndarray) -> np.ndarray:
@@ -238,8 +268,9 @@ def _legend_lines(meta: OverlayMetadata, classes: list[MapClass], maps: list[Ima
     lines.append((None, f"the references (zero, base, earlier unit) stored in {human_size(references)}"))
     for image in meta.images:
         for f in image.filters:
-            where = "drawn as unchanged: the overlay does not say where"
-            lines.append((None, f"{image.name}: dropped by {f.name}: {f.dropped} units ({where})"))
+            if f.dropped and not f.runs:
+                where = "drawn as unchanged: the overlay does not say where"
+                lines.append((None, f"{image.name}: dropped by {f.name}: {f.dropped} units ({where})"))
     return lines
 
 

@@ -14,7 +14,7 @@ from vmdelta_core.config import recorded_name
 from vmdelta_core.create.sources import OpenedPair
 from vmdelta_core.errors import PluginError
 from vmdelta_core.overlay.digest import file_digest
-from vmdelta_core.overlay.metadata import FilterRecord
+from vmdelta_core.overlay.metadata import MAX_FILTER_RUNS, FilterRecord
 from vmdelta_core.registry import Registry
 
 __all__ = ["Selection", "select_units"]
@@ -64,7 +64,23 @@ def select_units(pair: OpenedPair, changed: np.ndarray, registry: Registry, unit
             for record, gone in zip(records, dropped_by, strict=True)
         ]
         dropped = dropped[dropped != last]
+        dropped_by = [gone[gone != last] for gone in dropped_by]
+    records = [attrs.evolve(record, runs=unit_runs(gone)) for record, gone in zip(records, dropped_by, strict=True)]
     return Selection(kept, dropped, tuple(records))
+
+
+def unit_runs(units: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """Sorted unit indices as ``(first, count)`` runs, or ``None`` when there are more runs than
+    a filter record lists (the overlay then says how many units, not where)."""
+    units = np.sort(units)
+    if not units.size:
+        return ()
+    breaks = np.flatnonzero(np.diff(units) != 1) + 1
+    if breaks.size + 1 > MAX_FILTER_RUNS:
+        return None
+    starts = units[np.concatenate(([0], breaks))]
+    counts = np.diff(np.concatenate(([0], breaks, [units.size])))
+    return tuple(zip(starts.tolist(), counts.tolist(), strict=True))
 
 
 def _checked_mask(name: str, result: FilterResult, candidates: np.ndarray) -> np.ndarray:

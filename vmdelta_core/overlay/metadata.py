@@ -111,9 +111,14 @@ class BaseRecord:
         )
 
 
+#: runs of dropped units a filter record lists at most (beyond, where they were is not recorded)
+MAX_FILTER_RUNS = 1 << 16
+
+
 @attrs.frozen
 class FilterRecord:
-    """What one filter dropped from an image, and from what input."""
+    """What one filter dropped from an image, and from what input; ``runs``: where, as sorted
+    ``(first unit, count)`` runs, when they were few enough to record."""
 
     name: str
     reason: str
@@ -121,9 +126,10 @@ class FilterRecord:
     input: str | None = None
     input_fingerprint: str | None = None
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_map)
+    runs: tuple[tuple[int, int], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "input": self.input,
             "input_fingerprint": self.input_fingerprint,
@@ -131,18 +137,46 @@ class FilterRecord:
             "dropped": self.dropped,
             "details": dict(self.details),
         }
+        if self.runs is not None:
+            out["runs"] = [list(run) for run in self.runs]
+        return out
 
     @classmethod
     def from_json(cls, fields: Fields) -> FilterRecord:
         details = fields.object("details", optional=True)
+        dropped = fields.integer("dropped", 0, MAX_COUNT)
+        runs = None
+        if "runs" in fields.value:
+            runs = _runs(fields.array("runs", MAX_FILTER_RUNS), dropped, fields.at("runs"))
         return cls(
             fields.name("name"),
             fields.text("reason"),
-            fields.integer("dropped", 0, MAX_COUNT),
+            dropped,
             fields.text("input", optional=True, null=True),
             fields.name("input_fingerprint", optional=True, null=True),
             {} if details is None else details.value,
+            runs,
         )
+
+
+def _runs(value: list[Any], dropped: int, where: str) -> tuple[tuple[int, int], ...]:
+    """``[first, count]`` pairs, sorted, apart, counting ``dropped`` units in all."""
+    runs: list[tuple[int, int]] = []
+    end = 0
+    for run in value:
+        if (
+            not isinstance(run, list)
+            or len(run) != 2
+            or not all(type(x) is int for x in run)
+            or run[0] < end
+            or not 1 <= run[1] <= MAX_COUNT - run[0]
+        ):
+            raise FormatError(f"overlay metadata: {where} is not a list of sorted, separate [unit, count] runs")
+        runs.append((run[0], run[1]))
+        end = run[0] + run[1] + 1
+    if sum(count for _, count in runs) != dropped:
+        raise FormatError(f"overlay metadata: {where} counts other units than the {dropped} dropped")
+    return tuple(runs)
 
 
 @attrs.frozen
