@@ -55,6 +55,10 @@ def apply_overlay(
 
     :param stream: read the overlay, in the stream form, from this file object (standard input,
         a socket) as it arrives, instead of from ``config.overlay`` (which then only names it).
+        Once its prologue is checked, a thread of its own reads it ahead; should apply fail, that
+        thread may still be waiting in a read when apply returns. Give an unbuffered file (as
+        the command line does with standard input): a thread left waiting in a buffered reader
+        holds its lock, which ends the interpreter with an abort at exit.
     :param stdout: where the image whose output is ``-`` goes (a pipe to QEMU's ``-incoming``):
         its source writes the artifact there while the image is rebuilt, and its end only once
         every image is verified and every other output is in place.
