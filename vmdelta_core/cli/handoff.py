@@ -150,16 +150,17 @@ def _send(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
     )
-    last = [0.0]
 
-    def progress(stats: Any) -> None:
-        now = time.monotonic()
-        if args.quiet or args.json or now - last[0] < 0.5:
+    def progress(stats: Any, qemu: Any) -> None:
+        if args.quiet or args.json:
             return
-        last[0] = now
+        remaining = qemu.get("remaining")
+        left = f", {remaining >> 20} MiB left" if isinstance(remaining, int) else ""
+        rate = qemu.get("dirty_pages_rate")
+        dirty = f", {rate} pages dirtied a second" if isinstance(rate, int) else ""
         print(
-            f"\rpass {stats.passes}: {stats.stream_bytes >> 20} MiB of QEMU's stream, "
-            f"{stats.sent_bytes >> 20} MiB sent",
+            f"\rpass {qemu.get('dirty_syncs') or 1}: {stats.stream_bytes >> 20} MiB of QEMU's stream, "
+            f"{stats.sent_bytes >> 20} MiB sent{left}{dirty}   ",
             end="",
             file=sys.stderr,
             flush=True,

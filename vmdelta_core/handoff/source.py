@@ -26,6 +26,8 @@ from vmdelta_core.registry import Registry, default_registry
 __all__ = ["HandoffReport", "SendConfig", "hand_off"]
 
 _FD_NAME = "vmdelta-handoff"
+#: how often progress is told (QEMU asked how the migration goes)
+_PROGRESS_SECONDS = 0.5
 #: how long QEMU's monitor may take to greet
 _MONITOR_SECONDS = 10.0
 
@@ -70,10 +72,11 @@ class HandoffReport:
 def hand_off(
     config: SendConfig,
     registry: Registry | None = None,
-    on_progress: Callable[[RelayStatistics], None] | None = None,
+    on_progress: Callable[[RelayStatistics, Mapping[str, Any]], None] | None = None,
 ) -> HandoffReport:
     """Move the VM behind ``config.qmp`` to the destination; when this returns, the destination's
-    QEMU has the whole stream and this VM is paused (QEMU's ``postmigrate``)."""
+    QEMU has the whole stream and this VM is paused (QEMU's ``postmigrate``). ``on_progress`` is
+    called twice a second with the relay's statistics and QEMU's view of the migration."""
     try:
         from qemu.qmp import QMPError
         from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -114,11 +117,13 @@ def hand_off(
             read = _migrate_to_pipe(qmp)
             channel = RelayChannel(sock)
             sender = RelaySender(channel, opened.bases)
+            sampled, qemu_now = 0.0, {}
             with open(read, "rb", buffering=0) as stream:
                 for token in split(stream):
                     sender.feed(token)
-                    if on_progress is not None:
-                        on_progress(sender.stats)
+                    if on_progress is not None and time.monotonic() - sampled > _PROGRESS_SECONDS:
+                        sampled, qemu_now = time.monotonic(), _migration_now(qmp)
+                        on_progress(sender.stats, qemu_now)
                 sender.finish()
             answer = channel.finish()
             info = _completed(qmp, config.timeout)
@@ -159,6 +164,19 @@ def _migrate_to_pipe(qmp: Any) -> int:
         os.close(read)
         raise
     return read
+
+
+def _migration_now(qmp: Any) -> dict[str, Any]:
+    """QEMU's view of the migration under way: its dirty-page rate, what remains, its syncs of
+    the dirty bitmap (passes over memory) and the downtime it expects."""
+    info = qmp.cmd("query-migrate")
+    ram = info.get("ram", {})
+    return {
+        "dirty_pages_rate": ram.get("dirty-pages-rate"),
+        "remaining": ram.get("remaining"),
+        "dirty_syncs": ram.get("dirty-sync-count"),
+        "expected_downtime_ms": info.get("expected-downtime"),
+    }
 
 
 def _completed(qmp: Any, timeout: float) -> dict[str, Any]:
