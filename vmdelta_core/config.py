@@ -20,6 +20,7 @@ import attrs
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.fileio import check_input
 from vmdelta_core.jsonvalue import MAX_INT, MIN_INT, find_problem, path_text
+from vmdelta_core.limits import DEFAULT_CODEC, MAX_THREADS
 from vmdelta_core.overlay.container import MAX_FRAME
 from vmdelta_core.overlay.metadata import Settings
 from vmdelta_core.overlay.schema import MAX_UNIT, MIN_UNIT
@@ -56,8 +57,6 @@ DEFAULT_POLICY = None
 DEFAULT_UNIT = 4096
 DEFAULT_FRAME = 4 << 20
 MIN_FRAME = 64 << 10
-#: worker threads; each may hold two frames in flight, so this also bounds memory
-MAX_THREADS = 1024
 #: an options mapping and the values in it, nested; the overlay's metadata records options a few
 #: levels down, and :data:`vmdelta_core.jsonvalue.MAX_DEPTH` must still hold for it
 MAX_OPTION_DEPTH = 16
@@ -290,7 +289,7 @@ class CreateConfig:
     output: Path = attrs.field(converter=_paths)
     images: tuple[ImageSpec, ...] = attrs.field(converter=_tuple("images"))
     unit_size: int = attrs.field(default=DEFAULT_UNIT, validator=_integer("unit size", MIN_UNIT, MAX_UNIT))
-    codec: str = attrs.field(default="zstd", validator=_name("a codec name"))
+    codec: str = attrs.field(default=DEFAULT_CODEC, validator=_name("a codec name"))
     #: checked against the codec's own range by :func:`check_codec_level` once the codec is known
     level: int | None = attrs.field(default=None, validator=_integer("level", MIN_INT, MAX_INT, optional=True))
     frame_size: int = attrs.field(default=DEFAULT_FRAME, validator=_integer("frame size", MIN_FRAME, MAX_FRAME))

@@ -7,9 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vmdelta_core.api import export_elijah, import_elijah
-from vmdelta_core.cli.output import console, print_json, printable, progress_for
-from vmdelta_core.interop.elijah_export import DEFAULT_BLOB_SIZE, DEFAULT_LEVEL
+from vmdelta_core.limits import ELIJAH_BLOB_SIZE as DEFAULT_BLOB_SIZE
+from vmdelta_core.limits import ELIJAH_LEVEL as DEFAULT_LEVEL
 
 __all__ = ["add_parsers", "export", "import_"]
 
@@ -98,6 +97,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def export(args: argparse.Namespace) -> int:
+    from vmdelta_core.api import export_elijah
+    from vmdelta_core.cli.output import console, print_json, printable, progress_for
+
     with progress_for(args.quiet or args.json) as progress:
         report = export_elijah(
             Path(args.overlay),
@@ -131,6 +133,9 @@ def export(args: argparse.Namespace) -> int:
 
 
 def import_(args: argparse.Namespace) -> int:
+    from vmdelta_core.api import import_elijah
+    from vmdelta_core.cli.output import console, print_json, printable, progress_for
+
     with progress_for(args.quiet or args.json) as progress:
         report = import_elijah(
             Path(args.package),

@@ -6,21 +6,16 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
-from vmdelta_core.cli import commands
 from vmdelta_core.cli.batch import add_batch_parser
 from vmdelta_core.cli.handoff import add_handoff_parsers
 from vmdelta_core.cli.interop import add_parsers as add_interop_parsers
-from vmdelta_core.config import MAX_THREADS, CreateConfig
 from vmdelta_core.errors import VmdeltaError
-from vmdelta_core.overlay.schema import MAX_UNIT
+from vmdelta_core.limits import DEFAULT_CODEC, MAX_THREADS, MAX_UNIT
 
 if TYPE_CHECKING:
     from vmdelta_core.registry import Registry
 
 #: the codec a pipeline gets when it names none, whichever way it is built
-DEFAULT_CODEC: str = attrs.fields(CreateConfig).codec.default
 
 __all__ = ["build_parser"]
 
@@ -58,6 +53,31 @@ class _StoreOnce(argparse.Action):
 
 def _shown(values: Any) -> str:
     return " ".join(map(str, values)) if isinstance(values, list) else str(values)
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler of subcommand ``name``, imported when it runs (so that ``--help`` and the
+    other commands do not load what it needs)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from vmdelta_core.cli import commands
+
+        return int(getattr(commands, name)(args) or 0)
+
+    run.__name__ = name
+    return run
+
+
+class _Version(argparse.Action):
+    """``--version``, its distribution read only when asked."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        from vmdelta_core.plugins import core_version
+
+        print(f"{parser.prog} {core_version()}")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,7 +174,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vmdelta", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {commands.version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -230,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-size", type=_unit_size, default=4096, metavar="BYTES", help="unit size (default 4096)")
     p.add_argument("--frame-size", type=int, default=4 << 20, metavar="BYTES", help="frame size (default 4 MiB)")
     _common(p)
-    p.set_defaults(handler=commands.create)
+    p.set_defaults(handler=_command("create"))
 
     p = sub.add_parser(
         "apply",
@@ -279,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="refuse an overlay whose filters dropped any unit")
     _common(p)
-    p.set_defaults(handler=commands.apply)
+    p.set_defaults(handler=_command("apply"))
 
     p = sub.add_parser(
         "inspect", help="describe an overlay", description="Show what an overlay holds and how it was made."
@@ -294,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also draw each image's address space into PNG, a cell per unit: unchanged, zero, "
         "references to the bases or earlier units, each encoder (needs pip install 'vmdelta-core[map]')",
     )
-    p.set_defaults(handler=commands.inspect)
+    p.set_defaults(handler=_command("inspect"))
 
     p = sub.add_parser(
         "convert",
@@ -308,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUTPUT", help="where to write it; - for standard output")
     p.add_argument("--to", choices=("stream", "file"), help="the form to write (default: the other one)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    p.set_defaults(handler=commands.convert)
+    p.set_defaults(handler=_command("convert"))
 
     p = sub.add_parser(
         "index",
@@ -321,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-size", type=_unit_size, default=4096, metavar="BYTES", help="unit size (default 4096)")
     p.add_argument("--beside", action="store_true", help="write BASE.vmdidx beside each base instead of the cache")
     _common(p)
-    p.set_defaults(handler=commands.index)
+    p.set_defaults(handler=_command("index"))
 
     p = sub.add_parser(
         "plugins",
@@ -329,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every source, filter, encoder and codec, with the distribution that provides it.",
     )
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=commands.plugins)
+    p.set_defaults(handler=_command("plugins"))
 
     p = sub.add_parser(
         "run",
@@ -340,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline", metavar="PIPELINE.toml", help="the pipeline file; relative paths in it are relative to it"
     )
     _common(p)
-    p.set_defaults(handler=commands.run)
+    p.set_defaults(handler=_command("run"))
 
     _serve_parsers(sub)
     add_batch_parser(sub)
@@ -355,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep", metavar="DIR", help="keep the sample, overlay and outputs in DIR")
     _common(p)
-    p.set_defaults(handler=commands.demo)
+    p.set_defaults(handler=_command("demo"))
     return parser
 
 
@@ -384,7 +404,7 @@ def _serve_parsers(sub: Any) -> None:
     p.add_argument("--tls-key", metavar="PEM", help="its private key")
     p.add_argument("--cache-dir", metavar="DIR", help="where base indexes are cached")
     p.add_argument("-q", "--quiet", action="store_true", help="log refusals and failures only")
-    p.set_defaults(handler=commands.serve)
+    p.set_defaults(handler=_command("serve"))
 
     p = sub.add_parser(
         "send",
@@ -402,4 +422,4 @@ def _serve_parsers(sub: Any) -> None:
     p.add_argument("--tls-ca", metavar="PEM", help="TLS, checking the server with this certificate or CA")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
-    p.set_defaults(handler=commands.send)
+    p.set_defaults(handler=_command("send"))

@@ -39,6 +39,7 @@ from vmdelta_core.interop.elijah import (
     blob_name,
     self_index,
 )
+from vmdelta_core.limits import ELIJAH_BLOB_SIZE, ELIJAH_LEVEL
 from vmdelta_core.outputs import OutputSet
 from vmdelta_core.overlay.container import OverlayReader
 from vmdelta_core.overlay.digest import digest_kind
@@ -50,10 +51,8 @@ from vmdelta_core.registry import Registry, default_registry
 
 __all__ = ["DEFAULT_BLOB_SIZE", "DEFAULT_LEVEL", "ExportReport", "export_elijah"]
 
-#: xz preset: the original compressed its blobs with LZMA at level 5
-DEFAULT_LEVEL = 5
-#: uncompressed item bytes per blob: small enough to fetch one on demand
-DEFAULT_BLOB_SIZE = 4 << 20
+DEFAULT_LEVEL = ELIJAH_LEVEL
+DEFAULT_BLOB_SIZE = ELIJAH_BLOB_SIZE
 #: refs whose records the original reads exactly as vmdelta writes them
 _KEPT = frozenset({Ref.RAW, Ref.ZEROS, Ref.BASE_MEM, Ref.BASE_DISK, Ref.SELF})
 #: encoders whose payloads are the original's encodings, against the same base unit: VCDIFF and

@@ -29,6 +29,8 @@ from construct import (
     this,
 )
 
+from vmdelta_core.limits import MAX_UNIT, MIN_UNIT
+
 __all__ = [
     "BASE_REFS",
     "DELTA_ITEM",
@@ -72,10 +74,6 @@ class Ref(enum.IntEnum):
     SELF_HASH = 0x8
     XOR = 0x9
 
-
-#: units are whole sectors, and an item's u16 length holds at most this many bytes
-MIN_UNIT = 512
-MAX_UNIT = 65024
 
 #: refs whose record carries a single u64 (a base byte offset or an earlier item's address)
 FIXED_VALUE_REFS = frozenset({Ref.SELF, Ref.BASE_DISK, Ref.BASE_MEM})
