@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,3 +69,21 @@ def vm_overlays(folder: Path, *, seed: int, memory_units: int, grow: int = 3000)
         "stream_form": folder / "vm.vmds",
         "cache": folder / "cache",
     }
+
+
+@contextlib.contextmanager
+def running_server(config: Any) -> Iterator[Any]:
+    """A ``vmdelta serve`` of ``config`` (a ServeConfig) in a thread, stopped at the end."""
+    from vmdelta_core.registry import default_registry
+    from vmdelta_core.serve import BaseCatalog, OverlayServer
+
+    registry = default_registry()
+    server = OverlayServer(config, BaseCatalog.build(config.bases, registry, config.cache_dir), registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(30)
+        assert not thread.is_alive()

@@ -10,19 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from samples import vm_overlays
+from samples import running_server, vm_overlays
 
 from vmdelta_core.cli import main
 from vmdelta_core.errors import BaseMismatchError, ConfigError, VmdeltaError
-from vmdelta_core.registry import default_registry
-from vmdelta_core.serve import BaseCatalog, OverlayServer, ServeConfig, ServedBase, client_tls_context, send_overlay
+from vmdelta_core.serve import OverlayServer, ServeConfig, ServedBase, client_tls_context, send_overlay
 from vmdelta_core.serve.protocol import CHUNK_FIELD, MAGIC, pack_hello, prologue_end, read_line
 from vmdelta_core.serve.server import target_name
 from vmdelta_core.serve.settings import load_serve_config, parse_address
@@ -46,16 +44,8 @@ def serving(vm: dict[str, Path], out: Path, *, kinds: tuple[str, ...] = ("memory
         cache_dir=vm["cache"],
         **{"timeout": 10.0, "threads": 2, **options},
     )
-    registry = default_registry()
-    server = OverlayServer(config, BaseCatalog.build(config.bases, registry, config.cache_dir), registry)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running_server(config) as server:
         yield server
-    finally:
-        server.stop()
-        thread.join(10)
-        assert not thread.is_alive()
 
 
 @pytest.fixture

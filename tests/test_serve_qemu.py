@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from samples import vm_overlays
+from samples import running_server, vm_overlays
 
 from vmdelta_core.errors import ConfigError
-from vmdelta_core.registry import default_registry
-from vmdelta_core.serve import BaseCatalog, OverlayServer, QemuLaunch, ServeConfig, ServedBase, send_overlay
+from vmdelta_core.serve import OverlayServer, QemuLaunch, ServeConfig, ServedBase, send_overlay
 from vmdelta_core.serve.protocol import CHUNK_FIELD, pack_hello, prologue_end, read_line
 from vmdelta_core.serve.settings import load_serve_config
 
@@ -69,15 +68,8 @@ def server(vm: dict[str, Path], tmp_path: Path, request: pytest.FixtureRequest) 
         threads=2,
         qemu=QemuLaunch([sys.executable, str(vm["script"]), str(seen), "{name}", request.param, "-incoming", "fd:0"]),
     )
-    registry = default_registry()
-    server = OverlayServer(config, BaseCatalog.build(config.bases, registry, config.cache_dir), registry)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running_server(config) as server:
         yield server
-    finally:
-        server.stop()
-        thread.join(10)
 
 
 def test_the_vm_receives_exactly_the_memory_artifact(vm, server, tmp_path: Path) -> None:

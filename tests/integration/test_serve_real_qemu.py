@@ -11,15 +11,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fixture_guest import RunningGuest, qemu_argv, stream_capture
+from samples import running_server
 
-from vmdelta_core.registry import default_registry
-from vmdelta_core.serve import BaseCatalog, OverlayServer, QemuLaunch, ServeConfig, ServedBase, send_overlay
+from vmdelta_core.serve import OverlayServer, QemuLaunch, ServeConfig, ServedBase, send_overlay
 from vmdelta_core.serve.protocol import CHUNK_FIELD, pack_hello, prologue_end, read_line
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.slow]
@@ -64,15 +63,8 @@ def server(realistic: Path, tmp_path: Path) -> Iterator[OverlayServer]:
         threads=2,
         qemu=QemuLaunch(command),
     )
-    registry = default_registry()
-    server = OverlayServer(config, BaseCatalog.build(config.bases, registry, None), registry)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running_server(config) as server:
         yield server
-    finally:
-        server.stop()
-        thread.join(30)
 
 
 def test_the_guest_resumes_from_an_overlay_sent_to_serve(overlay: Path, server: OverlayServer, tmp_path: Path) -> None:
