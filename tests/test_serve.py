@@ -3,6 +3,7 @@ for byte, refusals before any frame flows, stalled and broken-off clients leavin
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -19,7 +20,7 @@ import pytest
 from samples import running_server, vm_overlays
 
 from vmdelta_core.cli import main
-from vmdelta_core.errors import BaseMismatchError, ConfigError, VmdeltaError
+from vmdelta_core.errors import BaseMismatchError, ConfigError, FormatError, VmdeltaError
 from vmdelta_core.serve import OverlayServer, ServeConfig, ServedBase, client_tls_context, send_overlay
 from vmdelta_core.serve.protocol import CHUNK_FIELD, MAGIC, pack_hello, prologue_end, read_line
 from vmdelta_core.serve.server import target_name
@@ -206,6 +207,29 @@ def test_a_client_breaking_off_leaves_nothing(vm, server) -> None:
         answer = read_line(sock)
     assert answer["error"] == "format" and "cut short" in answer["message"]
     assert not (server.config.output / "cut").exists()
+
+
+def test_a_damaged_stream_form_file_is_refused_by_the_server(vm, server, tmp_path: Path) -> None:
+    """A stream-form file is relayed as it is, unread by the client: the server's checks refuse it."""
+    stream = bytearray(vm["stream_form"].read_bytes())
+    stream[prologue_end(stream) + 200] ^= 0x40  # inside the first frame
+    damaged = tmp_path / "damaged.vmds"
+    damaged.write_bytes(stream)
+    with pytest.raises(VmdeltaError, match="checksum"):
+        send(server, damaged, name="damaged")
+    assert not (server.config.output / "damaged").exists()
+
+
+def test_what_is_not_a_stream_form_overlay_never_reaches_the_server(vm, server, tmp_path: Path) -> None:
+    not_overlay = tmp_path / "notes.txt"
+    not_overlay.write_bytes(b"not an overlay at all\n" * 100)
+    with pytest.raises(FormatError, match="not a vmdelta overlay"):
+        send(server, not_overlay, name="x")
+    with open(vm["file_form"], "rb") as f, pytest.raises(FormatError, match="needs the stream form"):
+        send_overlay(Path("standard input"), *server.address, token=TOKEN, stream=f, timeout=20)
+    with pytest.raises(FormatError, match="too short"):
+        send_overlay(Path("standard input"), *server.address, token=TOKEN, stream=io.BytesIO(b""), timeout=20)
+    assert list(server.config.output.iterdir()) == []
 
 
 def test_stopping_breaks_off_connections_in_flight_and_closes_the_socket(vm, tmp_path: Path) -> None:

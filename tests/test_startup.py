@@ -12,7 +12,7 @@ import pytest
 import vmdelta_core
 from vmdelta_core.apply import synthesis
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec
-from vmdelta_core.errors import ConfigError
+from vmdelta_core.errors import ConfigError, FormatError
 
 HEAVY = ("numpy", "zstandard", "pluggy", "attrs", "construct", "rich", "jsonschema", "xxhash")
 
@@ -119,3 +119,26 @@ def test_apply_falls_back_to_every_plugin_when_those_named_fall_short(tmp_path: 
     spec = ApplyImageSpec("disk", base, tmp_path / "out")
     synthesis.apply_overlay(ApplyConfig(tmp_path / "o", [spec], cache_dir=tmp_path / "c"))
     assert (tmp_path / "out").read_bytes() == modified.read_bytes()
+
+
+def test_send_relays_a_stream_form_overlay_without_the_formats_readers() -> None:
+    """``vmdelta send`` puts a stream's first byte on the wire before numpy or construct would load."""
+    loaded = modules_after("import vmdelta_core.cli.send")
+    assert not loaded & {"numpy", "construct", "zstandard", "pluggy", "vmdelta_core.overlay.container"}
+
+
+def test_the_plain_header_layout_is_the_formats() -> None:
+    from vmdelta_core.overlay.layout import FLAG_STREAM, HEADER_FIELDS, HEADER_SIZE, OVERLAY_MAGIC, read_header
+    from vmdelta_core.overlay.schema import HEADER
+
+    assert HEADER.sizeof() == HEADER_SIZE
+    built = HEADER.build({"version": 1, "flags": FLAG_STREAM, "reserved": 0})
+    assert built == HEADER_FIELDS.pack(OVERLAY_MAGIC, 1, FLAG_STREAM, 0)
+    assert read_header(built, "x") is True
+    assert read_header(HEADER.build({"version": 1, "flags": 0, "reserved": 0}), "x") is False
+    for bad, message in (
+        (b"\x89VMDELTB" + built[8:], "bad magic"),
+        (built[:8] + b"\x00\x02" + built[10:], "version 2"),
+    ):
+        with pytest.raises(FormatError, match=message):
+            read_header(bad, "x")

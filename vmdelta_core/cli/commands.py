@@ -22,6 +22,7 @@ from vmdelta_core.cli.output import (
     progress_for,
     render_overlay,
 )
+from vmdelta_core.cli.stdio import binary_stdin, binary_stdout
 from vmdelta_core.config import (
     DEFAULT_ENCODERS,
     DEFAULT_POLICY,
@@ -51,7 +52,6 @@ __all__ = [
     "plugin_rows",
     "plugins",
     "run",
-    "send",
     "serve",
     "version",
 ]
@@ -173,30 +173,13 @@ def create(args: argparse.Namespace) -> int:
 
     config = create_config_from_args(args)
     to_stdout = args.output == "-"
-    stream = _binary_stdout("the overlay") if to_stdout else None
+    stream = binary_stdout("the overlay") if to_stdout else None
     if to_stdout:
         config = attrs.evolve(config, output=Path("standard output"))
     with progress_for(args.quiet or args.json) as progress:
         report = create_overlay(config, progress=progress, stream=stream)
     _show_create(report, args, to_stderr=to_stdout)
     return 0
-
-
-def _binary_stdout(what: str) -> BinaryIO:
-    """Standard output for ``what``, which is binary: never a terminal."""
-    if sys.stdout.isatty():
-        raise ConfigError(f"refusing to write {what} to a terminal: redirect standard output or pipe it")
-    sys.stdout.flush()
-    return sys.stdout.buffer
-
-
-def _binary_stdin(what: str) -> BinaryIO:
-    """Standard input for ``what``, unbuffered: a thread reading ahead of apply may still wait in
-    a read when the command ends (an error found before the stream's end), and a buffered reader
-    it holds would abort the interpreter's exit."""
-    if sys.stdin.isatty():
-        raise ConfigError(f"{what} is read from standard input, which is a terminal: pipe or redirect it")
-    return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -259,10 +242,10 @@ def apply(args: argparse.Namespace) -> int:
     if fifo is not None:  # streamed as to standard output, into the FIFO
         images[0] = attrs.evolve(images[0], output=Path("-"))
     config = ApplyConfig(overlay=overlay, images=tuple(images), strict=args.strict, **_threads(args))
-    stream = _binary_stdin("the overlay") if from_stdin else None
+    stream = binary_stdin("the overlay") if from_stdin else None
     to_stdout = fifo is None and any(str(spec.output) == "-" for spec in images)
     with contextlib.ExitStack() as stack:
-        stdout = _binary_stdout("the rebuilt artifact") if to_stdout else None
+        stdout = binary_stdout("the rebuilt artifact") if to_stdout else None
         if fifo is not None:
             stdout = stack.enter_context(_open_fifo(fifo))
         with progress_for(args.quiet or args.json) as progress:
@@ -302,7 +285,7 @@ def inspect(args: argparse.Namespace) -> int:
 
     maps = _draw_map(args) if args.map else None
     if args.overlay == "-":
-        data = inspect_overlay(Path("standard input"), stream=_binary_stdin("the overlay"))
+        data = inspect_overlay(Path("standard input"), stream=binary_stdin("the overlay"))
     else:
         data = inspect_overlay(Path(args.overlay), verify=not args.no_verify)
     meta = OverlayMetadata.from_json(data["metadata"])
@@ -343,13 +326,13 @@ def convert(args: argparse.Namespace) -> int:
 
     from_stdin, to_stdout = args.overlay == "-", args.output == "-"
     source = Path("standard input") if from_stdin else Path(args.overlay)
-    feed = open_feed(source, _binary_stdin("the overlay") if from_stdin else None)
+    feed = open_feed(source, binary_stdin("the overlay") if from_stdin else None)
     try:
         reader = feed.reader
         stream = (args.to == "stream") if args.to else not (isinstance(feed, StreamFeed) or reader.stream_form)
         form = "stream" if stream else "file"
         if to_stdout:
-            size = convert_overlay(reader, _binary_stdout("the overlay"), stream=stream)
+            size = convert_overlay(reader, binary_stdout("the overlay"), stream=stream)
         else:
             with OutputSet([] if from_stdin else [source]) as outputs:
                 pending = outputs.add(Path(args.output))
@@ -468,34 +451,4 @@ def serve(args: argparse.Namespace) -> int:
     catalog = BaseCatalog.build(config.bases, registry, config.cache_dir)
     server = OverlayServer(config, catalog, registry)
     server.serve_forever()  # until a signal; its finally closes the socket and breaks off clients
-    return 0
-
-
-def send(args: argparse.Namespace) -> int:
-    from vmdelta_core.serve import client_tls_context, send_overlay
-    from vmdelta_core.serve.settings import parse_address, read_token
-
-    host, port = parse_address(args.address)
-    token = read_token(Path(args.token_file) if args.token_file else None, None)
-    from_stdin = args.overlay == "-"
-    tls = client_tls_context(Path(args.tls_ca) if args.tls_ca else None) if (args.tls or args.tls_ca) else None
-    answer = send_overlay(
-        Path("standard input") if from_stdin else Path(args.overlay),
-        host,
-        port,
-        token=token,
-        name=args.name,
-        stream=_binary_stdin("the overlay") if from_stdin else None,
-        timeout=args.timeout,
-        tls=tls,
-    )
-    if args.json:
-        print_json(answer)
-    elif not args.quiet:
-        for output in answer.get("outputs", []):
-            console.print(
-                f"{output.get('image')}: {answer.get('target')}/{output.get('file')} "
-                f"({output.get('size')} bytes, {output.get('digest')})"
-            )
-        console.print(f"sent to {args.address}: rebuilt as {answer.get('target')} in {answer.get('seconds')} s")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,13 +56,12 @@ def _shown(values: Any) -> str:
     return " ".join(map(str, values)) if isinstance(values, list) else str(values)
 
 
-def _command(name: str) -> Callable[[argparse.Namespace], int]:
-    """The handler of subcommand ``name``, imported when it runs (so that ``--help`` and the
-    other commands do not load what it needs)."""
+def _command(name: str, module: str = "commands") -> Callable[[argparse.Namespace], int]:
+    """The handler of subcommand ``name``, imported from ``vmdelta_core.cli.<module>`` when it
+    runs (so that ``--help`` and the other commands do not load what it needs)."""
 
     def run(args: argparse.Namespace) -> int:
-        from vmdelta_core.cli import commands
-
+        commands = importlib.import_module(f"vmdelta_core.cli.{module}")
         return int(getattr(commands, name)(args) or 0)
 
     run.__name__ = name
@@ -422,4 +422,4 @@ def _serve_parsers(sub: Any) -> None:
     p.add_argument("--tls-ca", metavar="PEM", help="TLS, checking the server with this certificate or CA")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
-    p.set_defaults(handler=_command("send"))
+    p.set_defaults(handler=_command("send", "send"))

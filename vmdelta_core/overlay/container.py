@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,30 +28,29 @@ from vmdelta_core.components import Codec
 from vmdelta_core.errors import FormatError, IntegrityError
 from vmdelta_core.fileio import open_regular
 from vmdelta_core.overlay.items import MIN_ITEM, ItemColumns, item_sizes, pack_items, unpack_items
+from vmdelta_core.overlay.layout import (
+    CHECKSUM_FIELD,
+    FLAG_STREAM,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    LENGTH_FIELD,
+    MAX_METADATA,
+)
 from vmdelta_core.overlay.parts import join_document, split_document
 from vmdelta_core.overlay.schema import FRAME_INDEX_ENTRY, HEADER, OVERLAY_MAGIC, TRAILER, TRAILER_MAGIC
 
 __all__ = ["FLAG_STREAM", "FORMAT_VERSION", "FrameEntry", "OverlayReader", "OverlayWriter"]
 
-FORMAT_VERSION = 1
-HEADER_SIZE = HEADER.sizeof()
 TRAILER_SIZE = TRAILER.sizeof()
 ENTRY_SIZE = FRAME_INDEX_ENTRY.sizeof()
 MAX_FRAME = 64 << 20  # no frame, stored or decompressed, may be larger (untrusted input)
-MAX_METADATA = 64 << 20
 KIND_ITEMS = "items"
 KIND_ENVELOPE = "envelope"
-#: header flag of the stream form (``schemas/overlay-v1-stream.md``): prologue first, each frame
-#: headed by its index entry, so a reader needs no seeking
-FLAG_STREAM = 0x1
 TAG_PROLOGUE = b"P"
 TAG_FRAME = b"F"
 TAG_EPILOGUE = b"E"
 #: a frame's head in the stream form: its tag and its index entry
 FRAME_HEAD_SIZE = 1 + 48
-#: the length before a prologue or an epilogue, and the checksum after a prologue
-LENGTH_FIELD = struct.Struct("!I")
-CHECKSUM_FIELD = struct.Struct("!Q")
 
 
 def pack_entry(entry: FrameEntry) -> bytes:

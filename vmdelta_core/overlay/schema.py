@@ -30,6 +30,7 @@ from construct import (
 )
 
 from vmdelta_core.limits import MAX_UNIT, MIN_UNIT
+from vmdelta_core.overlay.layout import OVERLAY_MAGIC
 
 __all__ = [
     "BASE_REFS",
@@ -120,7 +121,6 @@ DELTA_ITEM_WITH_HASH = _delta_item(with_hash=True)
 # overlay container v1 (schemas/overlay-v1.md)
 # --------------------------------------------------------------------------------------------
 
-OVERLAY_MAGIC = b"\x89VMDELTA"
 TRAILER_MAGIC = b"VMDLTEND"
 
 #: the first 16 bytes of an overlay

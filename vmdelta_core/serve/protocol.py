@@ -28,7 +28,7 @@ from vmdelta_core.errors import (
     StorageError,
     VmdeltaError,
 )
-from vmdelta_core.overlay.container import CHECKSUM_FIELD, HEADER_SIZE, LENGTH_FIELD, MAX_METADATA
+from vmdelta_core.overlay.layout import CHECKSUM_FIELD, HEADER_SIZE, LENGTH_FIELD, MAX_METADATA
 
 __all__ = [
     "CHUNK_FIELD",

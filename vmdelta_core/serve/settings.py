@@ -35,7 +35,6 @@ from typing import Any
 
 import attrs
 
-from vmdelta_core.config import default_threads
 from vmdelta_core.errors import ConfigError
 from vmdelta_core.serve.protocol import DEFAULT_PORT
 
@@ -140,7 +139,7 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     timeout: float = 60.0
     max_connections: int = 16
-    threads: int = attrs.field(factory=lambda: min(4, default_threads()))
+    threads: int = attrs.field(factory=lambda: _default_threads())
     cache_dir: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -294,3 +293,11 @@ def load_serve_config(path: Path | None, **overrides: Any) -> ServeConfig:
         qemu=data["qemu"] if isinstance(data.get("qemu"), QemuLaunch) else _qemu(data.get("qemu")),
         **extra,
     )
+
+
+def _default_threads() -> int:
+    """Worker threads per connection: one a core, at most 4 (the configs' module is imported only
+    here, so that ``vmdelta send``, which reads the address helpers above, does not load it)."""
+    from vmdelta_core.config import default_threads
+
+    return min(4, default_threads())
