@@ -88,7 +88,7 @@ def test_a_home_relative_path_is_expanded(tmp_path: Path, monkeypatch: pytest.Mo
 def test_every_setting_is_carried_over(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[overlay]\noutput = "o"\nunit_size = 8192\ncodec = "lzma"\nlevel = 6\nframe_size = 1048576\n'
+        '[overlay]\noutput = "o"\nunit_size = 8192\ncodec = "lzma"\nlevel = 6\nframe_size = 2097152\n'
         "threads = 3\nencoder_options = { xdelta3 = { level = 9, window = [1, 2] } }\n\n"
         '[[images]]\nkind = "memory"\nbase = "b.mem"\nmodified = "m.mem"\nformat = "qemu"\n'
         'encoders = ["xor", "raw"]\npolicy = "first-smaller"\n'
@@ -99,7 +99,7 @@ def test_every_setting_is_carried_over(tmp_path: Path) -> None:
         8192,
         "lzma",
         6,
-        1 << 20,
+        2 << 20,
         3,
     )
     assert config.encoder_options == {"xdelta3": {"level": 9, "window": [1, 2]}}

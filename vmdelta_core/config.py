@@ -20,7 +20,7 @@ import attrs
 from vmdelta_core.errors import ConfigError, PluginError
 from vmdelta_core.fileio import check_input
 from vmdelta_core.jsonvalue import MAX_INT, MIN_INT, find_problem, path_text
-from vmdelta_core.limits import DEFAULT_CODEC, MAX_THREADS
+from vmdelta_core.limits import DEFAULT_CODEC, DEFAULT_FRAME, MAX_THREADS
 from vmdelta_core.overlay.container import MAX_FRAME
 from vmdelta_core.overlay.metadata import Settings
 from vmdelta_core.overlay.schema import MAX_UNIT, MIN_UNIT
@@ -55,7 +55,6 @@ KINDS = ("memory", "disk")
 DEFAULT_ENCODERS = None
 DEFAULT_POLICY = None
 DEFAULT_UNIT = 4096
-DEFAULT_FRAME = 4 << 20
 MIN_FRAME = 64 << 10
 #: an options mapping and the values in it, nested; the overlay's metadata records options a few
 #: levels down, and :data:`vmdelta_core.jsonvalue.MAX_DEPTH` must still hold for it

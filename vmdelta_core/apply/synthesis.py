@@ -30,7 +30,7 @@ from vmdelta_core.apply.streamout import StreamedArtifact
 from vmdelta_core.components import RebuiltImage, SourceImage
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec
 from vmdelta_core.errors import ConfigError, IntegrityError, PluginError
-from vmdelta_core.outputs import OutputSet, PendingFile
+from vmdelta_core.outputs import OutputSet, PendingFile, start_writeback
 from vmdelta_core.overlay.container import FrameEntry
 from vmdelta_core.overlay.digest import digest_kind, own_file_digest
 from vmdelta_core.overlay.envelope import decompress_envelope
@@ -96,23 +96,30 @@ def apply_overlay(
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="vmdelta"))
         rebuilder = ImageRebuilder(feed, meta, decoders, bases, [t.scratch.fd for t in targets], pool)
         ahead = [number for number in range(1, len(targets)) if number != streamed]
-        copies = _BaseCopies({number: _base_copy(number, rebuilder, targets[number]) for number in ahead})
+        copies = _BaseCopies(
+            {number: _base_copy(number, rebuilder, targets[number], number in early) for number in ahead}
+        )
         stack.callback(copies.close)  # stopped and finished before any scratch file is dropped
         gate = None if streamed is None else StreamedArtifact(stdout, meta.images[streamed].name)  # type: ignore[arg-type]
         try:
-            applied = [
-                _apply(
-                    number,
-                    rebuilder,
-                    targets[number],
-                    spec,
-                    progress,
-                    registry,
-                    gate if number == streamed else None,
-                    copies,
-                )
-                for number, spec in enumerate(config.images)
-            ]
+            applied = []
+            for number, spec in enumerate(config.images):
+                # a file that is its output as it is rebuilt goes to disk as it is written, so
+                # that the commit, which the VM waits for, has little left to flush
+                writing = outputs.writing_back(targets[number].scratch) if number in early else contextlib.nullcontext()
+                with writing:
+                    applied.append(
+                        _apply(
+                            number,
+                            rebuilder,
+                            targets[number],
+                            spec,
+                            progress,
+                            registry,
+                            gate if number == streamed else None,
+                            copies,
+                        )
+                    )
             # a stream is trusted as a whole only now; then every image is checked against its
             # digest, and only once every one verified is anything materialized
             meta = finish_overlay(feed, meta, config)
@@ -210,14 +217,19 @@ class Targets:
         raise PluginError(f"a source moved the rebuilt image to {path}, which is not an output it was given")
 
 
-def _base_copy(number: int, rebuilder: ImageRebuilder, files: Targets) -> Callable[[threading.Event], None]:
-    """The copy of image ``number``'s base into its scratch file, to run ahead of its turn."""
+def _base_copy(
+    number: int, rebuilder: ImageRebuilder, files: Targets, is_output: bool
+) -> Callable[[threading.Event], None]:
+    """The copy of image ``number``'s base into its scratch file, to run ahead of its turn; a
+    scratch file that ``is_output`` starts on its way to disk as soon as it is copied."""
     image, base, feed = rebuilder.meta.images[number], rebuilder.bases[number], rebuilder.feed
 
     def copy(stop: threading.Event) -> None:
         if not feed.partial:
             check_claimed_size(feed.reach(number), image, base)
         copy_base(base, files.scratch.fd, image.size, rebuilder.meta.unit_size, lambda n: None, stop=stop)
+        if is_output:
+            start_writeback(files.scratch.fd)
 
     return copy
 

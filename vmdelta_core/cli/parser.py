@@ -11,7 +11,7 @@ from vmdelta_core.cli.batch import add_batch_parser
 from vmdelta_core.cli.handoff import add_handoff_parsers
 from vmdelta_core.cli.interop import add_parsers as add_interop_parsers
 from vmdelta_core.errors import VmdeltaError
-from vmdelta_core.limits import DEFAULT_CODEC, MAX_THREADS, MAX_UNIT
+from vmdelta_core.limits import DEFAULT_CODEC, DEFAULT_FRAME, MAX_THREADS, MAX_UNIT
 
 if TYPE_CHECKING:
     from vmdelta_core.registry import Registry
@@ -248,7 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=DEFAULT_CODEC, metavar="NAME", help=_Later(_codec_help))
     p.add_argument("--level", type=int, help="codec level, within the range --codec lists (default: the codec's own)")
     p.add_argument("--unit-size", type=_unit_size, default=4096, metavar="BYTES", help="unit size (default 4096)")
-    p.add_argument("--frame-size", type=int, default=4 << 20, metavar="BYTES", help="frame size (default 4 MiB)")
+    p.add_argument(
+        "--frame-size",
+        type=int,
+        default=DEFAULT_FRAME,
+        metavar="BYTES",
+        help=f"uncompressed bytes per frame (default {DEFAULT_FRAME >> 20} MiB); a receiver decodes each frame "
+        "once it has arrived whole",
+    )
     _common(p)
     p.set_defaults(handler=_command("create"))
 
