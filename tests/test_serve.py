@@ -103,6 +103,19 @@ def test_several_clients_at_once(vm, server) -> None:
         assert_rebuilt(vm, server.config.output / name)
 
 
+def test_the_bases_are_opened_once_for_every_connection(vm, server, monkeypatch) -> None:
+    """The server holds its bases open: a connection reads them as they are (for a QEMU base,
+    no parsing of its stream again), and they stay open for the next one."""
+    opened = []
+    for source in {server.registry.source(entry.source) for entry in server.catalog.entries}:
+        monkeypatch.setattr(source, "open", lambda *a, _open=source.open, **k: opened.append(a) or _open(*a, **k))
+    for name in ("first", "second"):
+        send(server, vm["stream_form"], name=name)
+        assert_rebuilt(vm, server.config.output / name)
+    assert opened == []
+    assert all(entry.image is not None and entry.image.data.shape[0] for entry in server.catalog.entries)
+
+
 def test_names_from_the_client_never_become_paths(vm, server) -> None:
     answer = send(server, vm["file_form"], name="../../etc/passwd")
     assert answer["target"] == "_.._etc_passwd"

@@ -112,15 +112,20 @@ def open_base(
     spec: ApplyImageSpec,
     config: ApplyConfig,
     progress: Progress,
+    held: SourceImage | None = None,
 ) -> SourceImage:
-    """Open a base and prove it is the one the overlay was made from."""
+    """Open a base (or take ``held``, the same base already open, which its holder closes) and
+    prove it is the one the overlay was made from."""
     source = registry.source(image.base_source)
     for path, what in spec.input_checks():
         check_input(path, what)
     check_source_options(source, spec.base_options, f"base_options of {spec.base}")
     check_side_files(source, spec.base_sides, f"base side files of {spec.base}")
     check_side_files(registry.source(image.source), spec.output_sides, f"output side files of {spec.output}")
-    base = stack.enter_context(source.open(spec.base, kind=image.kind, options=spec.open_options()))
+    if held is not None and held.kind == image.kind:
+        base = held
+    else:
+        base = stack.enter_context(source.open(spec.base, kind=image.kind, options=spec.open_options()))
     expected = image.base
     if base.size != expected.size:
         raise BaseMismatchError(

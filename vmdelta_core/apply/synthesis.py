@@ -50,6 +50,7 @@ def apply_overlay(
     stdout: BinaryIO | None = None,
     on_committed: Callable[[], None] | None = None,
     on_outputs: Callable[[Mapping[int, int]], None] | None = None,
+    bases: Mapping[Path, SourceImage] | None = None,
 ) -> ApplyReport:
     """Rebuild every image of ``config.overlay`` from the bases in ``config`` and verify it.
 
@@ -70,6 +71,11 @@ def apply_overlay(
         opens its disks as it starts (``-add-fd``), so that it loads its memory as the overlay
         arrives. The files get their names only at the commit; until the stream's end the VM does
         not read them. Should a source publish another file, apply fails.
+    :param bases: bases already open, by the path ``config`` gives them at, opened by their
+        source with the options ``config`` gives: a server holding its bases opens each once
+        rather than at every overlay (a QEMU base is parsed and its RAM laid out as an image
+        when it is opened). They are still proven to be the overlay's bases, only read, and left
+        open; several applies may share them at once.
     """
     started = time.monotonic()
     progress = progress or NullProgress()
@@ -87,7 +93,7 @@ def apply_overlay(
         registry = registry or _registry_for(meta)
         decoders = Decoders.find(meta, registry)
         bases = [
-            open_base(stack, registry, meta, image, spec, config, progress)
+            open_base(stack, registry, meta, image, spec, config, progress, (bases or {}).get(spec.base))
             for image, spec in zip(meta.images, config.images, strict=True)
         ]
         early = _early_outputs(meta, bases, config, targets) if on_outputs is not None else {}

@@ -27,6 +27,7 @@ from pathlib import Path
 import attrs
 
 from vmdelta_core.apply import apply_overlay
+from vmdelta_core.components import SourceImage
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec
 from vmdelta_core.errors import BaseMismatchError, ConfigError, VmdeltaError
 from vmdelta_core.index import load_or_build_index
@@ -94,11 +95,14 @@ class CatalogEntry:
     source: str
     size: int
     fingerprint: str
+    #: the base as its source opened it, shared by every connection
+    image: SourceImage | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class BaseCatalog:
     """The bases the server holds, known by fingerprint (computed once, at start, through the
-    index cache)."""
+    index cache), and held open: each connection reads them as they are rather than opening
+    them again (for a QEMU base: parsing its stream and laying out its RAM)."""
 
     def __init__(self, entries: list[CatalogEntry]) -> None:
         self.entries = entries
@@ -106,19 +110,34 @@ class BaseCatalog:
 
     @classmethod
     def build(cls, bases: tuple[ServedBase, ...], registry: Registry, cache_dir: Path | None) -> BaseCatalog:
-        entries = []
-        for base in bases:
-            if not base.path.is_file():
-                raise ConfigError(f"base {base.path} does not exist or is not a file")
-            source = base.format or registry.detect_source(base.path, base.kind)
-            options = base.open_options()
-            with registry.source(source).open(base.path, kind=base.kind, options=options) as image:
+        entries: list[CatalogEntry] = []
+        try:
+            for base in bases:
+                if not base.path.is_file():
+                    raise ConfigError(f"base {base.path} does not exist or is not a file")
+                source = base.format or registry.detect_source(base.path, base.kind)
+                options = base.open_options()
+                image = registry.source(source).open(base.path, kind=base.kind, options=options)
+                entries.append(CatalogEntry(base, source, image.size, "", image))
                 index, _ = load_or_build_index(
                     base.path, image, source=source, unit=4096, options=options, cache_dir=cache_dir
                 )
-            entries.append(CatalogEntry(base, source, index.size, index.fingerprint))
-            log.info("base %s (%s, %s, %d bytes): %s", base.path, base.kind, source, index.size, index.fingerprint)
+                entries[-1] = attrs.evolve(entries[-1], size=index.size, fingerprint=index.fingerprint)
+                log.info("base %s (%s, %s, %d bytes): %s", base.path, base.kind, source, index.size, index.fingerprint)
+        except BaseException:
+            cls(entries).close()
+            raise
         return cls(entries)
+
+    def held(self) -> dict[Path, SourceImage]:
+        """The open bases, by path, for :func:`apply_overlay`."""
+        return {entry.base.path: entry.image for entry in self.entries if entry.image is not None}
+
+    def close(self) -> None:
+        """Close the bases (no connection may be reading them)."""
+        for entry in self.entries:
+            if entry.image is not None:
+                entry.image.close()
 
     def find(self, image: ImageRecord) -> CatalogEntry:
         """The base ``image`` was made against.
@@ -219,6 +238,8 @@ class OverlayServer:
             threads.append(self._acceptor)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if not any(thread.is_alive() for thread in threads):
+            self.catalog.close()  # no connection reads the bases any more
 
     # ----------------------------------------------------------------------------------------
     # one connection
@@ -363,6 +384,7 @@ class OverlayServer:
                 stdout=None if pipe is None else pipe.writer,
                 on_outputs=start_early if names_disks else None,
                 on_committed=start_late if names_disks else None,
+                bases=self.catalog.held(),
             )
             if pipe is not None:
                 pipe.writer.close()  # the stream is whole: QEMU resumes
