@@ -100,3 +100,83 @@ def test_every_cut_of_a_small_relay_is_refused(bases) -> None:
     for cut in range(len(wire)):
         with pytest.raises(FormatError):
             RelayReceiver(io.BytesIO(), [HandoffBase(b.ref, b.image) for b in bases]).receive(io.BytesIO(wire[:cut]))
+
+
+class Disk:
+    """A disk target in memory: what a receiver writes, and whether it was finished."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data = bytearray(size)
+        self.finished = False
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.data[offset : offset + len(data)] = data
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def disk_relay(bases, guest: np.ndarray, later: dict[int, bytes]) -> tuple[bytes, list[Tok], object]:
+    """A relay of version 2: a pass of memory, the disk's first pass (all of ``guest``), its
+    second (the blocks of ``later``), the device state."""
+    out = io.BytesIO()
+    sender = RelaySender(out, bases, version=2)
+    tokens = stream_of(bases, passes=1)
+    for token in tokens[:-1]:
+        sender.feed(token)
+    sender.disk_pass([(0, guest.tobytes())], 0)
+    sender.disk_pass(sorted(later.items()), 1)
+    sender.feed(tokens[-1])
+    sender.finish()
+    return out.getvalue(), tokens, sender.stats
+
+
+def guest_disk(bases) -> np.ndarray:
+    """32 blocks: the base disk's own, others of the base memory, zeros, new bytes."""
+    memory, disk = (b.image.data for b in bases)
+    blocks = [disk[: 8 * PAGE], memory[PAGE * 3 : PAGE * 11], np.zeros(8 * PAGE, np.uint8)]
+    blocks.append(rng.integers(0, 256, 8 * PAGE, dtype=np.uint8))
+    return np.concatenate(blocks)
+
+
+def test_the_disk_comes_back_block_for_block_and_later_passes_win(bases) -> None:
+    guest = guest_disk(bases)
+    later = {PAGE * 20: bytes([7]) * PAGE, PAGE * 21: bytes(PAGE), PAGE * 3: guest[PAGE * 9 : PAGE * 10].tobytes()}
+    wire, tokens, stats = disk_relay(bases, guest, later)
+    out, disk = io.BytesIO(), Disk(64 * PAGE)
+    receiver = RelayReceiver(out, [HandoffBase(b.ref, b.image) for b in bases], version=2, disk=disk)
+    receiver.receive(io.BytesIO(wire))
+    expected = bytearray(guest.tobytes()) + bytearray(32 * PAGE)
+    for offset, block in later.items():
+        expected[offset : offset + PAGE] = block
+    assert disk.data == expected and disk.finished
+    assert out.getvalue() == b"".join(t.data for t in tokens)
+    assert [(p.blocks, p.bytes) for p in stats.disk_passes] == [(32, 32 * PAGE), (3, 3 * PAGE)]
+    assert stats.disk_blocks == {"base memory": 8 + 1, "base disk": 8, "zero": 8 + 1, "raw": 8 + 1}
+    assert stats.disk_passes[0].sent < 12 * PAGE  # references and zeros, not 32 blocks
+
+
+def test_a_disk_damaged_or_cut_never_releases_the_end(bases) -> None:
+    wire, tokens, _ = disk_relay(bases, guest_disk(bases), {0: bytes([1]) * PAGE})
+    for damaged in (wire[:-30], wire[:-60] + bytes([wire[-60] ^ 1]) + wire[-59:]):
+        out, disk = io.BytesIO(), Disk(64 * PAGE)
+        with pytest.raises((FormatError, IntegrityError)):
+            RelayReceiver(out, [HandoffBase(b.ref, b.image) for b in bases], version=2, disk=disk).receive(
+                io.BytesIO(damaged)
+            )
+        assert not disk.finished and not out.getvalue().endswith(tokens[-1].data)
+
+
+def test_disk_blocks_outside_the_disk_or_in_version_1_are_refused(bases) -> None:
+    wire, _, _ = disk_relay(bases, guest_disk(bases), {})
+    opened = [HandoffBase(b.ref, b.image) for b in bases]
+    with pytest.raises(FormatError, match="outside the disk"):
+        RelayReceiver(io.BytesIO(), opened, version=2, disk=Disk(16 * PAGE)).receive(io.BytesIO(wire))
+    with pytest.raises(FormatError, match="takes no disk"):
+        RelayReceiver(io.BytesIO(), opened, version=2).receive(io.BytesIO(wire))
+    with pytest.raises(FormatError, match="unknown operation"):
+        RelayReceiver(io.BytesIO(), opened, version=1, disk=Disk(64 * PAGE)).receive(io.BytesIO(wire))

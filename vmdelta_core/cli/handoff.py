@@ -24,8 +24,14 @@ goes on running here; once the destination has the whole stream, this VM is paus
 
   vmdelta handoff send --qmp /run/vm1.qmp --to cloudlet:7479 --memory-base base.mem --disk-base base.img
 
-The guest's disk must be reachable from the destination's QEMU as it is (shared storage); moving
-the disk itself is not part of this version."""
+Without --move-disk the guest's disk must be reachable from the destination's QEMU as it is
+(shared storage). With it, the guest runs from a qcow2 overlay over the base disk and that
+overlay moves: a dirty bitmap is started on the drive, the overlay's clusters are read through
+QEMU (an NBD export of the drive) and sent while the guest runs, and once QEMU has stopped the
+guest the blocks written since are sent again, before the destination may resume.
+
+  vmdelta handoff send --qmp /run/vm1.qmp --to cloudlet:7479 --memory-base base.mem \
+      --disk-base base.img --move-disk"""
 
 _RECEIVE = """\
 Everything after -- is the destination's QEMU command; it reads the migration stream from its
@@ -34,7 +40,14 @@ gives. The stream's end, from which QEMU resumes the VM, is written only once th
 stream is proven (its length and digest); a failed handoff stops QEMU and leaves no VM.
 
   vmdelta handoff receive --listen 0.0.0.0:7479 --memory-base base.mem --disk-base base.img \\
-      -- qemu-system-x86_64 -m 2048 -drive file=shared/vm1.qcow2 -incoming fd:0"""
+      -- qemu-system-x86_64 -m 2048 -drive file=shared/vm1.qcow2 -incoming fd:0
+
+When the source moves its disk (send --move-disk), --disk names the new qcow2 it is written to,
+thin over --disk-base; {disk0} in the command stands for it. The file must not exist; it holds
+every block (qemu-img check passes) before QEMU may resume, and a failed handoff removes it.
+
+  vmdelta handoff receive --memory-base base.mem --disk-base base.img --disk vm1.qcow2 \\
+      -- qemu-system-x86_64 -m 2048 -drive file={disk0},format=qcow2 -incoming fd:0"""
 
 
 def add_handoff_parsers(sub: Any) -> None:
@@ -56,6 +69,12 @@ def add_handoff_parsers(sub: Any) -> None:
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination's `handoff receive`")
     _bases(p)
     p.add_argument("--name", help="the VM's name ({name} in the destination's command)")
+    p.add_argument(
+        "--move-disk",
+        action="store_true",
+        help="send the guest's disk too: its qcow2 overlay over --disk-base (default: shared storage)",
+    )
+    p.add_argument("--drive", metavar="ID", help="the drive that moves (default: the VM's only qcow2 drive)")
     p.add_argument(
         "--capability",
         action="append",
@@ -84,6 +103,7 @@ def add_handoff_parsers(sub: Any) -> None:
     p.add_argument("--listen", default="127.0.0.1:7479", metavar="HOST:PORT", help="default 127.0.0.1:7479")
     _bases(p)
     p.add_argument("--wait", type=float, metavar="SECONDS", help="give up when no source came in this time")
+    p.add_argument("--disk", metavar="FILE", help="the new qcow2 a moved disk is written to ({disk0} in the command)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("qemu", nargs=argparse.REMAINDER, metavar="-- QEMU ...", help="the VM's command")
@@ -149,7 +169,11 @@ def _send(args: argparse.Namespace) -> int:
         parameters={name: _value(v) for name, v in _pairs(args.parameter, "--parameter").items()},
         timeout=args.timeout,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        move_disk=args.move_disk,
+        drive=args.drive,
     )
+    if args.move_disk and not args.disk_base:
+        raise ConfigError("--move-disk sends the disk against its base: give --disk-base")
 
     def progress(stats: Any, qemu: Any) -> None:
         if args.quiet or args.json:
@@ -158,9 +182,10 @@ def _send(args: argparse.Namespace) -> int:
         left = f", {remaining >> 20} MiB left" if isinstance(remaining, int) else ""
         rate = qemu.get("dirty_pages_rate")
         dirty = f", {rate} pages dirtied a second" if isinstance(rate, int) else ""
+        disk = "".join(f", disk pass {n}: {p.blocks} blocks" for n, p in enumerate(stats.disk_passes))
         print(
             f"\rpass {qemu.get('dirty_syncs') or 1}: {stats.stream_bytes >> 20} MiB of QEMU's stream, "
-            f"{stats.sent_bytes >> 20} MiB sent{left}{dirty}   ",
+            f"{stats.sent_bytes >> 20} MiB sent{left}{dirty}{disk}   ",
             end="",
             file=sys.stderr,
             flush=True,
@@ -179,6 +204,11 @@ def _send(args: argparse.Namespace) -> int:
             f"{relay['stream_bytes']} bytes of QEMU's stream in {relay['passes']} passes sent as "
             f"{relay['sent_bytes']} bytes; pages {relay['pages']}"
         )
+        for number, disk in enumerate(relay["disk_passes"]):
+            print(
+                f"disk pass {number}: {disk['blocks']} blocks ({disk['bytes']} bytes) sent as {disk['sent']} bytes"
+                + (f"; blocks {relay['disk_blocks']}" if number == len(relay["disk_passes"]) - 1 else "")
+            )
     return 0
 
 
@@ -200,7 +230,10 @@ def _receive(args: argparse.Namespace) -> int:
         qemu=QemuLaunch(command),
         timeout=args.timeout,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        disk=Path(args.disk) if args.disk else None,
     )
+    if args.disk and not args.disk_base:
+        raise ConfigError("--disk is written over the base disk: give --disk-base")
     with HandoffReceiver(config, default_registry()) as receiver:
         if not args.quiet and not args.json:
             print(f"waiting for a handoff on {receiver.address[0]}:{receiver.address[1]}", file=sys.stderr, flush=True)
@@ -212,5 +245,6 @@ def _receive(args: argparse.Namespace) -> int:
         print(
             f"received {answer['stream_bytes']} bytes of stream ({answer['received']} on the wire); "
             f"VM {answer['vm']['pid']}"
+            + (f"; disk {answer['disk']['path']} ({answer['disk']['blocks']} blocks)" if "disk" in answer else "")
         )
     return 0

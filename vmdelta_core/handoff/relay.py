@@ -6,14 +6,17 @@ the pass it came in, a reference to an identical unit of the base memory or the 
 (looked up by hash in their indexes, confirmed byte for byte), a zero unit, or its bytes.
 :class:`RelayReceiver` reads the frames, resolves every page from the bases it holds and writes
 the stream as QEMU sent it, keeping back the bytes after the last page (the device state QEMU
-resumes from) until the end record proves the whole stream.
+resumes from) until the end record proves the whole stream. With version 2 the guest's disk
+travels too: blocks the sender reads through QEMU go as ``DISK_LIVE`` items classified like
+pages, and the receiver writes them to a :class:`DiskTarget` that must hold them all before the
+stream's end is released.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import attrs
 import numpy as np
@@ -21,12 +24,21 @@ import xxhash
 
 from vmdelta_core.components import SourceImage
 from vmdelta_core.errors import FormatError, IntegrityError
-from vmdelta_core.handoff.wire import End, Run, Verbatim, pack_run, read_records, write_end, write_frame
+from vmdelta_core.handoff.wire import (
+    DiskRun,
+    End,
+    Run,
+    Verbatim,
+    pack_run,
+    read_records,
+    write_end,
+    write_frame,
+)
 from vmdelta_core.index import BaseIndex, unit_hashes
 from vmdelta_core.overlay.items import join_addresses, split_address
 from vmdelta_core.overlay.schema import ItemType, Ref
 
-__all__ = ["HandoffBase", "RelayReceiver", "RelaySender", "RelayStatistics"]
+__all__ = ["DiskPass", "DiskTarget", "HandoffBase", "RelayReceiver", "RelaySender", "RelayStatistics"]
 
 PAGE = 4096
 #: pages gathered into one frame at most; a frame also leaves after FLUSH_SECONDS
@@ -49,31 +61,66 @@ class HandoffBase:
         return self.image.data[: full * PAGE].reshape(full, PAGE)
 
 
+def _by_ref() -> dict[str, int]:
+    return {"base memory": 0, "base disk": 0, "zero": 0, "raw": 0}
+
+
+_REF_NAMES = ((Ref.BASE_MEM, "base memory"), (Ref.BASE_DISK, "base disk"), (Ref.ZEROS, "zero"), (Ref.RAW, "raw"))
+
+
+@attrs.define
+class DiskPass:
+    """One pass over the guest's disk: blocks sent, their bytes, and the bytes on the wire."""
+
+    blocks: int = 0
+    bytes: int = 0
+    sent: int = 0
+
+
 @attrs.define
 class RelayStatistics:
-    """What the relay did: bytes of QEMU's stream, bytes sent, pages by how they travelled."""
+    """What the relay did: bytes of QEMU's stream, bytes sent, pages by how they travelled; the
+    disk's passes and its blocks by how they travelled (when the disk moves)."""
 
     stream_bytes: int = 0
     sent_bytes: int = 0
     frames: int = 0
     passes: int = 0
-    pages: dict[str, int] = attrs.field(factory=lambda: {"base memory": 0, "base disk": 0, "zero": 0, "raw": 0})
+    pages: dict[str, int] = attrs.field(factory=_by_ref)
     pages_per_pass: list[int] = attrs.field(factory=list)
     sent_per_pass: list[int] = attrs.field(factory=list)
+    disk_passes: list[DiskPass] = attrs.field(factory=list)
+    disk_blocks: dict[str, int] = attrs.field(factory=_by_ref)
 
     def as_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
 
+class DiskTarget(Protocol):
+    """Where a receiver writes the guest's disk blocks: :meth:`finish` makes them durable and
+    checks the result, before the stream's end is released."""
+
+    size: int
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
 class RelaySender:
     """Turns the tokens of a split migration stream into relay frames written to ``out``."""
 
-    def __init__(self, out: BinaryIO, bases: list[HandoffBase], *, level: int = 3) -> None:
+    def __init__(self, out: BinaryIO, bases: list[HandoffBase], *, level: int = 3, version: int = 1) -> None:
         self.out = out
         self.bases = sorted(bases, key=lambda b: b.ref != Ref.BASE_MEM)  # memory first
         self.level = level
+        self.version = version
         self.stats = RelayStatistics()
         self._digest = xxhash.xxh3_128()
+        self._disk_digest = xxhash.xxh3_128()
+        self._disk_count = 0
         self._ops: list[Verbatim | tuple[list[bytes], bytes]] = []
         self._pending = bytearray()  # verbatim bytes since the last page
         self._prefixes: list[bytes] = []
@@ -147,10 +194,7 @@ class RelaySender:
             self._addresses, PAGE, refs.tolist(), values.tolist(), payloads, self._pass, ItemType.MEMORY_LIVE
         )
         self._ops.append((self._prefixes, items))
-        counts = self.stats.pages
-        for ref, name in ((Ref.BASE_MEM, "base memory"), (Ref.BASE_DISK, "base disk"), (Ref.ZEROS, "zero")):
-            counts[name] += int(np.count_nonzero(refs == ref))
-        counts["raw"] += int(np.count_nonzero(refs == Ref.RAW))
+        _count(self.stats.pages, refs)
         if not self.stats.pages_per_pass:
             self.stats.pages_per_pass.append(0)
             self.stats.sent_per_pass.append(0)
@@ -180,6 +224,43 @@ class RelaySender:
             values[todo] = join_addresses(0, found.astype(np.uint64) * np.uint64(PAGE))
         return refs, values
 
+    def disk_pass(self, blocks: Iterable[tuple[int, bytes]], seq: int) -> DiskPass:
+        """Send the guest's disk blocks ``(offset, data)`` (``data`` whole 4096-byte blocks) as
+        ``DISK_LIVE`` items of pass ``seq``, in frames of their own; the pass's figures."""
+        if self.version < 2:
+            raise ValueError("a relay of version 1 carries no disk")
+        self.flush()
+        done = DiskPass()
+        self.stats.disk_passes.append(done)
+        for offset, data in blocks:
+            for at in range(0, len(data), FRAME_PAGES * PAGE):
+                piece = data[at : at + FRAME_PAGES * PAGE]
+                done.sent += self._disk_frame(offset + at, piece, seq)
+                done.blocks += len(piece) // PAGE
+                done.bytes += len(piece)
+        return done
+
+    def _disk_frame(self, offset: int, data: bytes, seq: int) -> int:
+        n = len(data) // PAGE
+        if not n or len(data) != n * PAGE or offset % PAGE:
+            raise ValueError(f"disk blocks at {offset:#x} are not whole {PAGE}-byte blocks")
+        blocks = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE)
+        refs, values = self._classify(blocks)
+        offsets = list(range(offset, offset + n * PAGE, PAGE))
+        for at in offsets:
+            self._disk_digest.update(at.to_bytes(8, "big"))
+            self._disk_digest.update(data[at - offset : at - offset + PAGE])
+        self._disk_count += n
+        raw = refs.tolist()
+        payloads = [data[i * PAGE : (i + 1) * PAGE] if raw[i] == Ref.RAW else None for i in range(n)]
+        items = pack_run(offsets, PAGE, raw, values.tolist(), payloads, seq, ItemType.DISK_LIVE)
+        _count(self.stats.disk_blocks, refs)
+        sent = write_frame(self.out, [items], self.level)
+        self.stats.sent_bytes += sent
+        self.stats.frames += 1
+        self.out.flush()
+        return sent
+
     def flush(self) -> None:
         """Send what is gathered as one frame (at once: QEMU's completion waits for it)."""
         self._run()
@@ -199,29 +280,49 @@ class RelaySender:
         self._run()
         self._verbatim()
         self.flush()
-        end = End(self.stats.stream_bytes, self.stats.frames, self._digest.digest())
-        self.stats.sent_bytes += write_end(self.out, end)
+        end = End(
+            self.stats.stream_bytes,
+            self.stats.frames,
+            self._digest.digest(),
+            self._disk_count,
+            self._disk_digest.digest(),
+        )
+        self.stats.sent_bytes += write_end(self.out, end, self.version)
         self.out.flush()
 
 
 class RelayReceiver:
     """Writes the stream a relay carries to ``out``, each page taken from where its item says."""
 
-    def __init__(self, out: BinaryIO, bases: list[HandoffBase], name: str = "handoff") -> None:
+    def __init__(
+        self,
+        out: BinaryIO,
+        bases: list[HandoffBase],
+        name: str = "handoff",
+        *,
+        version: int = 1,
+        disk: DiskTarget | None = None,
+    ) -> None:
         self.out = out
         self.bases = {int(b.ref): b for b in bases}
         self.name = name
+        self.version = version
+        self.disk = disk
         self.written = 0
+        self.disk_blocks = 0
         self._digest = xxhash.xxh3_128()
+        self._disk_digest = xxhash.xxh3_128()
         self._held = bytearray()  # the bytes after the last page, until the end proves them
 
     def receive(self, stream: BinaryIO) -> int:
         """Read the whole relay from ``stream``; returns the length of the stream written."""
-        for record in read_records(stream, self.name):
+        for record in read_records(stream, self.name, self.version):
             if isinstance(record, Verbatim):
                 self._hold(record.data)
             elif isinstance(record, Run):
                 self._pages(record)
+            elif isinstance(record, DiskRun):
+                self._blocks(record)
             else:
                 self._end(record)
         return self.written
@@ -249,6 +350,43 @@ class RelayReceiver:
         self.out.write(data)
         self.written += len(data)
 
+    def _blocks(self, run: DiskRun) -> None:
+        """Disk blocks, each resolved like a page and written (runs of neighbours at once)."""
+        if self.disk is None:
+            raise FormatError(f"{self.name}: disk blocks came, and this end takes no disk")
+        items = run.items
+        offsets, refs, values = items.offsets.tolist(), items.refs.tolist(), items.values.tolist()
+        lengths, types = items.lengths.tolist(), items.types.tolist()
+        pending: list[bytes | memoryview] = []
+        start = zeros = 0
+        for i, offset in enumerate(offsets):
+            if lengths[i] != PAGE or types[i] != ItemType.DISK_LIVE:
+                raise FormatError(f"{self.name}: an item that is no live disk block")
+            if offset % PAGE or offset + PAGE > self.disk.size:
+                raise FormatError(f"{self.name}: a disk block at {offset:#x}, outside the disk")
+            block = self._page(refs[i], values[i], items.payloads[i])
+            self._disk_digest.update(offset.to_bytes(8, "big"))
+            self._disk_digest.update(block)
+            self.disk_blocks += 1
+            is_zero = refs[i] == Ref.ZEROS
+            if (pending or zeros) and (offset != start + PAGE * (len(pending) + zeros) or is_zero != bool(zeros)):
+                self._write(start, pending, zeros)
+                pending, zeros = [], 0
+            if not pending and not zeros:
+                start = offset
+            if is_zero:
+                zeros += 1
+            else:
+                pending.append(block)
+        self._write(start, pending, zeros)
+
+    def _write(self, start: int, blocks: list[bytes | memoryview], zeros: int) -> None:
+        assert self.disk is not None
+        if zeros:
+            self.disk.write_zeroes(start, zeros * PAGE)
+        elif blocks:
+            self.disk.write(start, b"".join(blocks))
+
     def _page(self, ref: int, value: int, payload: Any) -> bytes | memoryview:
         if ref == Ref.RAW:
             if payload is None or len(payload) != PAGE:
@@ -269,7 +407,17 @@ class RelayReceiver:
         length = self.written + len(self._held)
         if end.length != length or end.digest != self._digest.digest():
             raise IntegrityError(f"{self.name}: the stream put together differs from the one sent; its end is withheld")
+        disk = (self.disk_blocks, self._disk_digest.digest()) if self.version >= 2 else (0, bytes(16))
+        if (end.disk_blocks, end.disk_digest) != disk:
+            raise IntegrityError(f"{self.name}: the disk put together differs from the one sent; the end is withheld")
+        if self.disk is not None:
+            self.disk.finish()  # durable and checked before QEMU may resume from it
         self.out.write(self._held)
         self.written += len(self._held)
         self._held.clear()
         self.out.flush()
+
+
+def _count(counts: dict[str, int], refs: np.ndarray) -> None:
+    for ref, name in _REF_NAMES:
+        counts[name] += int(np.count_nonzero(refs == ref))

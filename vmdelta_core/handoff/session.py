@@ -2,7 +2,9 @@
 
 The source connects with a hello that offers the handoff: the fingerprints of the bases it
 relays against. The destination compares them with the bases it holds and answers ``ready`` or
-an error line, before QEMU's migration is even started. Then the relay (``schemas/handoff-v1.md``)
+an error line, before QEMU's migration is even started. A handoff that moves the guest's disk
+is of version 2 and says the disk's size; the destination then creates the thin qcow2 it writes
+the disk into (over its base disk) before it starts QEMU. Then the relay (``schemas/handoff-v1.md``)
 flows in chunks, a chunk of length 0 ends it, and the destination answers ``ok`` once its QEMU
 has the whole stream, or an error line.
 """
@@ -26,6 +28,7 @@ import attrs
 
 from vmdelta_core.components import SourceImage
 from vmdelta_core.errors import BaseMismatchError, ConfigError, StorageError, VmdeltaError
+from vmdelta_core.handoff.disk import ThinDisk
 from vmdelta_core.handoff.relay import PAGE, HandoffBase, RelayReceiver
 from vmdelta_core.index import load_or_build_index
 from vmdelta_core.overlay.schema import Ref
@@ -50,7 +53,11 @@ __all__ = ["BaseSpec", "HandoffReceiver", "OpenedBases", "ReceiveConfig", "Relay
 
 log = logging.getLogger("vmdelta.handoff")
 
+#: the relay's versions: 1 carries memory, 2 the disk too
 VERSION = 1
+DISK_VERSION = 2
+#: a moved disk's size at most (the destination creates it before anything else)
+MAX_DISK = 1 << 50
 
 
 @attrs.frozen
@@ -146,9 +153,17 @@ class RelayChannel:
 
 
 def offer_handoff(
-    host: str, port: int, *, token: str, name: str | None, offer: list[dict[str, Any]], timeout: float
+    host: str,
+    port: int,
+    *,
+    token: str,
+    name: str | None,
+    offer: list[dict[str, Any]],
+    timeout: float,
+    disk_size: int | None = None,
 ) -> socket.socket:
-    """Connect, offer the handoff and wait for ``ready``; the connected socket.
+    """Connect, offer the handoff (of version 2 when it moves a disk of ``disk_size`` bytes) and
+    wait for ``ready``; the connected socket.
 
     :raises BaseMismatchError: the destination lacks a base (nothing was migrated yet).
     """
@@ -157,7 +172,10 @@ def offer_handoff(
     except OSError as exc:
         raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     try:
-        hello = json.dumps({"handoff": {"version": VERSION, "bases": offer}, "name": name, "token": token}).encode()
+        handoff: dict[str, Any] = {"version": VERSION, "bases": offer}
+        if disk_size is not None:
+            handoff = {"version": DISK_VERSION, "bases": offer, "disk": {"size": disk_size}}
+        hello = json.dumps({"handoff": handoff, "name": name, "token": token}).encode()
         if len(hello) > MAX_HELLO:
             raise ConfigError("the handoff's hello is too long")
         sock.sendall(MAGIC + CHUNK_FIELD.pack(len(hello)) + hello)
@@ -181,7 +199,8 @@ def offer_handoff(
 @attrs.frozen
 class ReceiveConfig:
     """What the destination needs: where to listen, the shared token, its bases and the VM's
-    command (``-incoming fd:0``; its standard input is the migration stream)."""
+    command (``-incoming fd:0``; its standard input is the migration stream); ``disk``: the new
+    qcow2 a moved disk is written to (``{disk0}`` in the command)."""
 
     host: str
     port: int
@@ -190,6 +209,7 @@ class ReceiveConfig:
     qemu: QemuLaunch
     timeout: float = 60.0
     cache_dir: Path | None = None
+    disk: Path | None = None
 
 
 class HandoffReceiver:
@@ -239,31 +259,42 @@ class HandoffReceiver:
                         raise error_of(refused.kind, str(refused)) from None
 
     def _converse(self, conn: socket.socket, peer: str) -> dict[str, Any]:
-        offer, name = self._hello(conn)
+        offer, name, version, disk_size = self._hello(conn)
         self._check_bases(offer)
-        conn.sendall(answer_line({"status": "ready"}))
-        chunks = ChunkReader(conn, record=False)
-        with self._vm(name) as (vm, pipe):
-            try:
-                receiver = RelayReceiver(pipe, self.opened.bases, f"handoff from {peer}")
-                written = receiver.receive(chunks)  # type: ignore[arg-type]
-                pipe.close()  # the whole stream: QEMU resumes the VM
-            except (VmdeltaError, OSError) as exc:
-                _stop(vm)
-                failure = (
-                    exc if isinstance(exc, VmdeltaError) else StorageError(f"writing to QEMU: {exc.strerror or exc}")
-                )
-                log.warning("handoff from %s failed: %s", peer, failure)
-                with contextlib.suppress(OSError):
-                    conn.sendall(error_line(kind_of(failure), str(failure)))
-                raise failure from None
+        self._check_disk(offer, disk_size)
+        disk = self._disk(disk_size)
+        try:
+            conn.sendall(answer_line({"status": "ready"}))
+            chunks = ChunkReader(conn, record=False)
+            with self._vm(name, disk) as (vm, pipe):
+                receiver = RelayReceiver(pipe, self.opened.bases, f"handoff from {peer}", version=version, disk=disk)
+                try:
+                    written = receiver.receive(chunks)  # type: ignore[arg-type]
+                    pipe.close()  # the whole stream: QEMU resumes the VM
+                except (VmdeltaError, OSError) as exc:
+                    _stop(vm)
+                    failure = (
+                        exc
+                        if isinstance(exc, VmdeltaError)
+                        else StorageError(f"writing to QEMU: {exc.strerror or exc}")
+                    )
+                    log.warning("handoff from %s failed: %s", peer, failure)
+                    with contextlib.suppress(OSError):
+                        conn.sendall(error_line(kind_of(failure), str(failure)))
+                    raise failure from None
+        except BaseException:
+            if disk is not None:
+                disk.discard()  # after QEMU stopped: no VM and no disk are left
+            raise
         threading.Thread(target=vm.wait, name=f"vmdelta-vm-{vm.pid}", daemon=True).start()  # no zombie
         answer = {"status": "ok", "stream_bytes": written, "received": chunks.received, "vm": {"pid": vm.pid}}
+        if disk is not None:
+            answer["disk"] = {"path": str(disk.path), "blocks": receiver.disk_blocks}
         conn.sendall(answer_line(answer))
         log.info("handoff from %s: %d bytes of stream from %d received; VM %d", peer, written, chunks.received, vm.pid)
         return answer
 
-    def _hello(self, conn: socket.socket) -> tuple[list[dict[str, Any]], str]:
+    def _hello(self, conn: socket.socket) -> tuple[list[dict[str, Any]], str, int, int | None]:
         if recv_exactly(conn, len(MAGIC), "the magic") != MAGIC:
             raise _Refused("format", "not a vmdelta transport connection")
         (length,) = CHUNK_FIELD.unpack(recv_exactly(conn, CHUNK_FIELD.size, "the hello's length"))
@@ -278,13 +309,19 @@ class HandoffReceiver:
         if not hmac.compare_digest(hello["token"].encode(), self.config.token.encode()):
             raise _Refused("auth", "wrong token")
         handoff = hello.get("handoff")
-        if not isinstance(handoff, dict) or handoff.get("version") != VERSION:
-            raise _Refused("format", f"not a handoff of version {VERSION}")
+        if not isinstance(handoff, dict) or handoff.get("version") not in (VERSION, DISK_VERSION):
+            raise _Refused("format", f"not a handoff of version {VERSION} or {DISK_VERSION}")
+        disk_size = None
+        if handoff["version"] == DISK_VERSION:
+            disk = handoff.get("disk")
+            disk_size = disk.get("size") if isinstance(disk, dict) else None
+            if type(disk_size) is not int or not 0 < disk_size <= MAX_DISK or disk_size % PAGE:
+                raise _Refused("format", "the handoff's disk has no size in whole blocks")
         bases = handoff.get("bases")
         if not isinstance(bases, list) or not all(isinstance(b, dict) for b in bases):
             raise _Refused("format", "the handoff's bases are not a list of objects")
         name = hello.get("name")
-        return bases, name if isinstance(name, str) else "vm"
+        return bases, name if isinstance(name, str) else "vm", handoff["version"], disk_size
 
     def _check_bases(self, offer: list[dict[str, Any]]) -> None:
         """Every base the source relays against must be one held here, by fingerprint."""
@@ -299,10 +336,32 @@ class HandoffReceiver:
         if "memory" not in kinds:
             raise _Refused("base", "a handoff relays against a memory base; the offer holds none")
 
+    def _check_disk(self, offer: list[dict[str, Any]], disk_size: int | None) -> None:
+        """A moved disk needs a disk base and a file to write it to; a kept one, neither file."""
+        if disk_size is None:
+            if self.config.disk is not None:
+                raise _Refused("config", f"the source keeps its disk; this end expected it in {self.config.disk}")
+            return
+        if self.config.disk is None:
+            raise _Refused("config", "the source moves its disk; this end has no file to write it to (--disk)")
+        if not any(b.get("kind") == "disk" for b in offer):
+            raise _Refused("base", "a moved disk is written over a disk base; the offer holds none")
+        if self.config.disk.exists():
+            raise _Refused("config", f"{self.config.disk} exists; the moved disk is written to a new file")
+
+    def _disk(self, disk_size: int | None) -> ThinDisk | None:
+        if disk_size is None or self.config.disk is None:
+            return None
+        base = next(spec.path for spec in self.config.bases if spec.kind == "disk")
+        try:
+            return ThinDisk(self.config.disk, base, disk_size, self.config.timeout)
+        except VmdeltaError as exc:
+            raise _Refused(kind_of(exc), str(exc)) from None
+
     @contextlib.contextmanager
-    def _vm(self, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+    def _vm(self, name: str, disk: ThinDisk | None) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
         """QEMU, its standard input the pipe the stream goes to."""
-        argv = self.config.qemu.argv(name, [])
+        argv = self.config.qemu.argv(name, [disk.path] if disk is not None else [])
         read, write = os.pipe()
         try:
             vm = subprocess.Popen(argv, stdin=read, stdout=subprocess.DEVNULL, start_new_session=True)

@@ -5,12 +5,20 @@ vmdelta hands QEMU one end of a pipe (``getfd`` over the monitor socket) and mig
 so QEMU's own bandwidth estimate, dirty-page passes and downtime limit work as designed. The
 migration's capabilities and parameters pass through. Should anything fail, the migration is
 cancelled and the VM goes on running here.
+
+When the disk moves (the guest runs from a qcow2 overlay over the base disk), a dirty bitmap is
+started on the drive and the overlay's clusters are sent before the migration starts, read
+through QEMU (:class:`~vmdelta_core.handoff.disk.DriveExport`). The migration runs with
+``pause-before-switchover``: once QEMU has stopped the guest, the blocks the bitmap marks are
+sent again, and only then is QEMU let go on to the device state the destination resumes from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,8 +27,9 @@ from typing import Any
 import attrs
 
 from vmdelta_core.errors import ConfigError, PluginError, StorageError, VmdeltaError
+from vmdelta_core.handoff.disk import DriveExport, find_drive
 from vmdelta_core.handoff.relay import RelaySender, RelayStatistics
-from vmdelta_core.handoff.session import BaseSpec, RelayChannel, offer_handoff, open_bases
+from vmdelta_core.handoff.session import DISK_VERSION, VERSION, BaseSpec, RelayChannel, offer_handoff, open_bases
 from vmdelta_core.registry import Registry, default_registry
 
 __all__ = ["HandoffReport", "SendConfig", "hand_off"]
@@ -48,6 +57,10 @@ class SendConfig:
     parameters: Mapping[str, Any] = attrs.field(factory=dict)
     timeout: float = 60.0
     cache_dir: Path | None = None
+    #: move the guest's disk (a qcow2 overlay over the disk base) instead of sharing it
+    move_disk: bool = False
+    #: the drive that moves (``-drive id`` or node name); by default the VM's only qcow2 drive
+    drive: str | None = None
 
 
 @attrs.frozen
@@ -74,12 +87,12 @@ def hand_off(
     registry: Registry | None = None,
     on_progress: Callable[[RelayStatistics, Mapping[str, Any]], None] | None = None,
 ) -> HandoffReport:
-    """Move the VM behind ``config.qmp`` to the destination; when this returns, the destination's
-    QEMU has the whole stream and this VM is paused (QEMU's ``postmigrate``). ``on_progress`` is
-    called twice a second with the relay's statistics and QEMU's view of the migration."""
+    """Move the VM behind ``config.qmp`` (and its disk, with ``config.move_disk``) to the
+    destination; when this returns, the destination's QEMU has the whole stream and this VM is
+    paused (QEMU's ``postmigrate``). ``on_progress`` is called twice a second with the relay's
+    statistics and QEMU's view of the migration."""
     try:
-        from qemu.qmp import QMPError
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+        import qemu.qmp.legacy  # noqa: F401
     except ImportError:
         raise ConfigError("a handoff talks to QEMU through qemu.qmp: pip install 'vmdelta-core[handoff]'") from None
 
@@ -95,49 +108,134 @@ def hand_off(
         split = getattr(source, "split_live", None)
         if split is None:
             raise PluginError(f"the {source.name} source cannot read a live migration stream")
-        sock = offer_handoff(
-            config.host, config.port, token=config.token, name=config.name, offer=opened.offer, timeout=config.timeout
-        )
-        stack.callback(sock.close)
-        qmp = QEMUMonitorProtocol(str(config.qmp))
-        qmp.settimeout(_MONITOR_SECONDS)
-        try:
-            qmp.connect()
-        except TimeoutError:
-            raise ConfigError(
-                f"QEMU's monitor at {config.qmp} did not greet in {_MONITOR_SECONDS:g} s: it serves one client "
-                "at a time, so close the other one"
-            ) from None
-        except (OSError, QMPError) as exc:
-            raise ConfigError(f"cannot reach QEMU's monitor at {config.qmp}: {exc}") from None
+        qmp = _connect(config.qmp)
         stack.callback(qmp.close)
         qmp.settimeout(config.timeout)
+        drive = None
+        if config.move_disk:
+            disk = next((spec for spec in config.bases if spec.kind == "disk"), None)
+            if disk is None:
+                raise ConfigError("a moved disk is sent against its base: give --disk-base")
+            drive = find_drive(qmp, config.drive, disk.path)
+        sock = offer_handoff(
+            config.host,
+            config.port,
+            token=config.token,
+            name=config.name,
+            offer=opened.offer,
+            timeout=config.timeout,
+            disk_size=drive["size"] if drive else None,
+        )
+        stack.callback(sock.close)
+        channel = RelayChannel(sock)
+        sender = RelaySender(channel, opened.bases, version=DISK_VERSION if drive else VERSION)
         try:
-            _prepare(qmp, config)
+            _prepare(qmp, config, pause=drive is not None)
+            export = None
+            if drive is not None:
+                export = DriveExport(qmp, drive["node"], config.timeout)
+                stack.callback(export.close)
+                sender.disk_pass(export.allocated(), 0)
             read = _migrate_to_pipe(qmp)
-            channel = RelayChannel(sock)
-            sender = RelaySender(channel, opened.bases)
-            sampled, qemu_now = 0.0, {}
-            with open(read, "rb", buffering=0) as stream:
-                for token in split(stream):
-                    sender.feed(token)
-                    if on_progress is not None and time.monotonic() - sampled > _PROGRESS_SECONDS:
-                        sampled, qemu_now = time.monotonic(), _migration_now(qmp)
-                        on_progress(sender.stats, qemu_now)
-                sender.finish()
+            _relay(qmp, read, split, sender, export, on_progress)
             answer = channel.finish()
             info = _completed(qmp, config.timeout)
         except BaseException:
             with contextlib.suppress(Exception):
                 qmp.cmd("migrate_cancel")  # the VM goes on running here
             raise
+        finally:
+            if drive is not None:
+                with contextlib.suppress(Exception):
+                    _pause_before_switchover(qmp, False)
     return HandoffReport(time.monotonic() - started, info, sender.stats, answer)
 
 
-def _prepare(qmp: Any, config: SendConfig) -> None:
+def _connect(path: Path) -> Any:
+    from qemu.qmp import QMPError
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    qmp = QEMUMonitorProtocol(str(path))
+    qmp.settimeout(_MONITOR_SECONDS)
+    try:
+        qmp.connect()
+    except TimeoutError:
+        raise ConfigError(
+            f"QEMU's monitor at {path} did not greet in {_MONITOR_SECONDS:g} s: it serves one client "
+            "at a time, so close the other one"
+        ) from None
+    except (OSError, QMPError) as exc:
+        raise ConfigError(f"cannot reach QEMU's monitor at {path}: {exc}") from None
+    return qmp
+
+
+_END = object()
+
+
+def _relay(
+    qmp: Any,
+    read: int,
+    split: Callable[[Any], Any],
+    sender: RelaySender,
+    export: DriveExport | None,
+    on_progress: Callable[[RelayStatistics, Mapping[str, Any]], None] | None,
+) -> None:
+    """Relay QEMU's stream as it comes. A thread splits it, handing the tokens over a short
+    queue (QEMU still waits on the link); while none come, QEMU is asked whether it paused
+    before the switchover, when the disk's last pass is sent and QEMU let go on."""
+    tokens: queue.Queue[Any] = queue.Queue(maxsize=256)
+    stop = threading.Event()
+
+    def split_stream() -> None:
+        try:
+            with open(read, "rb", buffering=0) as stream:
+                for token in split(stream):
+                    _put(tokens, token, stop)
+            _put(tokens, _END, stop)
+        except BaseException as exc:  # handed to the relaying thread, which raises it
+            _put(tokens, exc, stop)
+
+    reader = threading.Thread(target=split_stream, name="vmdelta-handoff-split", daemon=True)
+    reader.start()
+    try:
+        sampled, waiting = 0.0, export is not None
+        while True:
+            try:
+                token = tokens.get(timeout=0.05)
+            except queue.Empty:
+                if waiting and qmp.cmd("query-migrate").get("status") == "pre-switchover":
+                    sender.disk_pass(export.dirtied(), 1)  # type: ignore[union-attr]
+                    qmp.cmd("migrate-continue", state="pre-switchover")
+                    waiting = False
+                continue
+            if token is _END:
+                break
+            if isinstance(token, BaseException):
+                raise token
+            sender.feed(token)
+            if on_progress is not None and time.monotonic() - sampled > _PROGRESS_SECONDS:
+                sampled = time.monotonic()
+                on_progress(sender.stats, _migration_now(qmp))
+        sender.finish()
+    finally:
+        stop.set()
+
+
+def _put(tokens: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            tokens.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _prepare(qmp: Any, config: SendConfig, *, pause: bool) -> None:
     status = qmp.cmd("query-status")["status"]
     if status not in ("running", "paused"):
         raise ConfigError(f"the VM is {status}; a handoff moves a running or paused VM")
+    if pause:  # the disk's last pass is sent while QEMU waits before the switchover
+        _pause_before_switchover(qmp, True)
     if config.capabilities:
         qmp.cmd(
             "migrate-set-capabilities",
@@ -145,6 +243,10 @@ def _prepare(qmp: Any, config: SendConfig) -> None:
         )
     if config.parameters:
         qmp.cmd("migrate-set-parameters", **dict(config.parameters))
+
+
+def _pause_before_switchover(qmp: Any, state: bool) -> None:
+    qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": state}])
 
 
 def _migrate_to_pipe(qmp: Any) -> int:

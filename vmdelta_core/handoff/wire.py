@@ -13,7 +13,8 @@ Records, each checked before it is used::
 
 ``FRAME`` bodies are zstd-compressed runs of operations; ``END`` holds the length and the
 XXH3-128 digest of the whole stream, so that the receiver releases the stream's end (the device
-state QEMU resumes from) only once every byte before it is proven.
+state QEMU resumes from) only once every byte before it is proven. Version 2 adds the guest's
+disk: ``DISK`` operations of ``DISK_LIVE`` items, counted and digested in a longer ``END``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from vmdelta_core.overlay.items import ItemColumns, pack_items, unpack_items
 __all__ = [
     "MAX_BODY",
     "MAX_OPS_BYTES",
+    "DiskRun",
     "End",
     "Run",
     "Verbatim",
@@ -45,6 +47,8 @@ TAG_FRAME = 0x01
 TAG_END = 0x02
 _RECORD = struct.Struct(">BIQ")
 _END = struct.Struct(">QQ16s")
+#: version 2's end: the stream's, then the disk blocks written and their digest
+_END_DISK = struct.Struct(">QQ16sQ16s")
 #: a record's body, compressed, at most (a frame holds a bounded run of pages)
 MAX_BODY = 32 << 20
 #: a frame's operations once decompressed, at most
@@ -52,6 +56,7 @@ MAX_OPS_BYTES = 64 << 20
 
 OP_VERBATIM = 0x00
 OP_RUN = 0x01
+OP_DISK = 0x02
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 
@@ -73,21 +78,33 @@ class Run:
 
 
 @attrs.frozen
+class DiskRun:
+    """Blocks of the guest's disk (version 2): ``DISK_LIVE`` items, one block each."""
+
+    items: ItemColumns
+
+
+@attrs.frozen
 class End:
-    """The stream is whole: ``length`` bytes, ``digest`` their XXH3-128, in ``frames`` frames."""
+    """The stream is whole: ``length`` bytes, ``digest`` their XXH3-128, in ``frames`` frames;
+    version 2 adds the ``disk_blocks`` written and the XXH3-128 of their offsets and bytes."""
 
     length: int
     frames: int
     digest: bytes
+    disk_blocks: int = 0
+    disk_digest: bytes = bytes(16)
 
 
-def write_frame(out: BinaryIO, ops: list[Verbatim | tuple[list[bytes], bytes]], level: int = 3) -> int:
-    """Write one frame of operations (a ``Verbatim``, or a run given as its prefixes and its
-    packed items); returns the bytes written."""
+def write_frame(out: BinaryIO, ops: list[Verbatim | tuple[list[bytes], bytes] | bytes], level: int = 3) -> int:
+    """Write one frame of operations (a ``Verbatim``, a run given as its prefixes and its packed
+    items, or packed disk items as ``bytes``); returns the bytes written."""
     parts: list[bytes] = []
     for op in ops:
         if isinstance(op, Verbatim):
             parts += [bytes([OP_VERBATIM]), _U32.pack(len(op.data)), op.data]
+        elif isinstance(op, bytes):
+            parts += [bytes([OP_DISK]), _U32.pack(len(op)), op]
         else:
             prefixes, items = op
             if any(len(p) > 0xFFFF for p in prefixes):
@@ -99,8 +116,11 @@ def write_frame(out: BinaryIO, ops: list[Verbatim | tuple[list[bytes], bytes]], 
     return _write_record(out, TAG_FRAME, body)
 
 
-def write_end(out: BinaryIO, end: End) -> int:
-    return _write_record(out, TAG_END, _END.pack(end.length, end.frames, end.digest))
+def write_end(out: BinaryIO, end: End, version: int = 1) -> int:
+    if version == 1:
+        return _write_record(out, TAG_END, _END.pack(end.length, end.frames, end.digest))
+    body = _END_DISK.pack(end.length, end.frames, end.digest, end.disk_blocks, end.disk_digest)
+    return _write_record(out, TAG_END, body)
 
 
 def _write_record(out: BinaryIO, tag: int, body: bytes) -> int:
@@ -111,10 +131,12 @@ def _write_record(out: BinaryIO, tag: int, body: bytes) -> int:
     return _RECORD.size + len(body)
 
 
-def read_records(stream: BinaryIO, name: str) -> Iterator[Verbatim | Run | End]:
+def read_records(stream: BinaryIO, name: str, version: int = 1) -> Iterator[Verbatim | Run | DiskRun | End]:
     """The operations of every frame, then the ``End``, each record checked first; a stream cut
-    short, damaged, or going on after its end is a :class:`FormatError`."""
+    short, damaged, or going on after its end, or holding what its ``version`` lacks, is a
+    :class:`FormatError`."""
     frames = 0
+    end_format = _END if version == 1 else _END_DISK
     while True:
         head = _exactly(stream, _RECORD.size, name, "a record header")
         tag, length, checksum = _RECORD.unpack(head)
@@ -126,17 +148,17 @@ def read_records(stream: BinaryIO, name: str) -> Iterator[Verbatim | Run | End]:
         if xxhash.xxh3_64_intdigest(body) != checksum:
             raise FormatError(f"{name}: record {frames} is damaged (checksum mismatch)")
         if tag == TAG_END:
-            if length != _END.size:
+            if length != end_format.size:
                 raise FormatError(f"{name}: an end record of {length} bytes")
-            total, count, digest = _END.unpack(body)
+            total, count, digest, *disk = end_format.unpack(body)
             if count != frames:
                 raise FormatError(f"{name}: the end record counts {count} frames; {frames} came")
             if stream.read(1):
                 raise FormatError(f"{name}: data after the end of the handoff")
-            yield End(total, count, digest)
+            yield End(total, count, digest, *disk)
             return
         frames += 1
-        yield from _operations(_decompressed(body, name, frames), name, frames)
+        yield from _operations(_decompressed(body, name, frames), name, frames, version)
 
 
 def _decompressed(body: bytes, name: str, number: int) -> bytes:
@@ -149,7 +171,7 @@ def _decompressed(body: bytes, name: str, number: int) -> bytes:
     return ops
 
 
-def _operations(ops: bytes, name: str, number: int) -> Iterator[Verbatim | Run]:
+def _operations(ops: bytes, name: str, number: int, version: int) -> Iterator[Verbatim | Run | DiskRun]:
     view, pos = memoryview(ops), 0
 
     def take(count: int) -> memoryview:
@@ -171,15 +193,22 @@ def _operations(ops: bytes, name: str, number: int) -> Iterator[Verbatim | Run]:
             lengths = struct.unpack(f">{count}H", take(2 * count))
             prefixes = [bytes(take(n)) for n in lengths]
             (size,) = _U32.unpack(take(4))
-            try:
-                items = unpack_items(take(size))
-            except (ValueError, IndexError, struct.error) as exc:
-                raise FormatError(f"{name}: frame {number} holds damaged items: {exc}") from None
+            items = _items(take(size), name, number)
             if len(items) != count:
                 raise FormatError(f"{name}: frame {number} has {count} prefixes for {len(items)} pages")
             yield Run(prefixes, items)
+        elif kind == OP_DISK and version >= 2:
+            (size,) = _U32.unpack(take(4))
+            yield DiskRun(_items(take(size), name, number))
         else:
             raise FormatError(f"{name}: frame {number} holds an unknown operation {kind:#x}")
+
+
+def _items(data: memoryview, name: str, number: int) -> ItemColumns:
+    try:
+        return unpack_items(data)
+    except (ValueError, IndexError, struct.error) as exc:
+        raise FormatError(f"{name}: frame {number} holds damaged items: {exc}") from None
 
 
 def _exactly(stream: BinaryIO, count: int, name: str, what: str) -> bytes:
