@@ -238,7 +238,9 @@ def _receive(args: argparse.Namespace) -> int:
         if not args.quiet and not args.json:
             print(f"waiting for a handoff on {receiver.address[0]}:{receiver.address[1]}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.wait if args.wait else None
-        answer = receiver.serve_one(deadline)
+        answer = receiver.serve_one(deadline, None if args.quiet or args.json else _told)
+        if not args.quiet and not args.json:
+            print(file=sys.stderr)
     if args.json:
         print(json.dumps(answer, sort_keys=True))
     elif not args.quiet:
@@ -248,3 +250,14 @@ def _receive(args: argparse.Namespace) -> int:
             + (f"; disk {answer['disk']['path']} ({answer['disk']['blocks']} blocks)" if "disk" in answer else "")
         )
     return 0
+
+
+def _told(now: dict[str, int]) -> None:
+    """The receiving side's progress line."""
+    print(
+        f"\r{now['received'] >> 20} MiB received, {now['stream_bytes'] >> 20} MiB of QEMU's stream written, "
+        f"{now['disk_blocks']} disk blocks written   ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -15,7 +15,7 @@ stream's end is released.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO, Protocol
 
 import attrs
@@ -302,12 +302,15 @@ class RelayReceiver:
         *,
         version: int = 1,
         disk: DiskTarget | None = None,
+        on_progress: Callable[[RelayReceiver], None] | None = None,
     ) -> None:
         self.out = out
         self.bases = {int(b.ref): b for b in bases}
         self.name = name
         self.version = version
         self.disk = disk
+        self.on_progress = on_progress
+        self._told = 0.0
         self.written = 0
         self.disk_blocks = 0
         self._digest = xxhash.xxh3_128()
@@ -325,6 +328,9 @@ class RelayReceiver:
                 self._blocks(record)
             else:
                 self._end(record)
+            if self.on_progress is not None and time.monotonic() - self._told > FLUSH_SECONDS * 10:
+                self._told = time.monotonic()
+                self.on_progress(self)
         return self.written
 
     def _hold(self, data: bytes) -> None:

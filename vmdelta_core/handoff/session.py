@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,9 +233,12 @@ class HandoffReceiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def serve_one(self, deadline: float | None = None) -> dict[str, Any]:
+    def serve_one(
+        self, deadline: float | None = None, on_progress: Callable[[dict[str, int]], None] | None = None
+    ) -> dict[str, Any]:
         """Wait for a source (refusing those with a wrong token), receive its handoff and return
-        the answer it was given.
+        the answer it was given. ``on_progress`` is told twice a second what came: bytes on the
+        wire (``received``), of QEMU's stream written (``stream_bytes``), disk blocks written.
 
         :raises VmdeltaError: the handoff was refused or failed (the source was told why, and
             no VM was left).
@@ -250,7 +253,7 @@ class HandoffReceiver:
             with conn:
                 conn.settimeout(self.config.timeout)
                 try:
-                    return self._converse(conn, f"{peer[0]}:{peer[1]}")
+                    return self._converse(conn, f"{peer[0]}:{peer[1]}", on_progress)
                 except _Refused as refused:
                     log.warning("refused %s:%s: %s", peer[0], peer[1], refused)
                     with contextlib.suppress(OSError):
@@ -258,7 +261,9 @@ class HandoffReceiver:
                     if refused.kind != "auth":
                         raise error_of(refused.kind, str(refused)) from None
 
-    def _converse(self, conn: socket.socket, peer: str) -> dict[str, Any]:
+    def _converse(
+        self, conn: socket.socket, peer: str, on_progress: Callable[[dict[str, int]], None] | None
+    ) -> dict[str, Any]:
         offer, name, version, disk_size = self._hello(conn)
         self._check_bases(offer)
         self._check_disk(offer, disk_size)
@@ -267,7 +272,19 @@ class HandoffReceiver:
             conn.sendall(answer_line({"status": "ready"}))
             chunks = ChunkReader(conn, record=False)
             with self._vm(name, disk) as (vm, pipe):
-                receiver = RelayReceiver(pipe, self.opened.bases, f"handoff from {peer}", version=version, disk=disk)
+
+                def told(relay: RelayReceiver) -> None:
+                    if on_progress is not None:
+                        on_progress(
+                            {
+                                "received": chunks.received,
+                                "stream_bytes": relay.written,
+                                "disk_blocks": relay.disk_blocks,
+                            }
+                        )
+
+                what = f"handoff from {peer}"
+                receiver = RelayReceiver(pipe, self.opened.bases, what, version=version, disk=disk, on_progress=told)
                 try:
                     written = receiver.receive(chunks)  # type: ignore[arg-type]
                     pipe.close()  # the whole stream: QEMU resumes the VM
