@@ -13,6 +13,7 @@ import contextlib
 import attrs
 
 from vmdelta_core.apply.feed import FileFeed, StreamFeed
+from vmdelta_core.baseimage import open_base_image
 from vmdelta_core.components import Codec, Encoder, SourceImage
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec, check_side_files, check_source_options
 from vmdelta_core.errors import BaseMismatchError, ConfigError, FormatError, PluginError
@@ -125,7 +126,15 @@ def open_base(
     if held is not None and held.kind == image.kind:
         base = held
     else:
-        base = stack.enter_context(source.open(spec.base, kind=image.kind, options=spec.open_options()))
+        opened = open_base_image(
+            source,
+            image.base_source,
+            spec.base,
+            kind=image.kind,
+            options=spec.open_options(),
+            cache_dir=config.cache_dir,
+        )
+        base = stack.enter_context(opened)
     expected = image.base
     if base.size != expected.size:
         raise BaseMismatchError(

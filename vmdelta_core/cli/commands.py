@@ -351,6 +351,7 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def index(args: argparse.Namespace) -> int:
+    from vmdelta_core.baseimage import keep_image, kept_image
     from vmdelta_core.index import load_or_build_index
 
     registry = default_registry()
@@ -361,17 +362,28 @@ def index(args: argparse.Namespace) -> int:
             if not path.is_file():
                 raise ConfigError(f"{path} does not exist or is not a file")
             source = args.format or registry.detect_source(path, args.kind)
-            with registry.source(source).open(path, kind=args.kind, options={}) as image:
+            cache_dir = Path(args.cache_dir) if args.cache_dir else None
+            kept = kept_image(path, source, kind=args.kind, options={}, cache_dir=cache_dir)
+            with kept or registry.source(source).open(path, kind=args.kind, options={}) as image:
                 built, cached = load_or_build_index(
                     path,
                     image,
                     source=source,
                     unit=args.unit_size,
                     options={},
-                    cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                    cache_dir=cache_dir,
                     progress=progress.start(f"index {path.name}", image.size),
                     beside=args.beside,
                 )
+                if kept is not None:
+                    image_state = "already kept"
+                elif image.file is not None:
+                    image_state = "the file itself"  # a raw disk: nothing to keep
+                elif args.image:
+                    keep_image(path, image, source=source, options={}, cache_dir=cache_dir)
+                    image_state = "kept"
+                else:
+                    image_state = "not kept"
             results.append(
                 {
                     "base": str(path),
@@ -379,6 +391,7 @@ def index(args: argparse.Namespace) -> int:
                     "size": built.size,
                     "fingerprint": built.fingerprint,
                     "cached": cached,
+                    "image": image_state,
                 }
             )
     if args.json:
@@ -386,7 +399,8 @@ def index(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for r in results:
             state = "already indexed" if r["cached"] else "indexed"
-            console.print(f"{r['base']}: {state} ({r['source']}, {r['size']} bytes, {r['fingerprint']})")
+            image = {"kept": ", image kept", "already kept": ", image already kept"}.get(r["image"], "")
+            console.print(f"{r['base']}: {state}{image} ({r['source']}, {r['size']} bytes, {r['fingerprint']})")
     return 0
 
 

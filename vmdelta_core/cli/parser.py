@@ -347,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", metavar="NAME", help="source name (default: detected)")
     p.add_argument("--unit-size", type=_unit_size, default=4096, metavar="BYTES", help="unit size (default 4096)")
     p.add_argument("--beside", action="store_true", help="write BASE.vmdidx beside each base instead of the cache")
+    p.add_argument(
+        "--image",
+        action="store_true",
+        help="also keep each base's image as its source lays it out (a QEMU stream's RAM, a qcow2 chain "
+        "composed) in the cache, so that creates and applies map it instead of parsing the base again; "
+        "it takes the space of the image's data (a raw disk has nothing to keep)",
+    )
     _common(p)
     p.set_defaults(handler=_command("index"))
 

@@ -6,13 +6,15 @@ Parsing an artifact is mostly I/O and numpy, so all of them open at once on a fe
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
 
-from vmdelta_core.components import Source, SourceImage
+from vmdelta_core.baseimage import open_base_image
+from vmdelta_core.components import SourceImage
 from vmdelta_core.config import recorded_name
 from vmdelta_core.create.dedup import DedupBase
 from vmdelta_core.create.plan import ImagePlan, OverlayPlan
@@ -39,27 +41,39 @@ def open_pairs(
 ) -> list[OpenedPair]:
     """Open every base and modified artifact; whatever opened is closed by ``stack``, even when
     another open fails."""
-    jobs: list[tuple[Source, Path, str, dict[str, object]]] = []
+    jobs: list[tuple[Callable[[], SourceImage], Path]] = []
     for image in plan.images:
         spec = image.spec
-        jobs.append((registry.source(image.base_source), spec.base, spec.kind, spec.open_options("base")))
-        jobs.append((registry.source(image.source), spec.modified, spec.kind, spec.open_options("modified")))
-    advance = progress.start("open artifacts", sum(path.stat().st_size for _, path, _, _ in jobs))
+        base = functools.partial(
+            open_base_image,
+            registry.source(image.base_source),
+            image.base_source,
+            spec.base,
+            kind=spec.kind,
+            options=spec.open_options("base"),
+            cache_dir=plan.config.cache_dir,
+        )
+        modified = functools.partial(
+            registry.source(image.source).open, spec.modified, kind=spec.kind, options=spec.open_options("modified")
+        )
+        jobs += [(base, spec.base), (modified, spec.modified)]
+    advance = progress.start("open artifacts", sum(path.stat().st_size for _, path in jobs))
     images = _open_all(jobs, plan.config.threads, stack, advance)
     return [OpenedPair(image, images[2 * k], images[2 * k + 1]) for k, image in enumerate(plan.images)]
 
 
 def _open_all(
-    jobs: list[tuple[Source, Path, str, dict[str, object]]],
+    jobs: list[tuple[Callable[[], SourceImage], Path]],
     threads: int,
     stack: contextlib.ExitStack,
     advance: Callable[[int], None],
 ) -> list[SourceImage]:
+    """Each job's image (a base from its kept image where there is one), opened on ``threads``."""
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as pool:
-        futures = [pool.submit(source.open, path, kind=kind, options=options) for source, path, kind, options in jobs]  # type: ignore[arg-type]
+        futures = [pool.submit(job) for job, _ in jobs]
         first_error: BaseException | None = None
         images = []
-        for future, (_, path, _, _) in zip(futures, jobs, strict=True):
+        for future, (_, path) in zip(futures, jobs, strict=True):
             try:
                 images.append(stack.enter_context(future.result()))
                 advance(path.stat().st_size)

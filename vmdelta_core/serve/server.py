@@ -27,6 +27,7 @@ from pathlib import Path
 import attrs
 
 from vmdelta_core.apply import apply_overlay
+from vmdelta_core.baseimage import open_base_image
 from vmdelta_core.components import SourceImage
 from vmdelta_core.config import ApplyConfig, ApplyImageSpec
 from vmdelta_core.errors import BaseMismatchError, ConfigError, VmdeltaError
@@ -117,7 +118,9 @@ class BaseCatalog:
                     raise ConfigError(f"base {base.path} does not exist or is not a file")
                 source = base.format or registry.detect_source(base.path, base.kind)
                 options = base.open_options()
-                image = registry.source(source).open(base.path, kind=base.kind, options=options)
+                image = open_base_image(
+                    registry.source(source), source, base.path, kind=base.kind, options=options, cache_dir=cache_dir
+                )
                 entries.append(CatalogEntry(base, source, image.size, "", image))
                 index, _ = load_or_build_index(
                     base.path, image, source=source, unit=4096, options=options, cache_dir=cache_dir
