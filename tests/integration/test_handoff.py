@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from fixture_guest import RunningGuest, qemu_argv, stream_capture
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -379,3 +380,36 @@ def test_a_link_broken_while_the_disk_moves_leaves_the_guest_running(
     assert not any(d.get("dirty-bitmaps") for d in qmp.cmd("query-block"))
     assert qmp.cmd("query-block-exports") == []
     _write(qmp, _free_clusters(realistic, 1)[0], 0x5C)  # the drive is the guest's alone again
+
+
+def test_a_destination_failing_after_the_disk_came_leaves_no_disk_and_the_guest_running(
+    realistic: Path, moving: dict, tmp_path: Path
+) -> None:
+    """The destination's QEMU dies before it takes the stream: the disk it had been given is
+    removed, and the source's migration, already under way, is cancelled."""
+    moved = tmp_path / "dst" / "vm1.qcow2"
+    with _receiver(realistic, tmp_path, "{disk0}", moved=moved) as receiver:
+        receiver.config = attrs.evolve(receiver.config, qemu=QemuLaunch([*receiver.config.qemu.command, "-no-such"]))
+        failed: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                receiver.serve_one(time.monotonic() + 60)
+            except VmdeltaError as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        with pytest.raises(VmdeltaError, match="destination"):
+            hand_off(_send_config(realistic, moving, receiver.address, move_disk=True))
+        thread.join(60)
+    assert failed and not moved.exists()
+    qmp = moving["test"]
+    for _ in range(100):
+        if qmp.cmd("query-migrate").get("status") == "cancelled":
+            break
+        time.sleep(0.05)
+    assert qmp.cmd("query-migrate")["status"] == "cancelled"
+    assert qmp.cmd("query-status")["status"] == "running"
+    assert not any(d.get("dirty-bitmaps") for d in qmp.cmd("query-block"))
+    assert qmp.cmd("query-block-exports") == []
