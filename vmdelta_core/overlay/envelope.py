@@ -12,7 +12,9 @@ from vmdelta_core.errors import FormatError
 
 __all__ = ["compress_envelope", "decompress_envelope"]
 
-_LEVEL = 19
+#: level 9 stores the realistic guest's 161 KiB of device state in 174 bytes in 4 ms; level 19
+#: took 177 bytes and 80 ms of the critical path
+_LEVEL = 9
 
 
 def _dictionary(base_envelope: bytes) -> zstandard.ZstdCompressionDict:
