@@ -79,6 +79,8 @@ HANDOFF_PORT, MIGRATION_PORT, NBD_PORT = 7480, 4444, 10809
 WORK_PREFIX, NETNS_PREFIX = "vmdelta-handoff-", "vmh-"
 #: QEMU's migration parameters every contender gets (QEMU 7.2's defaults, said out loud)
 DOWNTIME_LIMIT_MS = 300
+#: a precopy that has not converged by then is cancelled (and reported so)
+MIGRATION_LIMIT_S = 900
 _UPTIME = re.compile(r"@@FIXTURE ([A-Z_]+)[^@]*? uptime=([0-9.]+)")
 
 
@@ -508,8 +510,11 @@ class Bench:
             sq.cmd("migrate-set-capabilities", capabilities=caps)
             sq.cmd("migrate-set-parameters", **parameters, **{"downtime-limit": DOWNTIME_LIMIT_MS})
             sq.cmd("migrate", uri=f"tcp:{CLOUDLET_IP}:{MIGRATION_PORT}")
-            mirrored = 0
+            mirrored, deadline = 0, time.monotonic() + MIGRATION_LIMIT_S
             while (info := sq.cmd("query-migrate"))["status"] != "completed":
+                if time.monotonic() > deadline:
+                    sq.cmd("migrate_cancel")
+                    raise SystemExit(f"QEMU's migration did not converge in {MIGRATION_LIMIT_S} s")
                 if info["status"] == "pre-switchover":
                     jobs = sq.cmd("query-block-jobs")
                     mirrored = jobs[0]["offset"] if jobs else mirrored
@@ -614,7 +619,15 @@ def main() -> None:
     clean_leftovers()
     work = Path(tempfile.gettempdir()) / f"{WORK_PREFIX}{os.getpid() % 100000}"
     work.mkdir()
-    results: dict[str, Any] = {"started": _now(), "load_before": os.getloadavg(), "runs": []}
+    import vmdelta_core
+
+    results: dict[str, Any] = {
+        "started": _now(),
+        "uptime_before": _uptime(),
+        "vmdelta_code": str(Path(vmdelta_core.__file__).parent.parent),
+        "runs": [],
+        "failures": [],
+    }
     try:
         bench = Bench(fixtures, work)
         print("indexing the bases once (both hosts keep their index)", flush=True)
@@ -633,11 +646,16 @@ def main() -> None:
                 for run in range(args.runs):
                     for name, move in contenders:  # interleaved, so that drifts hit every contender
                         print(f"{mbit:g} Mbit/s, run {run + 1}: {name}", flush=True)
-                        figures = bench.run(name, link, move)
+                        try:
+                            figures = bench.run(name, link, move)
+                        except SystemExit as failed:  # one contender's failure is a result too
+                            print(f"  FAILED: {failed}", flush=True)
+                            results["failures"].append({"mbit": mbit, "contender": name, "error": str(failed)})
+                            continue
                         figures = {k: (str(v) if isinstance(v, Path) else v) for k, v in figures.items()}
                         results["runs"].append({"mbit": mbit, "contender": name, "run": run + 1, **figures})
                         print("  " + _summary(figures), flush=True)
-        results["load_after"] = os.getloadavg()
+        results["uptime_after"] = _uptime()
         results["finished"] = _now()
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
@@ -648,6 +666,10 @@ def main() -> None:
             print(f"the work folder is kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def _now() -> str:
@@ -694,6 +716,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{median(name, 'guest_downtime_s') * 1000:.0f} ms | {median(name, 'wire_bytes') / 2**20:.1f} MiB | "
                 f"{median(name, 'memory_sent_bytes') / 2**20:.1f} MiB | {_disk_sent(mine)} | {goes_on} |"
             )
+    for failed in results.get("failures", []):
+        lines.append(f"\n{failed['mbit']:g} Mbit/s, {failed['contender']} failed: {failed['error'][:300]}")
     return "\n".join(lines)
 
 
