@@ -328,10 +328,10 @@ def test_the_disk_moves_with_the_guest(realistic: Path, moving: dict, tmp_path: 
         thread.join(120)
     assert answers and answers[0]["status"] == "ok", answers
     assert written and moving["test"].cmd("query-status")["status"] == "postmigrate"
-    first, last = report.relay.disk_passes
+    first, *later = report.relay.disk_passes
     assert first.bytes >= 39 << 20  # the overlay's clusters
-    assert 16 <= last.blocks < first.blocks  # the cluster written during the handoff, again
-    assert answers[0]["disk"]["blocks"] == first.blocks + last.blocks
+    assert 16 <= sum(p.blocks for p in later) < first.blocks  # the cluster written during the handoff
+    assert answers[0]["disk"]["blocks"] == first.blocks + sum(p.blocks for p in later)
     subprocess.run(["qemu-img", "check", "-U", str(moved)], check=True, capture_output=True)
     same = subprocess.run(
         ["qemu-img", "compare", "-U", str(moving["overlay"]), str(moved)], capture_output=True, text=True

@@ -182,7 +182,8 @@ def _send(args: argparse.Namespace) -> int:
         left = f", {remaining >> 20} MiB left" if isinstance(remaining, int) else ""
         rate = qemu.get("dirty_pages_rate")
         dirty = f", {rate} pages dirtied a second" if isinstance(rate, int) else ""
-        disk = "".join(f", disk pass {n}: {p.blocks} blocks" for n, p in enumerate(stats.disk_passes))
+        passes = stats.disk_passes
+        disk = f", {len(passes)} disk passes of {sum(p.blocks for p in passes)} blocks" if passes else ""
         print(
             f"\rpass {qemu.get('dirty_syncs') or 1}: {stats.stream_bytes >> 20} MiB of QEMU's stream, "
             f"{stats.sent_bytes >> 20} MiB sent{left}{dirty}{disk}   ",
@@ -204,12 +205,23 @@ def _send(args: argparse.Namespace) -> int:
             f"{relay['stream_bytes']} bytes of QEMU's stream in {relay['passes']} passes sent as "
             f"{relay['sent_bytes']} bytes; pages {relay['pages']}"
         )
-        for number, disk in enumerate(relay["disk_passes"]):
-            print(
-                f"disk pass {number}: {disk['blocks']} blocks ({disk['bytes']} bytes) sent as {disk['sent']} bytes"
-                + (f"; blocks {relay['disk_blocks']}" if number == len(relay["disk_passes"]) - 1 else "")
-            )
+        if relay["disk_passes"]:
+            print(_disk_summary(relay))
     return 0
+
+
+def _disk_summary(relay: dict[str, Any]) -> str:
+    """The moved disk in a line: its first pass, the passes while memory moved, the last."""
+    first, *later = relay["disk_passes"]
+    text = f"disk: {first['blocks']} blocks of the overlay ({first['bytes']} bytes) sent as {first['sent']} bytes"
+    if later:
+        *running, last = later
+        text += (
+            f"; {sum(p['blocks'] for p in running)} blocks written meanwhile in {len(running)} passes "
+            f"sent as {sum(p['sent'] for p in running)} bytes; {last['blocks']} once the guest stopped"
+            f" sent as {last['sent']} bytes"
+        )
+    return f"{text}; blocks {relay['disk_blocks']}"
 
 
 def _receive(args: argparse.Namespace) -> int:

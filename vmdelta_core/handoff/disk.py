@@ -3,9 +3,9 @@
 At the source the guest runs from a qcow2 overlay over the base disk. :class:`DriveExport`
 starts a dirty bitmap on the drive first, then exports it over NBD (``nbd-server-start`` on a
 unix socket of its own): the clusters the overlay holds (``qemu:allocation-depth`` 1) are read
-while the guest runs; once QEMU has stopped the guest for the end of the migration, the bitmap is
-frozen and exported, and the blocks it marks are read again. The qcow2 file that QEMU writes is
-never read directly.
+while the guest runs, then, pass after pass, the blocks it wrote meanwhile; once QEMU has
+stopped the guest for the end of the migration, the blocks written since the last pass. The
+qcow2 file that QEMU writes is never read directly.
 
 At the destination :class:`ThinDisk` creates a qcow2 over its base disk, writes the blocks through
 ``qemu-nbd``, and on :meth:`ThinDisk.finish` flushes them, lets ``qemu-nbd`` go and runs
@@ -73,8 +73,12 @@ def _same_file(a: str, b: Path) -> bool:
 
 
 class DriveExport:
-    """The drive read through its QEMU: the bitmap is started on entry, and everything QEMU was
-    given (bitmap, exports, NBD server) is taken back on :meth:`close`."""
+    """The drive read through its QEMU: a dirty bitmap is started on entry, and everything QEMU
+    was given (bitmaps, exports, NBD server) is taken back on :meth:`close`.
+
+    QEMU exports only a bitmap that no longer records, so each pass over what the guest wrote
+    swaps bitmaps atomically (a new one starts as the old one stops, in one ``transaction``)
+    and reads the blocks the old one marks; no write falls between the two."""
 
     def __init__(self, qmp: Any, node: str, timeout: float = 60.0) -> None:
         self.qmp = qmp
@@ -83,10 +87,11 @@ class DriveExport:
         self._folder = Path(tempfile.mkdtemp(prefix="vmdelta-handoff-"))
         self.socket = self._folder / "nbd.sock"
         self._exports: list[str] = []
-        self._bitmap = self._server = False
+        self._bitmaps: list[str] = []
+        self._made = 0
+        self._server = False
         try:
-            qmp.cmd("block-dirty-bitmap-add", node=node, name=_BITMAP)
-            self._bitmap = True
+            qmp.cmd("block-dirty-bitmap-add", node=node, name=self._new_bitmap())
             qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(self.socket)}})
             self._server = True
         except BaseException:
@@ -99,26 +104,55 @@ class DriveExport:
             extents = [(o, n) for o, n, depth in client.extents(_ALLOCATION) if depth == 1]
             yield from _read(client, extents)
 
+    def written(self) -> Iterator[tuple[int, bytes]]:
+        """The blocks written since the last pass, read while the guest runs on (a new bitmap
+        records what it writes meanwhile)."""
+        old, new = self._bitmaps[-1], self._new_bitmap()
+        self.qmp.cmd(
+            "transaction",
+            actions=[
+                {"type": "block-dirty-bitmap-add", "data": {"node": self.node, "name": new}},
+                {"type": "block-dirty-bitmap-disable", "data": {"node": self.node, "name": old}},
+            ],
+        )
+        yield from self._marked(old)
+        self._remove_bitmap(old)
+
     def dirtied(self) -> Iterator[tuple[int, bytes]]:
-        """The blocks written since the bitmap started; call once the guest is stopped (the
-        bitmap is then frozen, as QEMU exports only a frozen one)."""
-        self.qmp.cmd("block-dirty-bitmap-disable", node=self.node, name=_BITMAP)
-        context = f"qemu:dirty-bitmap:{_BITMAP}"
-        with self._export(bitmap=True) as client:
+        """The blocks written since the last pass; call once the guest is stopped."""
+        last = self._bitmaps[-1]
+        self.qmp.cmd("block-dirty-bitmap-disable", node=self.node, name=last)
+        yield from self._marked(last)
+
+    def _marked(self, bitmap: str) -> Iterator[tuple[int, bytes]]:
+        context = f"qemu:dirty-bitmap:{bitmap}"
+        with self._export(bitmap=bitmap) as client:
             extents = [(o, n) for o, n, dirty in client.extents(context) if dirty & 1]
             yield from _read(client, extents)
 
+    def _new_bitmap(self) -> str:
+        self._made += 1
+        name = f"{_BITMAP}-{self._made}"
+        self._bitmaps.append(name)  # before it exists: close() tries it either way
+        return name
+
+    def _remove_bitmap(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            self.qmp.cmd("block-dirty-bitmap-remove", node=self.node, name=name)
+        self._bitmaps.remove(name)
+
     @contextlib.contextmanager
-    def _export(self, *, allocation: bool = False, bitmap: bool = False) -> Iterator[NbdClient]:
-        name = f"vmdelta-{len(self._exports)}"
+    def _export(self, *, allocation: bool = False, bitmap: str | None = None) -> Iterator[NbdClient]:
+        self._made += 1
+        name = f"vmdelta-{self._made}"
         options: dict[str, Any] = {"node-name": self.node, "name": name, "writable": False}
         contexts = []
         if allocation:
             options["allocation-depth"] = True
             contexts.append(_ALLOCATION)
-        if bitmap:
-            options["bitmaps"] = [_BITMAP]
-            contexts.append(f"qemu:dirty-bitmap:{_BITMAP}")
+        if bitmap is not None:
+            options["bitmaps"] = [bitmap]
+            contexts.append(f"qemu:dirty-bitmap:{bitmap}")
         self.qmp.cmd("block-export-add", type="nbd", id=name, **options)
         self._exports.append(name)
         with NbdClient(self.socket, name, tuple(contexts), self.timeout) as client:
@@ -131,16 +165,15 @@ class DriveExport:
         self._exports.remove(name)
 
     def close(self) -> None:
-        """Exports, server and bitmap removed (best effort: QEMU may have gone on)."""
+        """Exports, server and bitmaps removed (best effort: QEMU may have gone on)."""
         for name in list(self._exports):
             self._drop(name)
         if self._server:
             with contextlib.suppress(Exception):
                 self.qmp.cmd("nbd-server-stop")
-        if self._bitmap:
-            with contextlib.suppress(Exception):
-                self.qmp.cmd("block-dirty-bitmap-remove", node=self.node, name=_BITMAP)
-        self._server = self._bitmap = False
+            self._server = False
+        for name in list(self._bitmaps):
+            self._remove_bitmap(name)
         shutil.rmtree(self._folder, ignore_errors=True)
 
 

@@ -8,9 +8,10 @@ cancelled and the VM goes on running here.
 
 When the disk moves (the guest runs from a qcow2 overlay over the base disk), a dirty bitmap is
 started on the drive and the overlay's clusters are sent before the migration starts, read
-through QEMU (:class:`~vmdelta_core.handoff.disk.DriveExport`). The migration runs with
-``pause-before-switchover``: once QEMU has stopped the guest, the blocks the bitmap marks are
-sent again, and only then is QEMU let go on to the device state the destination resumes from.
+through QEMU (:class:`~vmdelta_core.handoff.disk.DriveExport`); between passes over memory (once
+a second at most) the blocks the guest wrote meanwhile follow. The migration runs with
+``pause-before-switchover``: once QEMU has stopped the guest, the blocks written since the last
+pass are sent, and only then is QEMU let go on to the device state the destination resumes from.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = ["HandoffReport", "SendConfig", "hand_off"]
 _FD_NAME = "vmdelta-handoff"
 #: how often progress is told (QEMU asked how the migration goes)
 _PROGRESS_SECONDS = 0.5
+#: a pass over the blocks the guest wrote, at most this often while memory migrates
+_DISK_PASS_SECONDS = 1.0
 #: how long QEMU's monitor may take to greet
 _MONITOR_SECONDS = 10.0
 
@@ -198,13 +201,13 @@ def _relay(
     reader = threading.Thread(target=split_stream, name="vmdelta-handoff-split", daemon=True)
     reader.start()
     try:
-        sampled, waiting = 0.0, export is not None
+        sampled, waiting, disk_pass = 0.0, export is not None, time.monotonic()
         while True:
             try:
                 token = tokens.get(timeout=0.05)
             except queue.Empty:
                 if waiting and qmp.cmd("query-migrate").get("status") == "pre-switchover":
-                    sender.disk_pass(export.dirtied(), 1)  # type: ignore[union-attr]
+                    sender.disk_pass(export.dirtied(), len(sender.stats.disk_passes))  # type: ignore[union-attr]
                     qmp.cmd("migrate-continue", state="pre-switchover")
                     waiting = False
                 continue
@@ -213,6 +216,11 @@ def _relay(
             if isinstance(token, BaseException):
                 raise token
             sender.feed(token)
+            if waiting and hasattr(token, "number") and time.monotonic() - disk_pass > _DISK_PASS_SECONDS:
+                # between passes over memory, what the guest wrote meanwhile: less for the last
+                # pass, which the guest waits for
+                sender.disk_pass(export.written(), len(sender.stats.disk_passes))  # type: ignore[union-attr]
+                disk_pass = time.monotonic()
             if on_progress is not None and time.monotonic() - sampled > _PROGRESS_SECONDS:
                 sampled = time.monotonic()
                 on_progress(sender.stats, _migration_now(qmp))
