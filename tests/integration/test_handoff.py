@@ -223,13 +223,22 @@ def test_a_broken_link_leaves_the_guest_running_at_the_source(realistic: Path, r
 
 
 def test_the_command_line_says_what_each_side_needs() -> None:
+    receive = [sys.executable, "-m", "vmdelta_core", "handoff", "receive", "--memory-base", "x.mem"]
     done = subprocess.run(
-        [sys.executable, "-m", "vmdelta_core", "handoff", "receive", "--memory-base", "x.mem"],
+        receive,
         capture_output=True,
         text=True,
         env={"VMDELTA_TOKEN": "t", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 2 and done.stderr.startswith("vmdelta: error: give the VM's command after --")
+    vm = ["qemu-system-x86_64", "-drive", "file=vm1.qcow2", "-incoming", "fd:0"]
+    done = subprocess.run(
+        [*receive, "--disk-base", "x.img", "--disk", "vm1.qcow2", "--", *vm],
+        capture_output=True,
+        text=True,
+        env={"VMDELTA_TOKEN": "t", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 2 and "must name the moved disk: {disk0}" in done.stderr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -244,8 +244,6 @@ def _receive(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         disk=Path(args.disk) if args.disk else None,
     )
-    if args.disk and not args.disk_base:
-        raise ConfigError("--disk is written over the base disk: give --disk-base")
     with HandoffReceiver(config, default_registry()) as receiver:
         if not args.quiet and not args.json:
             print(f"waiting for a handoff on {receiver.address[0]}:{receiver.address[1]}", file=sys.stderr, flush=True)

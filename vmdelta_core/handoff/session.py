@@ -216,6 +216,14 @@ class HandoffReceiver:
     """Receives one handoff: checks the offer, starts QEMU, feeds it the stream put together."""
 
     def __init__(self, config: ReceiveConfig, registry: Registry) -> None:
+        if config.disk is not None and not config.qemu.disks:
+            raise ConfigError("the VM's command must name the moved disk: {disk0} stands for it")
+        if config.disk is None and config.qemu.disks:
+            raise ConfigError("{disk0} in the VM's command stands for a moved disk: give --disk")
+        if config.qemu.disks > 1:
+            raise ConfigError("one disk moves: the VM's command names it {disk0}")
+        if not any(spec.kind == "disk" for spec in config.bases) and config.disk is not None:
+            raise ConfigError("a moved disk is written over the base disk: give --disk-base")
         self.config = config
         self.opened = open_bases(list(config.bases), registry, config.cache_dir, lookup=False)
         self._listener = socket.create_server((config.host, config.port))

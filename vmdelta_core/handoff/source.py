@@ -205,11 +205,12 @@ def _relay(
         while True:
             try:
                 token = tokens.get(timeout=0.05)
-            except queue.Empty:
-                if waiting and qmp.cmd("query-migrate").get("status") == "pre-switchover":
-                    sender.disk_pass(export.dirtied(), len(sender.stats.disk_passes))  # type: ignore[union-attr]
+            except queue.Empty:  # QEMU sends nothing: it may wait before the switchover
+                if qmp.cmd("query-migrate").get("status") == "pre-switchover":
+                    if waiting:
+                        sender.disk_pass(export.dirtied(), len(sender.stats.disk_passes))  # type: ignore[union-attr]
+                        waiting = False
                     qmp.cmd("migrate-continue", state="pre-switchover")
-                    waiting = False
                 continue
             if token is _END:
                 break
