@@ -3,6 +3,7 @@ them is used, and every public name still resolves to the object its module defi
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,20 @@ def test_the_plain_header_layout_is_the_formats() -> None:
     ):
         with pytest.raises(FormatError, match=message):
             read_header(bad, "x")
+
+
+def test_the_program_exits_with_its_status_and_every_byte_written(tmp_path: Path) -> None:
+    """``vmdelta`` leaves without tearing the interpreter down: its output, buffered to a file,
+    is still whole, and its exit status is the command's."""
+    listing = tmp_path / "plugins.json"
+    with open(listing, "wb") as out:
+        ok = subprocess.run([sys.executable, "-m", "vmdelta_core", "plugins", "--json"], stdout=out, check=False)
+    assert ok.returncode == 0 and json.loads(listing.read_text())
+    missing = subprocess.run(
+        [sys.executable, "-m", "vmdelta_core", "apply", str(tmp_path / "none.vmdo"), "--disk", "a", "b"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == ConfigError.exit_code
+    assert missing.stderr.startswith("vmdelta: error:") and missing.stderr.count("\n") == 1

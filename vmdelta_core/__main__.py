@@ -1,7 +1,5 @@
 """``python -m vmdelta_core`` runs the command line."""
 
-import sys
+from vmdelta_core.cli import run
 
-from vmdelta_core.cli import main
-
-sys.exit(main())
+run()
