@@ -16,12 +16,13 @@ pass are sent, and only then is QEMU let go on to the device state the destinati
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,55 @@ def _connect(path: Path) -> Any:
 _END = object()
 
 
+class _Tokens:
+    """The tokens of QEMU's stream, handed from the thread that splits it to the one that relays
+    them: at most ``limit`` wait, so that QEMU waits on the link, except while the relaying
+    thread talks to QEMU (:meth:`unbounded`). QEMU answers its monitor only under its big
+    lock, which its migration holds while it writes the end of the stream: were that write
+    waiting on the relaying thread, and the relaying thread on QEMU's answer, neither would go
+    on."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: collections.deque[Any] = collections.deque()
+        self._ready = threading.Condition()
+        self._unbounded = self._closed = False
+
+    def put(self, item: Any) -> None:
+        with self._ready:
+            while len(self._items) >= self.limit and not (self._unbounded or self._closed):
+                self._ready.wait(0.1)
+            self._items.append(item)
+            self._ready.notify_all()
+
+    def get(self, timeout: float) -> Any:
+        """The next token; :class:`queue.Empty` when none came in ``timeout`` seconds."""
+        with self._ready:
+            if not self._items:
+                self._ready.wait(timeout)
+            if not self._items:
+                raise queue.Empty
+            item = self._items.popleft()
+            self._ready.notify_all()
+            return item
+
+    @contextlib.contextmanager
+    def unbounded(self) -> Iterator[None]:
+        with self._ready:
+            self._unbounded = True
+            self._ready.notify_all()
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._unbounded = False
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+
 def _relay(
     qmp: Any,
     read: int,
@@ -186,17 +236,16 @@ def _relay(
     """Relay QEMU's stream as it comes. A thread splits it, handing the tokens over a short
     queue (QEMU still waits on the link); while none come, QEMU is asked whether it paused
     before the switchover, when the disk's last pass is sent and QEMU let go on."""
-    tokens: queue.Queue[Any] = queue.Queue(maxsize=256)
-    stop = threading.Event()
+    tokens = _Tokens(256)
 
     def split_stream() -> None:
         try:
             with open(read, "rb", buffering=0) as stream:
                 for token in split(stream):
-                    _put(tokens, token, stop)
-            _put(tokens, _END, stop)
+                    tokens.put(token)
+            tokens.put(_END)
         except BaseException as exc:  # handed to the relaying thread, which raises it
-            _put(tokens, exc, stop)
+            tokens.put(exc)
 
     reader = threading.Thread(target=split_stream, name="vmdelta-handoff-split", daemon=True)
     reader.start()
@@ -206,11 +255,14 @@ def _relay(
             try:
                 token = tokens.get(timeout=0.05)
             except queue.Empty:  # QEMU sends nothing: it may wait before the switchover
-                if qmp.cmd("query-migrate").get("status") == "pre-switchover":
+                with tokens.unbounded():
+                    paused = qmp.cmd("query-migrate").get("status") == "pre-switchover"
+                if paused:
                     if waiting:
                         sender.disk_pass(export.dirtied(), len(sender.stats.disk_passes))  # type: ignore[union-attr]
                         waiting = False
-                    qmp.cmd("migrate-continue", state="pre-switchover")
+                    with tokens.unbounded():
+                        qmp.cmd("migrate-continue", state="pre-switchover")
                 continue
             if token is _END:
                 break
@@ -219,24 +271,17 @@ def _relay(
             sender.feed(token)
             if waiting and hasattr(token, "number") and time.monotonic() - disk_pass > _DISK_PASS_SECONDS:
                 # between passes over memory, what the guest wrote meanwhile: less for the last
-                # pass, which the guest waits for
+                # pass, which the guest waits for (QEMU holds no lock for long before it pauses)
                 sender.disk_pass(export.written(), len(sender.stats.disk_passes))  # type: ignore[union-attr]
                 disk_pass = time.monotonic()
             if on_progress is not None and time.monotonic() - sampled > _PROGRESS_SECONDS:
                 sampled = time.monotonic()
-                on_progress(sender.stats, _migration_now(qmp))
+                with tokens.unbounded():
+                    now = _migration_now(qmp)
+                on_progress(sender.stats, now)
         sender.finish()
     finally:
-        stop.set()
-
-
-def _put(tokens: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            tokens.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
+        tokens.close()
 
 
 def _prepare(qmp: Any, config: SendConfig, *, pause: bool) -> None:
