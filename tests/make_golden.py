@@ -88,7 +88,7 @@ if __name__ == "__main__":
     GOLDEN.mkdir(parents=True, exist_ok=True)
     if sys.argv[1:] != ["stream"]:
         (GOLDEN / "items.bin").write_bytes(golden_items())
-        for codec in ("none", "zstd"):
+        for codec in ("none", "zstd", "zstd-base"):
             with tempfile.TemporaryDirectory() as tmp:
                 golden_overlay(Path(tmp), GOLDEN / f"overlay-{codec}.vmdo", codec)
     golden_stream(GOLDEN / "overlay-zstd.vmdo", GOLDEN / "overlay-zstd-stream.vmds")

@@ -50,6 +50,7 @@ def test_builtins_register_through_the_same_hooks() -> None:
     registry = registry_with()
     assert {(i.kind, i.name) for i in registry} == {
         ("codec", "zstd"),
+        ("codec", "zstd-base"),
         ("codec", "lzma"),
         ("codec", "none"),
         ("encoder", "raw"),

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ENCODERS",
     "DEFAULT_POLICY",
+    "MAX_LEVEL",
     "MAX_THREADS",
     "ApplyConfig",
     "ApplyImageSpec",
@@ -45,6 +46,7 @@ __all__ = [
     "parse_filter",
     "parse_option",
     "recorded_name",
+    "size_mode",
 ]
 
 POLICIES = ("fixed", "first-smaller", "best")
@@ -55,6 +57,10 @@ KINDS = ("memory", "disk")
 DEFAULT_ENCODERS = None
 DEFAULT_POLICY = None
 DEFAULT_UNIT = 4096
+#: the level that asks for the smallest overlay (``--level max``): see :func:`size_mode`
+MAX_LEVEL = "max"
+#: frames of the size mode, unless another size is asked: larger frames find more in each other
+SIZE_MODE_FRAME = 16 << 20
 MIN_FRAME = 64 << 10
 #: an options mapping and the values in it, nested; the overlay's metadata records options a few
 #: levels down, and :data:`vmdelta_core.jsonvalue.MAX_DEPTH` must still hold for it
@@ -94,6 +100,11 @@ def _integer(what: str, low: int, high: int, *, optional: bool = False) -> Calla
             raise ConfigError(f"{what} {value} is out of range ({low} to {high})")
 
     return check
+
+
+def _level(instance: Any, attribute: Any, value: Any) -> None:
+    if value != MAX_LEVEL:
+        _integer("level", MIN_INT, MAX_INT, optional=True)(instance, attribute, value)
 
 
 def _one_of(what: str, allowed: tuple[str, ...], *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
@@ -290,7 +301,8 @@ class CreateConfig:
     unit_size: int = attrs.field(default=DEFAULT_UNIT, validator=_integer("unit size", MIN_UNIT, MAX_UNIT))
     codec: str = attrs.field(default=DEFAULT_CODEC, validator=_name("a codec name"))
     #: checked against the codec's own range by :func:`check_codec_level` once the codec is known
-    level: int | None = attrs.field(default=None, validator=_integer("level", MIN_INT, MAX_INT, optional=True))
+    #: or :data:`MAX_LEVEL`, resolved by :func:`size_mode`
+    level: int | str | None = attrs.field(default=None, validator=_level)
     frame_size: int = attrs.field(default=DEFAULT_FRAME, validator=_integer("frame size", MIN_FRAME, MAX_FRAME))
     threads: int = attrs.field(factory=default_threads, validator=_integer("threads", 1, MAX_THREADS))
     cache_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(_paths))
@@ -360,6 +372,36 @@ class ApplyConfig:
 # --------------------------------------------------------------------------------------------
 # checks against the components a config names, once they are known
 # --------------------------------------------------------------------------------------------
+
+
+def size_mode(config: CreateConfig, codec: Codec) -> CreateConfig:
+    """``config`` with its :data:`MAX_LEVEL` made concrete: the smallest overlay the codec makes.
+
+    A codec that names a size mode of its own (``size_mode = (codec, level)``: ``zstd`` names
+    ``zstd-base``, which compresses each frame against the base) is replaced by it; the images
+    whose encoders were left to the defaults store their units raw for it to find in the base,
+    and a frame size left at its default becomes :data:`SIZE_MODE_FRAME`. Any other codec runs
+    at the highest level it takes.
+
+    :raises ConfigError: the codec has no levels.
+    """
+    if config.level != MAX_LEVEL:
+        return config
+    mode = getattr(codec, "size_mode", None)
+    if mode is not None:
+        name, level = mode
+        images = tuple(
+            attrs.evolve(spec, encoders=("raw",), policy="fixed") if spec.encoders is None else spec
+            for spec in config.images
+        )
+        frame = SIZE_MODE_FRAME if config.frame_size == DEFAULT_FRAME else config.frame_size
+        return attrs.evolve(config, codec=name, level=level, images=images, frame_size=frame)
+    bounds = getattr(codec, "level_range", None)
+    if bounds is None:
+        raise ConfigError(
+            f"codec {getattr(codec, 'name', '?')!r} has no levels; --level {MAX_LEVEL} needs one that has"
+        )
+    return attrs.evolve(config, level=bounds[1])
 
 
 def check_codec_level(codec: Codec, level: int | None) -> None:

@@ -182,7 +182,7 @@ class ImageRebuilder:
             codec = self.decoders.codecs.get(frame.codec)
             if codec is None:
                 raise FormatError(f"{where} names codec {frame.codec}, which the metadata does not list")
-            return frame_items(frame, stored, codec, f"{self.feed.name}: {where}")
+            return frame_items(frame, stored, codec, f"{self.feed.name}: {where}", self._read_base)
 
         ahead: tuple[FrameEntry, Future[ItemColumns]] | None = None
         for frame, stored in self.feed.frames(number):
@@ -192,6 +192,13 @@ class ImageRebuilder:
             ahead = parsing
         if ahead is not None:
             yield ahead
+
+    def _read_base(self, number: int, offset: int, length: int) -> bytes:
+        """Bytes of image ``number``'s base, for frames compressed against it (``zstd-base``)."""
+        base = self.bases[number]
+        if offset + length > base.size:
+            raise FormatError(f"a frame of image {number} reads its base past its end ({offset} + {length})")
+        return base.data[offset : offset + length].tobytes()
 
     def _write(self, number: int, cols: ItemColumns, where: str) -> None:
         """Write a frame's items, runs of adjacent units with one system call each.

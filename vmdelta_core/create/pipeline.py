@@ -16,11 +16,13 @@ from typing import Any, BinaryIO
 
 import attrs
 
+from vmdelta_core.components import SourceImage
 from vmdelta_core.config import CreateConfig, describe_config, recorded_name
 from vmdelta_core.create.changes import changed_units
 from vmdelta_core.create.dedup import Deduplicator
 from vmdelta_core.create.filters import Selection, select_units
 from vmdelta_core.create.plan import OverlayPlan, plan_overlay
+from vmdelta_core.create.prefix import FramePrefixes
 from vmdelta_core.create.sources import OpenedPair, index_bases, open_pairs
 from vmdelta_core.create.units import UnitEncoder
 from vmdelta_core.errors import PluginError
@@ -115,7 +117,7 @@ def _write_overlay(
 ) -> tuple[int, OverlayMetadata]:
     """Encode every image into ``file``: the overlay's size and metadata."""
     config = plan.config
-    writer = _writer(file, plan, pool, stream=stream_form)
+    writer = _writer(file, plan, pool, stream=stream_form, bases=[pair.base for pair in pairs])
     writer.begin(split_document(_checked(skeleton.to_json()))[0])
     units = UnitEncoder(dedup, plan.refs, writer, pool, config.unit_size)
     try:
@@ -133,12 +135,23 @@ def _write_overlay(
     return size, metadata
 
 
-def _writer(file: BinaryIO, plan: OverlayPlan, pool: ThreadPoolExecutor, *, stream: bool = False) -> OverlayWriter:
-    """The overlay's writer: its frames compressed on ``pool``, as the config asks."""
+def _writer(
+    file: BinaryIO,
+    plan: OverlayPlan,
+    pool: ThreadPoolExecutor,
+    *,
+    stream: bool = False,
+    bases: list[SourceImage] | None = None,
+) -> OverlayWriter:
+    """The overlay's writer: its frames compressed on ``pool``, as the config asks; a codec that
+    compresses against the base (``zstd-base``) is given each image's ``bases``, indexed."""
     config = plan.config
+    codec = plan.codec.component
+    if bases is not None and getattr(codec, "reads_base", False):
+        codec = codec.bind(FramePrefixes(bases, pool))  # type: ignore[attr-defined]
     return OverlayWriter(
         file,
-        codec=plan.codec.component,
+        codec=codec,
         codec_id=0,
         level=config.level,
         frame_size=config.frame_size,

@@ -22,6 +22,7 @@ from vmdelta_core.config import (
     check_filter_options,
     check_side_files,
     check_source_options,
+    size_mode,
 )
 from vmdelta_core.create.encode import EncoderChoice
 from vmdelta_core.errors import ConfigError, PluginError
@@ -67,8 +68,9 @@ def plan_overlay(config: CreateConfig, registry: Registry) -> OverlayPlan:
     for spec in config.images:
         for path, what in spec.input_checks():
             check_input(path, what)
+    config = size_mode(config, registry.codec(config.codec))
     codec = registry.info("codec", config.codec)
-    check_codec_level(codec.component, config.level)
+    check_codec_level(codec.component, config.level)  # type: ignore[arg-type]
     encodings = [resolve_encoders(registry, spec.encoders, spec.policy) for spec in config.images]
     refs = assign_refs(registry, sorted({name for names, _ in encodings for name in names}), config.encoder_options)
     for spec in config.images:

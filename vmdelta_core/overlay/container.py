@@ -112,13 +112,22 @@ def decode_document(data: bytes, what: str, at: int) -> dict[str, Any]:
     return document
 
 
-def frame_items(entry: FrameEntry, stored: bytes, codec: Codec, where: str) -> ItemColumns:
+#: ``read(image number, offset, length)``: bytes of that image's base, for codecs that read it
+BaseRead = Callable[[int, int, int], bytes]
+
+
+def frame_items(
+    entry: FrameEntry, stored: bytes, codec: Codec, where: str, read_base: BaseRead | None = None
+) -> ItemColumns:
     """The items of one stored frame, decompressed and parsed; they lie where its entry says.
+
+    A codec that ``reads_base`` (``zstd-base``) decompresses against the base of the frame's
+    image, read through ``read_base``; without it such a frame is refused.
 
     Memory: the stored frame, its ``entry.length`` decompressed bytes (at most
     :data:`MAX_FRAME`) and the columns, about four times that.
     """
-    data = codec.decompress(stored, entry.length)
+    data = decompress_frame(entry, stored, codec, where, read_base)
     if len(data) != entry.length:
         raise FormatError(f"{where} decompresses to {len(data)} bytes, the index says {entry.length}")
     try:
@@ -140,6 +149,18 @@ def frame_items(entry: FrameEntry, stored: bytes, codec: Codec, where: str) -> I
             f"({entry.first_offset} to {entry.end_offset})"
         )
     return columns
+
+
+def decompress_frame(
+    entry: FrameEntry, stored: bytes, codec: Codec, where: str, read_base: BaseRead | None = None
+) -> bytes:
+    """A frame's bytes, decompressed by ``codec`` (against its image's base when the codec reads one)."""
+    if not getattr(codec, "reads_base", False):
+        return codec.decompress(stored, entry.length)
+    if read_base is None:
+        raise FormatError(f"{where} is compressed against its base ({codec.name}); this reader has no base")
+    image = entry.image
+    return codec.decompress_frame(stored, entry.length, lambda offset, length: read_base(image, offset, length))  # type: ignore[attr-defined]
 
 
 def encode_json(document: Mapping[str, Any]) -> bytes:
@@ -314,7 +335,11 @@ class OverlayWriter:
         data = b"".join(self._parts)
         self._parts, self._part_bytes = [], 0
         frame, self._frame = self._frame, None
-        future = self.pool.submit(self.codec.compress, data, self.level)
+        compress_frame = getattr(self.codec, "compress_frame", None)
+        if compress_frame is not None:  # a codec that picks what to compress against per image
+            future = self.pool.submit(compress_frame, frame["image"], data, self.level)
+        else:
+            future = self.pool.submit(self.codec.compress, data, self.level)
         self._pending.append((future, frame, data))
         self._drain(self.in_flight)
 

@@ -25,8 +25,10 @@ __all__ = [
     "ItemPayloads",
     "item_sizes",
     "join_addresses",
+    "join_payloads",
     "pack_items",
     "split_address",
+    "split_payloads",
     "unpack_items",
 ]
 
@@ -173,6 +175,62 @@ def _record_starts(view: memoryview, with_hash: bool, base_offset: int) -> array
             raise FormatError(f"item at byte {base_offset + pos} is cut short")
         pos += step
     return starts
+
+
+def split_payloads(buffer: bytes | memoryview) -> bytes:
+    """Items reordered for compression: every record with its payload cut out, then the payloads
+    in the same order (:func:`join_payloads` undoes it). Payloads that follow each other in the
+    image then follow each other in the buffer, so a compressor's matches run across them."""
+    view = memoryview(buffer)
+    has_payload = _TABLES[False][1]
+    records: list[memoryview] = []
+    payloads: list[memoryview] = []
+    starts = _record_starts(view, False, 0)
+    for pos, end in zip(starts, [*starts[1:], len(view)], strict=True):
+        if has_payload[view[pos + 10]]:
+            (size,) = _U64.unpack_from(view, pos + 11)
+            records += (view[pos : pos + 19], view[pos + 19 + size : end])
+            payloads.append(view[pos + 19 : pos + 19 + size])
+        else:
+            records.append(view[pos:end])
+    return b"".join(records + payloads)
+
+
+def join_payloads(buffer: bytes | memoryview) -> bytes:
+    """The items :func:`split_payloads` reordered, back in their own order.
+
+    :raises FormatError: the records do not account for exactly the buffer's bytes.
+    """
+    view = memoryview(buffer)
+    fixed, has_payload = _TABLES[False]
+    end = len(view)
+    pos, payload_bytes = 0, 0
+    cuts: list[tuple[int, int]] = []  # (where a payload goes, its length)
+    while pos < end - payload_bytes:
+        if end - payload_bytes - pos < 11:
+            raise FormatError(f"split item record at byte {pos} is cut short")
+        info = view[pos + 10]
+        step = fixed[info]
+        if has_payload[info]:
+            if end - payload_bytes - pos < 19:
+                raise FormatError(f"split item record at byte {pos} is cut short")
+            (size,) = _U64.unpack_from(view, pos + 11)
+            if size > end - payload_bytes - pos - step:
+                raise FormatError(f"split item record at byte {pos} claims a {size}-byte payload the buffer lacks")
+            cuts.append((pos + 19, size))
+            payload_bytes += size
+        if step > end - payload_bytes - pos:
+            raise FormatError(f"split item record at byte {pos} is cut short")
+        pos += step
+    if pos != end - payload_bytes:
+        raise FormatError("split items: the records overrun their payloads")
+    parts: list[memoryview] = []
+    at, source = 0, pos
+    for split, size in cuts:
+        parts += (view[at:split], view[source : source + size])
+        at, source = split, source + size
+    parts.append(view[at:pos])
+    return b"".join(parts)
 
 
 def _gather(raw: np.ndarray, at: np.ndarray, width: int, dtype: str) -> np.ndarray:
