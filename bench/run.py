@@ -17,6 +17,7 @@ dropped, the cache goes to the work folder, and one unmeasured run of each comma
     python bench/run.py                       # realistic-128: disk, memory, whole VM
     python bench/run.py --cases vm --skip zstd-19
     python bench/run.py --vmdelta-args "--encoder xor,raw --policy best"
+    python bench/run.py --size-mode --skip zstd-3,model --runs 1   # --level max against zstd -19
 
 Generic tools see one file at a time, so for several pairs their sizes and times are summed and
 their peak RSS is the largest. Results go to stdout and ``bench/results/<set>.md``, drawn as a
@@ -136,6 +137,29 @@ def run_vmdelta(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str
     ]
 
 
+SIZE_MODE = "vmdelta --level max (size mode)"
+
+
+def run_vmdelta_size_mode(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str]) -> Result:
+    """vmdelta's size mode (``create --level max``), file form. It indexes the bases for its
+    prefixes at every create, so its time holds that; the unit index is cached as for the rest."""
+    env = vmdelta_env(work)
+    overlay = work / "max.overlay"
+    create = [*VMDELTA, "create", "-q", "-o", str(overlay), "--level", "max", *extra]
+    apply = [*VMDELTA, "apply", "-q", str(overlay)]
+    for kind, base, modified in pairs:
+        create += [f"--{kind}", str(base), str(modified)]
+        apply += [f"--{kind}", str(base), str(work / f"max-{modified.name}")]
+    c = measure(create, env=env)
+    a = measure(apply, env=env)
+    for _, _, modified in pairs:
+        rebuilt = work / f"max-{modified.name}"
+        if not same(rebuilt, modified):
+            raise SystemExit(f"vmdelta --level max rebuilt {modified.name} wrongly")
+        rebuilt.unlink()
+    return Result(SIZE_MODE, overlay.stat().st_size, c.seconds, c.peak_rss, a.seconds, a.peak_rss)
+
+
 def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path, threads: int = 1) -> Result:
     size = 0
     option = [f"-T{threads}"] if threads > 1 else []
@@ -215,12 +239,19 @@ def median_of(rounds: list[Result]) -> Result:
 
 
 def run_case(
-    pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str], skip: set[str], runs: int
+    pairs: list[tuple[str, Path, Path]],
+    work: Path,
+    extra: list[str],
+    skip: set[str],
+    runs: int,
+    size_mode: bool = False,
 ) -> list[Result]:
     """Every tool ``runs`` times, taking turns; each tool's median."""
     rounds = []
     for _ in range(runs):
         results = run_vmdelta(pairs, work, extra)
+        if size_mode:
+            results.append(run_vmdelta_size_mode(pairs, work, extra))
         if "zstd-3" not in skip:
             results.append(run_zstd(3, pairs, work, threads=2))
         if "zstd-19" not in skip:
@@ -279,7 +310,22 @@ def table(case: str, results: list[Result]) -> str:
             f"| {rss} | {ratio(ours.create_rss, r.create_rss) if r.create_rss else '–'} "
             f"| {'–' if r.apply is None else f'{r.apply:.2f}'} | {ratio(ours.apply, r.apply)} | {arss} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + size_mode_line(results)
+
+
+def size_mode_line(results: list[Result]) -> str:
+    """The size mode against its targets: its size over the smallest of ``zstd -19`` and
+    ``xdelta3``, over ``zstd -19`` alone, and its create time over ``zstd -19``'s (same run)."""
+    by_tool = {r.tool.split(" --long")[0]: r for r in results}
+    mode, zstd19, xdelta = by_tool.get(SIZE_MODE), by_tool.get("zstd -19"), by_tool.get("xdelta3 -9 -B")
+    if mode is None or zstd19 is None:
+        return ""
+    smallest = min(r.size for r in (zstd19, xdelta) if r is not None)
+    return (
+        f"\nsize mode: {mode.size / smallest:.3f}x the smallest of zstd -19 / xdelta3, "
+        f"{mode.size / zstd19.size:.3f}x zstd -19's size, in {mode.create / zstd19.create:.2f}x its create time "
+        f"({mode.create:.2f} s against {zstd19.create:.2f} s); apply {mode.apply or 0:.2f} s\n"
+    )
 
 
 def cases(folder: Path) -> dict[str, list[tuple[str, Path, Path]]]:
@@ -297,6 +343,9 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated tools to skip: zstd-3, zstd-19, xdelta3, model")
     parser.add_argument("--vmdelta-args", default="", help="extra arguments for vmdelta create")
     parser.add_argument("--runs", type=int, default=3, help="rounds of every tool; tables give medians (default 3)")
+    parser.add_argument(
+        "--size-mode", action="store_true", help="also run vmdelta's size mode (create --level max) as a contender"
+    )
     args = parser.parse_args()
     folder = args.fixtures
     if folder is None:
@@ -323,7 +372,7 @@ def main() -> None:
     for case in filter(None, args.cases.split(",")):
         pairs = cases(folder)[case]
         with tempfile.TemporaryDirectory(prefix="vmdelta-bench-") as tmp:
-            results = run_case(pairs, Path(tmp), extra, skip, args.runs)
+            results = run_case(pairs, Path(tmp), extra, skip, args.runs, args.size_mode)
             if "model" not in skip:
                 results += run_model(pairs, shared)
         text = table(f"{case}: " + ", ".join(m.name for _, _, m in pairs), results)

@@ -18,6 +18,7 @@ from vmdelta_core.config import SIZE_MODE_FRAME, load_pipeline, size_mode
 from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
 from vmdelta_core.fuzzing import check_untrusted
 from vmdelta_core.overlay.container import OverlayReader, decompress_frame
+from vmdelta_core.overlay.convert import convert_overlay
 from vmdelta_core.overlay.items import join_payloads, pack_items, split_payloads
 from vmdelta_core.overlay.schema import ItemType, Ref
 from vmdelta_core.plugins import new_plugin_manager
@@ -41,6 +42,22 @@ def test_the_golden_zstd_base_overlay_is_reproduced_byte_for_byte(golden_dir: Pa
     fresh = tmp_path / "fresh.vmdo"
     golden_overlay(tmp_path, fresh, "zstd-base")
     assert fresh.read_bytes() == (golden_dir / "overlay-zstd-base.vmdo").read_bytes()
+
+
+def test_its_stream_form_applies_as_it_arrives(golden_dir: Path, tmp_path: Path) -> None:
+    stream = tmp_path / "overlay.vmds"
+    with OverlayReader(golden_dir / "overlay-zstd-base.vmdo") as reader, open(stream, "wb") as f:
+        convert_overlay(reader, f, stream=True)
+    specs = golden_inputs(tmp_path)
+    outputs = [tmp_path / f"out-{spec.kind}" for spec in specs]
+    config = ApplyConfig(
+        overlay=Path("-"),
+        images=[ApplyImageSpec(s.kind, s.base, o) for s, o in zip(specs, outputs, strict=True)],
+        cache_dir=tmp_path / "cache",
+    )
+    with open(stream, "rb", buffering=0) as f:
+        apply_overlay(config, registry=REGISTRY, stream=f)
+    assert [o.read_bytes() for o in outputs] == [s.modified.read_bytes() for s in specs]
 
 
 def test_its_frames_name_base_runs_and_need_the_base(golden_dir: Path) -> None:
