@@ -178,6 +178,13 @@ def _send(args: argparse.Namespace) -> int:
     def progress(stats: Any, qemu: Any) -> None:
         if args.quiet or args.json:
             return
+        if not qemu:  # the disk's first pass, before the migration
+            first = stats.disk_passes[-1] if stats.disk_passes else None
+            blocks, sent = (first.blocks, first.sent) if first else (0, 0)
+            print(
+                f"\rdisk: {blocks} blocks of the overlay, {sent >> 20} MiB sent   ", end="", file=sys.stderr, flush=True
+            )
+            return
         remaining = qemu.get("remaining")
         left = f", {remaining >> 20} MiB left" if isinstance(remaining, int) else ""
         rate = qemu.get("dirty_pages_rate")

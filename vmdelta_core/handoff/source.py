@@ -139,7 +139,7 @@ def hand_off(
             if drive is not None:
                 export = DriveExport(qmp, drive["node"], config.timeout)
                 stack.callback(export.close)
-                sender.disk_pass(export.allocated(), 0)
+                sender.disk_pass(_telling(export.allocated(), sender, on_progress), 0)
             read = _migrate_to_pipe(qmp)
             _relay(qmp, read, split, sender, export, on_progress)
             answer = channel.finish()
@@ -153,6 +153,21 @@ def hand_off(
                 with contextlib.suppress(Exception):
                     _pause_before_switchover(qmp, False)
     return HandoffReport(time.monotonic() - started, info, sender.stats, answer)
+
+
+def _telling(
+    blocks: Iterator[tuple[int, bytes]],
+    sender: RelaySender,
+    on_progress: Callable[[RelayStatistics, Mapping[str, Any]], None] | None,
+) -> Iterator[tuple[int, bytes]]:
+    """``blocks`` as they are, progress told on the way (no view of QEMU's yet: the migration
+    has not started)."""
+    told = time.monotonic()
+    for block in blocks:
+        yield block
+        if on_progress is not None and time.monotonic() - told > _PROGRESS_SECONDS:
+            told = time.monotonic()
+            on_progress(sender.stats, {})
 
 
 def _connect(path: Path) -> Any:
