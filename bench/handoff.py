@@ -289,6 +289,7 @@ class Bench:
         self.token = work / "token"
         self.token.write_text("a token for the benchmark\n")
         self.disk_flags = disk_transfer_flags()
+        self.send_with = "cli"
 
     def index_bases(self) -> None:
         """Index the bases once, before any clock runs (both hosts keep their index)."""
@@ -351,9 +352,10 @@ class Bench:
             pinger.aim(control(dst))
             try:
                 figures.update(self._goes_on(consoles, pinger, dst))
-            except SystemExit as failed:  # the guest broke at the destination: a result, not the end
+            except (SystemExit, OSError) as failed:  # the guest broke at the destination: a result, not the end
                 print(f"  THE GUEST FAILED AT THE DESTINATION: {failed}", flush=True)
                 figures.update(self._downtime(consoles), restore_check=f"failed: {str(failed)[:2000]}")
+                figures["destination_state"] = _state(dst)
                 _kill_pidfile(dst / "qemu.pid")
                 time.sleep(1)
             figures["disk_check"] = _qemu_img_check(figures.pop("disk"))
@@ -404,9 +406,19 @@ class Bench:
     # -- vmdelta ------------------------------------------------------------------------------
 
     def vmdelta(self, link: HandoffLink, src: Path, dst: Path, started: float) -> dict[str, Any]:
+        return self._vmdelta(link, src, dst, self.disk_flags, self.send_with)
+
+    def vmdelta_shared(self, link: HandoffLink, src: Path, dst: Path, started: float) -> dict[str, Any]:
+        """The memory alone, the disk shared, sent without progress: nothing asks QEMU's monitor
+        anything while the stream is relayed."""
+        return self._vmdelta(link, src, dst, [], "library")
+
+    def _vmdelta(
+        self, link: HandoffLink, src: Path, dst: Path, disk_flags: list[str], send_with: str
+    ) -> dict[str, Any]:
         bases = ["--memory-base", str(self.fixtures / "base.mem"), "--disk-base", str(self.fixtures / "base.img")]
         common = [*bases, "--token-file", str(self.token), "--cache-dir", str(self.cache), "--timeout", "60"]
-        shared = not self.disk_flags
+        shared = not disk_flags
         moved = dst / "disk.qcow2"  # written by the receiver, which wants it absent
         disk = src / "disk.qcow2" if shared else Path("{disk0}")
         receive_flags = [] if shared else ["--disk", str(moved)]
@@ -423,11 +435,11 @@ class Bench:
                     raise SystemExit(f"vmdelta handoff receive did not start: {(dst / 'receive.log').read_text()}")
                 time.sleep(0.05)
             started = time.monotonic()  # the clock restarts: the receiver is ready
+            send = [*VMDELTA, "handoff", "send"] if send_with == "cli" else [sys.executable, __file__, "--send"]
             sent = subprocess.run(
                 link.on_sender(
-                    [*VMDELTA, "handoff", "send", "--qmp", str(src / "qmp.sock"), "--to",
-                     f"{CLOUDLET_IP}:{HANDOFF_PORT}", *common, *self.disk_flags, "--json",
-                     "--parameter", f"downtime-limit={DOWNTIME_LIMIT_MS}"]
+                    [*send, "--qmp", str(src / "qmp.sock"), "--to", f"{CLOUDLET_IP}:{HANDOFF_PORT}", *common,
+                     *disk_flags, "--json", "--parameter", f"downtime-limit={DOWNTIME_LIMIT_MS}"]
                 ),
                 env=self.env, stdout=(dst / "send.json").open("w"), stderr=(dst / "send.log").open("w"), check=False,
             )  # fmt: skip
@@ -556,6 +568,24 @@ def _quit(folder: Path) -> str:
     return status
 
 
+def _state(folder: Path) -> dict[str, Any]:
+    """What QEMU in ``folder`` says of its guest (run state, registers), for a guest that fails."""
+    try:
+        qmp = monitor(folder / "qmp.sock", timeout=5)
+    except SystemExit:
+        return {"qemu": "gone"}
+    try:
+        return {
+            "status": qmp.cmd("query-status"),
+            "registers": qmp.cmd("human-monitor-command", **{"command-line": "info registers"}),
+        }
+    except Exception as exc:
+        return {"qemu": f"no answer: {exc}"}
+    finally:
+        with contextlib.suppress(Exception):
+            qmp.close()
+
+
 def _node(qmp: QEMUMonitorProtocol) -> str:
     """The node name of the guest's drive (``disk0``) as QEMU named it."""
     for device in qmp.cmd("query-block"):
@@ -567,6 +597,39 @@ def _node(qmp: QEMUMonitorProtocol) -> str:
 def _qemu_img_check(disk: Path) -> str:
     done = subprocess.run(["qemu-img", "check", "-q", str(disk)], capture_output=True, text=True, check=False)
     return "ok" if done.returncode == 0 else f"exit {done.returncode}: {(done.stdout + done.stderr).strip()}"
+
+
+def send_without_progress(argv: list[str]) -> None:
+    """``vmdelta handoff send``'s own work, through the library and without its progress: the
+    command asks QEMU's monitor how the migration goes twice a second, and a question asked
+    while QEMU completes the migration (holding its main lock, blocked writing into the pipe the
+    asking thread should drain) waits until the network timeout. The same options, the same
+    JSON report."""
+    from vmdelta_core.cli.handoff import _specs
+    from vmdelta_core.handoff.source import SendConfig, hand_off
+    from vmdelta_core.serve.settings import parse_address, read_token
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--qmp", "--to", "--memory-base", "--disk-base", "--token-file", "--cache-dir"):
+        parser.add_argument(flag)
+    parser.add_argument("--timeout", type=float)
+    parser.add_argument("--move-disk", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--parameter", action="append", default=[])
+    args = parser.parse_args(argv)
+    host, port = parse_address(args.to)
+    config = SendConfig(
+        qmp=Path(args.qmp),
+        host=host,
+        port=port,
+        token=read_token(Path(args.token_file), None),
+        bases=_specs(args),
+        parameters={k: json.loads(v) for k, v in (p.split("=", 1) for p in args.parameter)},
+        timeout=args.timeout,
+        cache_dir=Path(args.cache_dir),
+        **({"move_disk": True} if args.move_disk else {}),
+    )
+    print(json.dumps(hand_off(config).as_json(), sort_keys=True))
 
 
 def disk_transfer_flags() -> list[str]:
@@ -604,11 +667,23 @@ def main() -> None:
     parser.add_argument(
         "--contenders",
         default="vmdelta,multifd,xbzrle",
-        help="which to run (default vmdelta,multifd,xbzrle; also multifd-plain and plain: QEMU without compression)",
+        help="which to run (default vmdelta,multifd,xbzrle; also vmdelta-shared: the memory alone, the disk shared; "
+        "multifd-plain and plain: QEMU without compression)",
     )
+    parser.add_argument(
+        "--send-with",
+        choices=("cli", "library"),
+        default="cli",
+        help="run vmdelta's sending side as `vmdelta handoff send` (default) or through the library without "
+        "its progress, whose questions to QEMU's monitor can stall the command's last pass",
+    )
+    parser.add_argument("--send", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (consoles, logs, disks)")
     parser.add_argument("--output", type=Path, default=BENCH / "results" / "handoff.json", help="the JSON results")
     args = parser.parse_args()
+    if args.send is not None:
+        send_without_progress(args.send)
+        return
     if os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("needs root, ip and tc (iproute2), and qemu-system-x86_64")
     from vmdelta_core.testing import real_fixtures
@@ -630,10 +705,12 @@ def main() -> None:
     }
     try:
         bench = Bench(fixtures, work)
+        bench.send_with = results["vmdelta_send_with"] = args.send_with
         print("indexing the bases once (both hosts keep their index)", flush=True)
         bench.index_bases()
         every = {
             "vmdelta": ("vmdelta handoff", bench.vmdelta),
+            "vmdelta-shared": ("vmdelta handoff, shared disk", bench.vmdelta_shared),
             "multifd": ("QEMU multifd+zstd", bench.qemu_multifd),
             "xbzrle": ("QEMU xbzrle", bench.qemu_xbzrle),
             "multifd-plain": ("QEMU multifd", bench.qemu_multifd_plain),
