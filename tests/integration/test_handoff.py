@@ -332,7 +332,7 @@ def test_the_disk_moves_with_the_guest(
     written: list[int] = []
 
     def write_during(stats, qemu) -> None:
-        if not written:  # QEMU is migrating memory: only the dirty bitmap knows of this write
+        if qemu and not written:  # QEMU is migrating memory: only the dirty bitmap knows of this write
             _write(moving["test"], during, 0x5B)
             written.append(during)
 
