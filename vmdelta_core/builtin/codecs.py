@@ -47,6 +47,9 @@ MAX_PREFIX = 64 << 20
 #: the largest zstd window a ``zstd-base`` frame may ask for: its prefix and its own bytes
 MAX_WINDOW_LOG = 27
 _HEAD = struct.Struct(">II")
+#: bytes a thread compresses at a time when a frame is shared between threads: each job still
+#: sees the prefix and what came before it in the window, so the frame is as small (measured)
+_JOB = 4 << 20
 _RUN = struct.Struct(">QI")
 
 #: (offset, length) runs of a base image
@@ -73,12 +76,15 @@ class ZstdBaseCodec(Codec):
     #: frame readers hand :meth:`decompress_frame` the base of the frame's image
     reads_base = True
 
-    def __init__(self, choose: PrefixChooser | None = None) -> None:
+    def __init__(self, choose: PrefixChooser | None = None, threads: int = 1) -> None:
         self._choose = choose
+        self._threads = threads
 
-    def bind(self, choose: PrefixChooser) -> ZstdBaseCodec:
-        """This codec, picking each frame's prefix with ``choose(image number, frame bytes)``."""
-        return ZstdBaseCodec(choose)
+    def bind(self, choose: PrefixChooser, threads: int = 1) -> ZstdBaseCodec:
+        """This codec, picking each frame's prefix with ``choose(image number, frame bytes)``,
+        compressing a frame with up to ``threads`` threads (a single large frame, as a disk's
+        changes often are, then uses every core; the frame is the same format)."""
+        return ZstdBaseCodec(choose, threads)
 
     def compress(self, data: bytes, level: int | None) -> bytes:
         return self._compress(data, level, (), b"")
@@ -102,6 +108,7 @@ class ZstdBaseCodec(Codec):
             write_content_size=True,
             write_checksum=False,
             write_dict_id=False,
+            **({"threads": self._threads, "job_size": _JOB} if self._threads > 1 and len(data) > _JOB else {}),
         )
         compressor = zstandard.ZstdCompressor(compression_params=params, dict_data=_raw_dictionary(prefix))
         head = _pack_runs(runs)

@@ -148,7 +148,7 @@ def _writer(
     config = plan.config
     codec = plan.codec.component
     if bases is not None and getattr(codec, "reads_base", False):
-        codec = codec.bind(FramePrefixes(bases, pool))  # type: ignore[attr-defined]
+        codec = codec.bind(FramePrefixes(bases, pool), threads=config.threads)  # type: ignore[attr-defined]
     return OverlayWriter(
         file,
         codec=codec,

@@ -67,6 +67,7 @@ class BaseMatcher:
         #: a bucket bitmap on the hashes' top bits: most windows of a frame are out at one lookup
         self.buckets = np.zeros(1 << _BUCKET_BITS, dtype=bool)
         self.buckets[self.hashes >> np.uint64(64 - _BUCKET_BITS)] = True
+        base.release(0, base.size)  # read once: the prefixes fault back in only what they take
 
     def find(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         """(position in ``data``, base offset) of every window of ``data`` the index holds."""
