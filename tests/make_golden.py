@@ -69,6 +69,7 @@ def golden_overlay(folder: Path, output: Path, codec: str) -> None:
             images=golden_inputs(folder),
             codec=codec,
             level=3 if codec != "none" else None,
+            frame_size=4 << 20,  # the files were written with the default of their time: kept as they are
             threads=1,
             cache_dir=folder / "cache",
         ),
