@@ -277,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fixtures", type=Path, help="fixture set folder (default: real_fixtures())")
     parser.add_argument("--work", type=Path, help="scratch folder on a real disk (default: a temporary one)")
     parser.add_argument("--zstd-level", type=int, default=19)
-    parser.add_argument("--big", action="store_true", help="also a 64 GiB sparse pair (vmdelta and qcow2 only)")
+    parser.add_argument(
+        "--big", action="store_true", help="also a 4 GiB and a 64 GiB sparse pair (vmdelta and qcow2 only)"
+    )
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     fixtures = args.fixtures
@@ -306,14 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += bench_vmdelta(case, base, thin, modified, work / "qcow2", qcow2_input=True)
         rows.append(bench_qcow2_route(case, base, thin, modified, work / "qcow2", qcow2_input=True))
 
-        if args.big:
-            (work / "big").mkdir()
-            big_base, big_mod = work / "big" / "base.img", work / "big" / "modified.img"
-            sparse_copy(base, big_base, 64 * GiB, [0, 40 * GiB])
-            sparse_copy(modified, big_mod, 64 * GiB, [0, 40 * GiB])
-            case = "raw pair, 64 GiB sparse (2 copies of the fixture)"
-            rows += bench_vmdelta(case, big_base, big_mod, big_mod, work / "big", qcow2_input=False)
-            rows.append(bench_qcow2_route(case, big_base, big_mod, big_mod, work / "big", qcow2_input=False))
+        # the same data in ever larger images: what vmdelta's time and memory follow
+        for size, offsets in ((4 * GiB, [0, 3 * GiB]), (64 * GiB, [0, 40 * GiB])) if args.big else ():
+            folder = work / f"big{size // GiB}"
+            folder.mkdir()
+            big_base, big_mod = folder / "base.img", folder / "modified.img"
+            sparse_copy(base, big_base, size, offsets)
+            sparse_copy(modified, big_mod, size, offsets)
+            case = f"raw pair, {size // GiB} GiB sparse (2 copies of the fixture)"
+            rows += bench_vmdelta(case, big_base, big_mod, big_mod, folder, qcow2_input=False)
+            rows.append(bench_qcow2_route(case, big_base, big_mod, big_mod, folder, qcow2_input=False))
     report = f"Disk overlays — {fixtures.name}\n\n{versions()}\n\n{table(rows)}\n"
     print(report)
     if args.output:
