@@ -53,6 +53,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -349,8 +350,8 @@ class Bench:
                 figures["memory_sent_bytes"] = figures["wire_bytes"] - figures["mirror_bytes"]
             figures["total_s"] = figures["running_at"] - figures["started_at"]
             figures["source_status"] = _quit(src)
-            pinger.aim(control(dst))
             try:
+                pinger.aim(control(dst, timeout=10))
                 figures.update(self._goes_on(consoles, pinger, dst))
             except (SystemExit, OSError) as failed:  # the guest broke at the destination: a result, not the end
                 print(f"  THE GUEST FAILED AT THE DESTINATION: {failed}", flush=True)
@@ -684,6 +685,7 @@ def main() -> None:
     if args.send is not None:
         send_without_progress(args.send)
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks clean up
     if os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("needs root, ip and tc (iproute2), and qemu-system-x86_64")
     from vmdelta_core.testing import real_fixtures
