@@ -30,9 +30,11 @@ class StreamedArtifact:
     """The core's side (``advance``, ``release``, ``fail``) and the source's side (``write``,
     ``wait_image``, ``finish``) of one streamed artifact, run in a thread of its own."""
 
-    def __init__(self, out: BinaryIO, name: str) -> None:
+    def __init__(self, out: BinaryIO, name: str, mismatch: str | None = None) -> None:
         self.out = out
         self.name = name
+        #: the error when what was written is not the artifact the overlay was made from
+        self.mismatch = mismatch or f"streamed {name} differs from the artifact the overlay was made from"
         self._cond = threading.Condition()
         self._final = 0
         self._failed: BaseException | None = None
@@ -111,7 +113,7 @@ class StreamedArtifact:
         if self._expected and digest_kind(self._expected) is type(self._hash):
             self._hash.update(tail)
             if self._hash.hexdigest() != self._expected:
-                error = IntegrityError(f"streamed {self.name} differs from the artifact the overlay was made from")
+                error = IntegrityError(self.mismatch)
                 self.fail(error)
                 raise error
         self.out.write(tail)

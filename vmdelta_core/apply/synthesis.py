@@ -107,6 +107,15 @@ def apply_overlay(
         )
         stack.callback(copies.close)  # stopped and finished before any scratch file is dropped
         gate = None if streamed is None else StreamedArtifact(stdout, meta.images[streamed].name)  # type: ignore[arg-type]
+        gates = {} if gate is None else {streamed: gate}
+        for number in _written_as_rebuilt(meta, registry, config, bases, streamed, early):
+            # the artifact written into its file while its image is rebuilt, rather than after
+            # every image (and read back for its digest): its end, as for standard output, once
+            # every image is verified
+            out = stack.enter_context(open(targets[number].output.path, "wb"))
+            stack.enter_context(outputs.writing_back(targets[number].output))
+            mismatch = f"rebuilt artifact {config.images[number].output} differs from the one the overlay was made from"
+            gates[number] = StreamedArtifact(out, meta.images[number].name, mismatch)
         try:
             applied = []
             for number, spec in enumerate(config.images):
@@ -122,7 +131,7 @@ def apply_overlay(
                             spec,
                             progress,
                             registry,
-                            gate if number == streamed else None,
+                            gates.get(number),
                             copies,
                         )
                     )
@@ -134,7 +143,11 @@ def apply_overlay(
                 for number, (done, spec) in enumerate(zip(applied, config.images, strict=True))
             ]
             reports = [
-                _streamed_report(done, gate) if number == streamed else _materialize(registry, done, spec, outputs)
+                _streamed_report(done, gate)
+                if number == streamed
+                else _ended(registry, done, spec, gates[number], outputs)
+                if number in gates
+                else _materialize(registry, done, spec, outputs)
                 for number, (done, spec) in enumerate(zip(rebuilt, config.images, strict=True))
             ]
             for number, fd in early.items():
@@ -150,10 +163,10 @@ def apply_overlay(
                 gate.release(meta.images[streamed].artifact_digest)  # type: ignore[index]
                 gate.join()
         except BaseException as exc:
-            if gate is not None:
-                gate.fail(exc)
+            for failed in gates.values():
+                failed.fail(exc)
                 with contextlib.suppress(BaseException):
-                    gate.join()
+                    failed.join()
             if isinstance(exc, OSError):
                 raise outputs.explain(exc, ", ".join(str(spec.output) for spec in config.images)) from None
             raise
@@ -401,6 +414,51 @@ def _streamed_output(config: ApplyConfig, stdout: BinaryIO | None) -> int | None
     if numbers and config.images[numbers[0]].output_sides:
         raise ConfigError("an image written to standard output has no side files")
     return numbers[0] if numbers else None
+
+
+def _written_as_rebuilt(
+    meta: OverlayMetadata,
+    registry: Registry,
+    config: ApplyConfig,
+    bases: list[SourceImage],
+    streamed: int | None,
+    early: Mapping[int, int],
+) -> list[int]:
+    """The images whose artifact is more than the image (an envelope around it: a memory
+    snapshot's stream) and which their source can write front to back (``stream_artifact``)
+    into a file of its own: no side files, no other output format. An artifact that is the
+    image itself is published as the file it was rebuilt in, which costs nothing."""
+    return [
+        number
+        for number, (image, spec, base) in enumerate(zip(meta.images, config.images, bases, strict=True))
+        if number != streamed
+        and number not in early
+        and base.envelope
+        and not (spec.output_sides or spec.base_sides or spec.output_format)
+        and hasattr(registry.source(image.source), "stream_artifact")
+    ]
+
+
+def _ended(
+    registry: Registry, done: _Rebuilt, spec: ApplyImageSpec, gate: StreamedArtifact, outputs: OutputSet
+) -> RebuiltReport:
+    """The artifact written into its file as its image was rebuilt, ended now that every image
+    is verified: its digest checked against what was written, then flushed in the background.
+    One its source cannot write front to back (a mapped-ram snapshot) is made as usual."""
+    image = done.image
+    gate.release(image.artifact_digest)
+    try:
+        gate.join()
+    except ConfigError:
+        if gate.size:
+            raise
+        return _materialize(registry, done, spec, outputs)
+    outputs.flush_early(done.files.output)
+    identical = bool(image.artifact_digest)
+    artifact = image.artifact_digest if identical else None
+    return RebuiltReport(
+        image.name, image.kind, spec.output, image.size, done.digest, identical, image.dropped, artifact
+    )
 
 
 def _streamed_report(done: _Rebuilt, gate: StreamedArtifact | None) -> RebuiltReport:
