@@ -48,6 +48,6 @@ def test_registry_with_holds_the_named_plugins_apart_from_the_process_registry()
 
     registry = registry_with(Plugin())
     assert registry.info("encoder", "reversed").plugin == "Plugin"
-    assert registry.names("codec") == ["lzma", "none", "zstd"]
+    assert registry.names("codec") == ["lzma", "none", "zstd", "zstd-base"]
     assert "reversed" not in default_registry().names("encoder")
     assert registry_with(blocked=frozenset({"core-codecs"})).names("codec") == []
