@@ -601,11 +601,9 @@ def _qemu_img_check(disk: Path) -> str:
 
 
 def send_without_progress(argv: list[str]) -> None:
-    """``vmdelta handoff send``'s own work, through the library and without its progress: the
-    command asks QEMU's monitor how the migration goes twice a second, and a question asked
-    while QEMU completes the migration (holding its main lock, blocked writing into the pipe the
-    asking thread should drain) waits until the network timeout. The same options, the same
-    JSON report."""
+    """``vmdelta handoff send``'s own work, through the library and without its progress (which
+    asks QEMU's monitor how the migration goes twice a second): the same options, the same JSON
+    report. Shows whether those questions change what a handoff costs."""
     from vmdelta_core.cli.handoff import _specs
     from vmdelta_core.handoff.source import SendConfig, hand_off
     from vmdelta_core.serve.settings import parse_address, read_token
@@ -675,8 +673,8 @@ def main() -> None:
         "--send-with",
         choices=("cli", "library"),
         default="cli",
-        help="run vmdelta's sending side as `vmdelta handoff send` (default) or through the library without "
-        "its progress, whose questions to QEMU's monitor can stall the command's last pass",
+        help="run vmdelta's sending side as `vmdelta handoff send` (default) or through the library, without "
+        "the command's progress and its questions to QEMU's monitor",
     )
     parser.add_argument("--send", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (consoles, logs, disks)")
