@@ -118,6 +118,9 @@ def run_vmdelta(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str
     # the base index is built once per base and cached: time a create with a warm cache, as a
     # cloudlet holding its base would, after one run that builds it (and fills the bytecode cache)
     if not overlay.exists():
+        for kind, base, _ in pairs:  # and keeps a memory base's RAM laid out (vmdelta index --image)
+            if kind == "memory":
+                measure([*VMDELTA, "index", "-q", "--kind", "memory", "--image", str(base)], env=env)
         measure(create, env=env)
         measure(apply, env=env)
         for _, _, modified in pairs:  # every measured apply writes new files, as zstd's do

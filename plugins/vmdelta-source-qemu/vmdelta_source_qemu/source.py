@@ -82,8 +82,8 @@ class QemuSource(Source):
         checked = read_envelope(rebuilt.envelope, rebuilt.size)
         if checked.external is not None:
             raise ConfigError("an x-ignore-shared snapshot keeps its RAM in a file: write the memory to a file")
-        with rebuilt_image(Path(rebuilt.path)) as (image, _release):
-            stream_snapshot(checked.envelope, checked.blocks, image, out)
+        with rebuilt_image(Path(rebuilt.path)) as (image, release):
+            stream_snapshot(checked.envelope, checked.blocks, image, out, release)
 
     def split_live(self, stream: BinaryIO, options: Mapping[str, Any] | None = None) -> Iterator[LiveToken]:
         """An outgoing live migration stream, read from ``stream`` as it arrives, split for a

@@ -69,11 +69,14 @@ def write_snapshot(
     os.ftruncate(fd, pos)
 
 
-def stream_snapshot(envelope: Envelope, blocks: Sequence[RamBlock], image: np.ndarray, out: ArtifactStream) -> None:
+def stream_snapshot(
+    envelope: Envelope, blocks: Sequence[RamBlock], image: np.ndarray, out: ArtifactStream, release: Release = _keep
+) -> None:
     """Write a migration stream front to back while ``image`` is still being rebuilt: each run of
     pages once ``out`` says the image is final that far, and the bytes after the last run (the
     device state and the end QEMU needs to complete the load) through ``out.finish``, which
-    writes them only once everything is verified.
+    writes them only once everything is verified. ``release(start, stop)`` is called for each
+    range of ``image`` once it is written, so that a map of it holds only what is in hand.
 
     :raises ConfigError: a mapped-ram file (written at fixed offsets, not front to back), or a
         stream without bytes after its pages.
@@ -90,7 +93,7 @@ def stream_snapshot(envelope: Envelope, blocks: Sequence[RamBlock], image: np.nd
             block = _block(blocks, op.block)
             if op.first_page + op.count > block.pages:
                 raise FormatError(f"QEMU envelope: a run past the end of block {block.name!r}")
-            _write_run(out, op, block, image, _keep, ready=out.wait_image)  # type: ignore[arg-type]
+            _write_run(out, op, block, image, release, ready=out.wait_image)  # type: ignore[arg-type]
         else:
             out.write(op)
     out.finish(tail)
