@@ -28,16 +28,7 @@ class ZstdCodec(Codec):
         return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
     def decompress(self, data: bytes, size: int) -> bytes:
-        try:
-            # zstandard allocates whatever size a frame header claims: hold the claim to the index
-            if zstandard.frame_content_size(data) > size:
-                raise FormatError(f"zstd frame claims more than the {size} bytes the index says")
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-        except zstandard.ZstdError as exc:
-            raise FormatError(f"zstd frame does not decompress: {exc}") from None
-        if len(out) != size:
-            raise FormatError(f"zstd frame holds {len(out)} bytes, the index says {size}")
-        return out
+        return _exactly(data, size, "zstd frame")
 
 
 #: a ``zstd-base`` frame names at most this many base runs, holding at most this many bytes in
@@ -175,15 +166,22 @@ def parse_prefix_runs(data: bytes) -> tuple[list[tuple[int, int]], memoryview]:
 
 def _table_of(stored: memoryview, size: int) -> bytes:
     """A frame's run table, exactly ``size`` bytes or a FormatError."""
+    return _exactly(stored, size, "zstd-base frame's run table")
+
+
+def _exactly(data: bytes | memoryview, size: int, what: str) -> bytes:
+    """The zstd frame ``data`` decompressed to exactly ``size`` bytes, or a FormatError naming
+    ``what``. zstandard allocates whatever size a frame header claims: the frame must declare
+    ``size`` (as every frame vmdelta writes does) before anything is decompressed."""
     try:
-        if zstandard.frame_content_size(stored) != size:
-            raise FormatError(f"zstd-base frame's run table does not declare its {size} bytes")
-        table = zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
+        if zstandard.frame_content_size(data) != size:
+            raise FormatError(f"{what} does not declare its {size} bytes")
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
     except zstandard.ZstdError as exc:
-        raise FormatError(f"zstd-base frame's run table does not decompress: {exc}") from None
-    if len(table) != size:
-        raise FormatError(f"zstd-base frame's run table holds {len(table)} bytes, not {size}")
-    return table
+        raise FormatError(f"{what} does not decompress: {exc}") from None
+    if len(out) != size:
+        raise FormatError(f"{what} holds {len(out)} bytes, the index says {size}")
+    return out
 
 
 def _raw_dictionary(prefix: bytes) -> zstandard.ZstdCompressionDict | None:
