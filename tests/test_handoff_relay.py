@@ -10,9 +10,10 @@ import pytest
 
 from vmdelta_core.components import SourceImage
 from vmdelta_core.errors import FormatError, IntegrityError
-from vmdelta_core.handoff.relay import PAGE, HandoffBase, RelayReceiver, RelaySender
+from vmdelta_core.handoff.relay import EARLIER_WINDOW, PAGE, EarlierPages, HandoffBase, RelayReceiver, RelaySender
+from vmdelta_core.handoff.wire import End, pack_run, write_end, write_frame
 from vmdelta_core.index import BaseIndex
-from vmdelta_core.overlay.schema import Ref
+from vmdelta_core.overlay.schema import ItemType, Ref
 
 rng = np.random.default_rng(7)
 
@@ -74,7 +75,13 @@ def test_the_stream_comes_back_byte_for_byte(bases) -> None:
     written = RelayReceiver(out, [HandoffBase(b.ref, b.image) for b in bases]).receive(io.BytesIO(wire))
     expected = b"".join(t.data for t in tokens)
     assert out.getvalue() == expected and written == len(expected)
-    assert stats.passes == 3 and stats.pages == {"base memory": 30, "base disk": 30, "zero": 30, "raw": 30}
+    assert stats.passes == 3 and stats.pages == {
+        "base memory": 30,
+        "base disk": 30,
+        "earlier": 0,
+        "zero": 30,
+        "raw": 30,
+    }
     assert len(wire) < len(expected) / 2  # refs instead of pages
 
 
@@ -156,7 +163,7 @@ def test_the_disk_comes_back_block_for_block_and_later_passes_win(bases) -> None
     assert disk.data == expected and disk.finished
     assert out.getvalue() == b"".join(t.data for t in tokens)
     assert [(p.blocks, p.bytes) for p in stats.disk_passes] == [(32, 32 * PAGE), (3, 3 * PAGE)]
-    assert stats.disk_blocks == {"base memory": 8 + 1, "base disk": 8, "zero": 8 + 1, "raw": 8 + 1}
+    assert stats.disk_blocks == {"base memory": 8 + 1, "base disk": 8, "earlier": 0, "zero": 8 + 1, "raw": 8 + 1}
     assert stats.disk_passes[0].sent < 12 * PAGE  # references and zeros, not 32 blocks
 
 
@@ -180,3 +187,83 @@ def test_disk_blocks_outside_the_disk_or_in_version_1_are_refused(bases) -> None
         RelayReceiver(io.BytesIO(), opened, version=2).receive(io.BytesIO(wire))
     with pytest.raises(FormatError, match="unknown operation"):
         RelayReceiver(io.BytesIO(), opened, version=1, disk=Disk(64 * PAGE)).receive(io.BytesIO(wire))
+
+
+# ------------------------------------------------------------------------------------------------
+# version 3: references to pages sent earlier in the handoff
+# ------------------------------------------------------------------------------------------------
+
+
+def repeating_relay(bases, new: list[bytes]) -> tuple[bytes, list[Tok], object]:
+    """A relay of version 3: pass 0 sends the pages ``new``, pass 1 sends them again at other
+    addresses (a guest copying memory), then the disk's pass writes them as blocks (a file the
+    guest wrote, its pages in the page cache)."""
+    out = io.BytesIO()
+    sender = RelaySender(out, bases, version=3)
+    tokens = [Tok(b"QEVM\x00\x00\x00\x03")]
+    for number, shift in ((0, 0), (1, 100)):
+        for k, page in enumerate(new):
+            tokens += [Tok(int((k + shift) * PAGE | 0x28).to_bytes(8, "big")), Tok(page, address=(k + shift) * PAGE)]
+        tokens += [Tok(b"\x00" * 7 + b"\x10"), Tok(b"", number=number)]
+    for token in tokens:
+        sender.feed(token)
+    sender.disk_pass([(0, b"".join(new))], 0)
+    tokens.append(Tok(b"device state " * 100))
+    sender.feed(tokens[-1])
+    sender.finish()
+    return out.getvalue(), tokens, sender.stats
+
+
+def test_pages_sent_before_travel_as_references_to_them(bases) -> None:
+    new = [rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes() for _ in range(20)]
+    new[7] = new[3]  # the same page twice within one run
+    wire, tokens, stats = repeating_relay(bases, new)
+    out, disk = io.BytesIO(), Disk(64 * PAGE)
+    receiver = RelayReceiver(out, [HandoffBase(b.ref, b.image) for b in bases], version=3, disk=disk)
+    receiver.receive(io.BytesIO(wire))
+    assert out.getvalue() == b"".join(t.data for t in tokens)
+    assert bytes(disk.data[: 20 * PAGE]) == b"".join(new) and disk.finished
+    assert stats.pages == {"base memory": 0, "base disk": 0, "earlier": 20 + 1, "zero": 0, "raw": 19}
+    assert stats.disk_blocks["earlier"] == 20 and stats.disk_blocks["raw"] == 0
+    assert len(wire) < 19 * PAGE + 8 * 1024  # each page's bytes once, every repeat a reference
+
+
+def test_a_reference_to_a_page_not_in_the_window_is_refused(bases) -> None:
+    page = rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes()
+    for refs, values, payloads in (
+        ([Ref.SELF], [0], [None]),  # nothing sent yet
+        ([Ref.RAW, Ref.SELF], [0, 1], [page, None]),  # itself: not earlier
+        ([Ref.RAW, Ref.SELF], [0, 2**63], [page, None]),
+    ):
+        out = io.BytesIO()
+        items = pack_run([i * PAGE for i in range(len(refs))], PAGE, refs, values, payloads, 0, ItemType.MEMORY_LIVE)
+        write_frame(out, [([b""] * len(refs), items)])
+        write_end(out, End(0, 1, bytes(16)), 3)
+        with pytest.raises(FormatError, match="refers to earlier page"):
+            RelayReceiver(io.BytesIO(), [HandoffBase(b.ref, b.image) for b in bases], version=3).receive(
+                io.BytesIO(out.getvalue())
+            )
+
+
+def test_a_receiver_of_version_2_refuses_references_to_earlier_pages(bases) -> None:
+    new = [rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes() for _ in range(4)]
+    wire, _, _ = repeating_relay(bases, new)
+    with pytest.raises(FormatError, match="SELF"):
+        RelayReceiver(
+            io.BytesIO(), [HandoffBase(b.ref, b.image) for b in bases], version=2, disk=Disk(64 * PAGE)
+        ).receive(io.BytesIO(wire))
+
+
+def test_the_window_of_earlier_pages_forgets_the_oldest_and_stays_bounded() -> None:
+    window = EarlierPages(4)
+    pages = [rng.integers(0, 256, PAGE, dtype=np.uint8) for _ in range(10)]
+    for k, page in enumerate(pages):
+        assert window.add(page, k % 6) == k  # hashes repeat: a later page takes the number
+    assert window.find(pages[9], 9 % 6) == 9 and window.find(pages[3], 3) is None
+    assert window.get(6) == pages[6].tobytes()
+    with pytest.raises(FormatError, match="window holds 6 to 9"):
+        window.get(5)
+    assert len(window._numbers) <= 4
+    copy = window.get(9)
+    window.add(pages[0], 0)  # overwrites page 6's slot
+    assert copy == pages[9].tobytes() and EARLIER_WINDOW * PAGE <= 64 << 20

@@ -16,7 +16,8 @@ __all__ = ["add_handoff_parsers"]
 
 _SEND = """\
 The VM's QEMU must have a QMP socket (-qmp unix:PATH,server=on,wait=off). Both hosts hold the
-base the VM was made from; pages of RAM found in it (or in the base disk) travel as references.
+base the VM was made from; pages of RAM found in it (or in the base disk) travel as references,
+and so does a page or disk block equal to one this handoff sent recently (the last 32 MiB).
 The migration is QEMU's own precopy: its passes, bandwidth estimate and downtime limit work as
 they do (--parameter downtime-limit=300). On any failure the migration is cancelled and the VM
 goes on running here; once the destination has the whole stream, this VM is paused

@@ -38,7 +38,16 @@ from vmdelta_core.index import BaseIndex, unit_hashes
 from vmdelta_core.overlay.items import join_addresses, split_address
 from vmdelta_core.overlay.schema import ItemType, Ref
 
-__all__ = ["DiskPass", "DiskTarget", "HandoffBase", "RelayReceiver", "RelaySender", "RelayStatistics"]
+__all__ = [
+    "EARLIER_WINDOW",
+    "DiskPass",
+    "DiskTarget",
+    "EarlierPages",
+    "HandoffBase",
+    "RelayReceiver",
+    "RelaySender",
+    "RelayStatistics",
+]
 
 PAGE = 4096
 #: pages gathered into one frame at most; a frame also leaves after FLUSH_SECONDS
@@ -46,6 +55,8 @@ FRAME_PAGES = 2048
 FLUSH_SECONDS = 0.05
 #: bytes after the last page the receiver keeps back until the end is proven, at most
 MAX_HELD = 256 << 20
+#: raw pages both ends keep for references to earlier ones (version 3): 32 MiB each
+EARLIER_WINDOW = 8192
 
 
 @attrs.define(eq=False)
@@ -62,10 +73,66 @@ class HandoffBase:
 
 
 def _by_ref() -> dict[str, int]:
-    return {"base memory": 0, "base disk": 0, "zero": 0, "raw": 0}
+    return {"base memory": 0, "base disk": 0, "earlier": 0, "zero": 0, "raw": 0}
 
 
-_REF_NAMES = ((Ref.BASE_MEM, "base memory"), (Ref.BASE_DISK, "base disk"), (Ref.ZEROS, "zero"), (Ref.RAW, "raw"))
+_REF_NAMES = (
+    (Ref.BASE_MEM, "base memory"),
+    (Ref.BASE_DISK, "base disk"),
+    (Ref.SELF, "earlier"),
+    (Ref.ZEROS, "zero"),
+    (Ref.RAW, "raw"),
+)
+
+
+class EarlierPages:
+    """The last ``window`` pages a relay carried raw, numbered from 0 in the order they travel
+    (memory pages and disk blocks alike). The sender finds a page here by hash and confirms it
+    byte for byte; the receiver adds every raw page as it resolves it, so the two windows stay
+    the same and a ``SELF`` reference names a page by its number. Memory is bounded: pages are
+    held in a ring allocated once, touched only as it fills."""
+
+    def __init__(self, window: int = EARLIER_WINDOW) -> None:
+        self.window = window
+        self.count = 0
+        self._ring = np.empty((window, PAGE), dtype=np.uint8)
+        self._hashes = np.zeros(window, dtype=np.uint64)
+        self._numbers: dict[int, int] = {}  # hash -> number of the last page with it, in the window
+
+    def add(self, page: Any, digest: int | None = None) -> int:
+        """Keep ``page`` (4096 bytes) as the next number, forgetting the oldest beyond the window."""
+        number, slot = self.count, self.count % self.window
+        if number >= self.window:
+            old = int(self._hashes[slot])
+            if self._numbers.get(old) == number - self.window:
+                del self._numbers[old]
+        self._ring[slot] = np.frombuffer(page, dtype=np.uint8)
+        if digest is not None:
+            self._hashes[slot] = digest
+            self._numbers[digest] = number
+        self.count += 1
+        return number
+
+    def find(self, page: np.ndarray, digest: int) -> int | None:
+        """The number of a page in the window equal to ``page``, or ``None``."""
+        number = self._numbers.get(digest)
+        if number is None or not np.array_equal(self._ring[number % self.window], page):
+            return None
+        return number
+
+    def get(self, number: int) -> bytes:
+        """A copy of page ``number`` (the ring moves on under a run); it must still be in the window.
+
+        :raises FormatError: it is not.
+        """
+        if not self.count - self.window <= number < self.count:
+            raise FormatError(f"a page refers to earlier page {number}; the window holds {self._held()}")
+        return self._ring[number % self.window].tobytes()
+
+    def _held(self) -> str:
+        if not self.count:
+            return "none yet"
+        return f"{max(0, self.count - self.window)} to {self.count - 1}"
 
 
 @attrs.define
@@ -128,6 +195,7 @@ class RelaySender:
         self._pages: list[bytes] = []
         self._pass = 0
         self._last_flush = time.monotonic()
+        self._earlier = EarlierPages() if version >= 3 else None
 
     def relay(self, tokens: Iterable[Any]) -> RelayStatistics:
         """Send every token, then the end record; the statistics of the whole stream."""
@@ -202,7 +270,8 @@ class RelaySender:
         self._prefixes, self._addresses, self._pages = [], [], []
 
     def _classify(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Refs and ref values: zero, the same unit in a base (confirmed byte for byte), or raw."""
+        """Refs and ref values: zero, the same unit in a base (confirmed byte for byte), a page
+        sent raw earlier (version 3), or raw; each raw page joins the earlier ones."""
         n = pages.shape[0]
         refs = np.full(n, int(Ref.RAW), dtype=np.int64)
         values = np.zeros(n, dtype=np.uint64)
@@ -222,7 +291,23 @@ class RelaySender:
             todo, found = todo[same], found[same]
             refs[todo] = int(base.ref)
             values[todo] = join_addresses(0, found.astype(np.uint64) * np.uint64(PAGE))
+        if self._earlier is not None:
+            self._against_earlier(pages, hashes, refs, values)
         return refs, values
+
+    def _against_earlier(self, pages: np.ndarray, hashes: np.ndarray, refs: np.ndarray, values: np.ndarray) -> None:
+        """Raw pages found among those sent raw before (in stream order: a page may refer to one
+        earlier in the same run) become ``SELF`` references; the others join the window."""
+        earlier = self._earlier
+        assert earlier is not None
+        for i in np.flatnonzero(refs == int(Ref.RAW)).tolist():
+            digest = int(hashes[i])
+            number = earlier.find(pages[i], digest)
+            if number is None:
+                earlier.add(pages[i], digest)
+            else:
+                refs[i] = int(Ref.SELF)
+                values[i] = number
 
     def disk_pass(self, blocks: Iterable[tuple[int, bytes]], seq: int) -> DiskPass:
         """Send the guest's disk blocks ``(offset, data)`` (``data`` whole 4096-byte blocks) as
@@ -316,6 +401,7 @@ class RelayReceiver:
         self._digest = xxhash.xxh3_128()
         self._disk_digest = xxhash.xxh3_128()
         self._held = bytearray()  # the bytes after the last page, until the end proves them
+        self._earlier = EarlierPages() if version >= 3 else None
 
     def receive(self, stream: BinaryIO) -> int:
         """Read the whole relay from ``stream``; returns the length of the stream written."""
@@ -397,9 +483,16 @@ class RelayReceiver:
         if ref == Ref.RAW:
             if payload is None or len(payload) != PAGE:
                 raise FormatError(f"{self.name}: a raw page that is not {PAGE} bytes")
+            if self._earlier is not None:
+                self._earlier.add(payload)
             return payload
         if ref == Ref.ZEROS:
             return bytes(PAGE)
+        if ref == Ref.SELF and self._earlier is not None:
+            try:
+                return self._earlier.get(value)
+            except FormatError as exc:
+                raise FormatError(f"{self.name}: {exc}") from None
         base = self.bases.get(ref)
         if base is None:
             what = Ref(ref).name if ref in {int(r) for r in Ref} else f"ref {ref}"

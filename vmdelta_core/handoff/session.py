@@ -3,8 +3,9 @@
 The source connects with a hello that offers the handoff: the fingerprints of the bases it
 relays against. The destination compares them with the bases it holds and answers ``ready`` or
 an error line, before QEMU's migration is even started. A handoff that moves the guest's disk
-is of version 2 and says the disk's size; the destination then creates the thin qcow2 it writes
-the disk into (over its base disk) before it starts QEMU. Then the relay (``schemas/handoff-v1.md``)
+says the disk's size; the destination then creates the thin qcow2 it writes the disk into (over
+its base disk) before it starts QEMU. A source offers version 3 (references to pages sent
+earlier); a destination takes versions 1 to 3. Then the relay (``schemas/handoff-v1.md``)
 flows in chunks, a chunk of length 0 ends it, and the destination answers ``ok`` once its QEMU
 has the whole stream, or an error line.
 """
@@ -53,9 +54,12 @@ __all__ = ["BaseSpec", "HandoffReceiver", "OpenedBases", "ReceiveConfig", "Relay
 
 log = logging.getLogger("vmdelta.handoff")
 
-#: the relay's versions: 1 carries memory, 2 the disk too
+#: the relay's versions: 1 carries memory, 2 the disk too, 3 either with references to pages
+#: sent earlier in the handoff (what a source offers)
 VERSION = 1
 DISK_VERSION = 2
+EARLIER_VERSION = 3
+VERSIONS = (VERSION, DISK_VERSION, EARLIER_VERSION)
 #: a moved disk's size at most (the destination creates it before anything else)
 MAX_DISK = 1 << 50
 
@@ -162,8 +166,8 @@ def offer_handoff(
     timeout: float,
     disk_size: int | None = None,
 ) -> socket.socket:
-    """Connect, offer the handoff (of version 2 when it moves a disk of ``disk_size`` bytes) and
-    wait for ``ready``; the connected socket.
+    """Connect, offer the handoff (of version 3; it moves a disk of ``disk_size`` bytes when
+    given) and wait for ``ready``; the connected socket.
 
     :raises BaseMismatchError: the destination lacks a base (nothing was migrated yet).
     """
@@ -172,9 +176,9 @@ def offer_handoff(
     except OSError as exc:
         raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     try:
-        handoff: dict[str, Any] = {"version": VERSION, "bases": offer}
+        handoff: dict[str, Any] = {"version": EARLIER_VERSION, "bases": offer}
         if disk_size is not None:
-            handoff = {"version": DISK_VERSION, "bases": offer, "disk": {"size": disk_size}}
+            handoff["disk"] = {"size": disk_size}
         hello = json.dumps({"handoff": handoff, "name": name, "token": token}).encode()
         if len(hello) > MAX_HELLO:
             raise ConfigError("the handoff's hello is too long")
@@ -334,10 +338,11 @@ class HandoffReceiver:
         if not hmac.compare_digest(hello["token"].encode(), self.config.token.encode()):
             raise _Refused("auth", "wrong token")
         handoff = hello.get("handoff")
-        if not isinstance(handoff, dict) or handoff.get("version") not in (VERSION, DISK_VERSION):
-            raise _Refused("format", f"not a handoff of version {VERSION} or {DISK_VERSION}")
+        if not isinstance(handoff, dict) or handoff.get("version") not in VERSIONS:
+            raise _Refused("format", f"not a handoff of version {VERSIONS[0]} to {VERSIONS[-1]}")
         disk_size = None
-        if handoff["version"] == DISK_VERSION:
+        version = handoff["version"]
+        if version == DISK_VERSION or (version == EARLIER_VERSION and "disk" in handoff):
             disk = handoff.get("disk")
             disk_size = disk.get("size") if isinstance(disk, dict) else None
             if type(disk_size) is not int or not 0 < disk_size <= MAX_DISK or disk_size % PAGE:
@@ -346,7 +351,7 @@ class HandoffReceiver:
         if not isinstance(bases, list) or not all(isinstance(b, dict) for b in bases):
             raise _Refused("format", "the handoff's bases are not a list of objects")
         name = hello.get("name")
-        return bases, name if isinstance(name, str) else "vm", handoff["version"], disk_size
+        return bases, name if isinstance(name, str) else "vm", version, disk_size
 
     def _check_bases(self, offer: list[dict[str, Any]]) -> None:
         """Every base the source relays against must be one held here, by fingerprint."""

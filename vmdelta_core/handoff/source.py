@@ -31,7 +31,7 @@ import attrs
 from vmdelta_core.errors import ConfigError, PluginError, StorageError, VmdeltaError
 from vmdelta_core.handoff.disk import DriveExport, find_drive
 from vmdelta_core.handoff.relay import RelaySender, RelayStatistics
-from vmdelta_core.handoff.session import DISK_VERSION, VERSION, BaseSpec, RelayChannel, offer_handoff, open_bases
+from vmdelta_core.handoff.session import EARLIER_VERSION, BaseSpec, RelayChannel, offer_handoff, open_bases
 from vmdelta_core.registry import Registry, default_registry
 
 __all__ = ["HandoffReport", "SendConfig", "hand_off"]
@@ -132,7 +132,7 @@ def hand_off(
         )
         stack.callback(sock.close)
         channel = RelayChannel(sock)
-        sender = RelaySender(channel, opened.bases, version=DISK_VERSION if drive else VERSION)
+        sender = RelaySender(channel, opened.bases, version=EARLIER_VERSION)
         try:
             _prepare(qmp, config, pause=drive is not None)
             export = None
