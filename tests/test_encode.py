@@ -206,10 +206,23 @@ class Short(XorHead):
         return super().decode(bases, payloads, lengths)[1:]
 
 
+class Shifted(XorHead):
+    """Decodes the batch's bytes right, but one byte of the second unit into the first."""
+
+    name = "shifted"
+
+    def decode(
+        self, bases: Sequence[memoryview], payloads: Sequence[memoryview], lengths: Sequence[int]
+    ) -> list[bytes]:
+        units = super().decode(bases, payloads, lengths)
+        return [units[0] + units[1][:1], units[1][1:], *units[2:]]
+
+
 @pytest.mark.parametrize(
     ("encoder", "message"),
     [
         (Lossy(), "encoder 'lossy' wrote a payload that does not decode to its unit (4096 bytes)"),
+        (Shifted(), "encoder 'shifted' wrote a payload that does not decode to its unit (4096 bytes)"),
         (Crashing(), "encoder 'crashing' cannot decode its own payload: bad payload"),
         (Short(), "encoder 'short' decoded 2 units of 3"),
     ],

@@ -16,7 +16,7 @@ Policies:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import attrs
@@ -50,13 +50,30 @@ class EncodingPolicy:
 
     def encode(self, bases: Sequence[memoryview], targets: Sequence[memoryview]) -> tuple[list[int], list[bytes]]:
         """Ref id and payload for every target, in order."""
+        return self.submit(bases, targets)()
+
+    def submit(
+        self, bases: Sequence[memoryview], targets: Sequence[memoryview]
+    ) -> Callable[[], tuple[list[int], list[bytes]]]:
+        """Start encoding on the pool; what :meth:`encode` returns, once the returned function
+        is called (it waits). The caller goes on with other work meanwhile."""
         chunks = [(bases[i : i + _BATCH], targets[i : i + _BATCH]) for i in range(0, len(targets), _BATCH)]
-        refs: list[int] = []
-        payloads: list[bytes] = []
-        for chunk_refs, chunk_payloads in self.pool.map(lambda c: self._encode_chunk(*c), chunks):
-            refs.extend(chunk_refs)
-            payloads.extend(chunk_payloads)
-        return refs, payloads
+        futures = [self.pool.submit(self._encode_chunk, *chunk) for chunk in chunks]
+
+        def result() -> tuple[list[int], list[bytes]]:
+            refs: list[int] = []
+            payloads: list[bytes] = []
+            try:
+                for future in futures:
+                    chunk_refs, chunk_payloads = future.result()
+                    refs.extend(chunk_refs)
+                    payloads.extend(chunk_payloads)
+            finally:
+                for future in futures:
+                    future.cancel()
+            return refs, payloads
+
+        return result
 
     def _encode_chunk(
         self, bases: Sequence[memoryview], targets: Sequence[memoryview]
@@ -117,9 +134,22 @@ class EncodingPolicy:
                 raise PluginError(f"encoder {choice.name!r} cannot decode its own payload: {exc}") from None
             if len(decoded) != len(rows):
                 raise PluginError(f"encoder {choice.name!r} decoded {len(decoded)} units of {len(rows)}")
+            if _all_equal(decoded, [targets[i] for i in rows]):
+                continue
             for i, data in zip(rows, decoded, strict=True):
                 if data != targets[i]:
                     raise PluginError(
                         f"encoder {choice.name!r} wrote a payload that does not decode to its unit "
                         f"({len(targets[i])} bytes); the overlay was not written"
                     )
+
+
+def _all_equal(decoded: Sequence[object], targets: Sequence[memoryview]) -> bool:
+    """Whether every decoded unit equals its target, compared as two joined byte strings: a
+    memoryview compares 4 KiB some 30 times slower than bytes do."""
+    try:
+        if any(len(data) != len(target) for data, target in zip(decoded, targets, strict=True)):  # type: ignore[arg-type]
+            return False
+        return b"".join(decoded) == b"".join(targets)  # type: ignore[arg-type]
+    except TypeError:  # not bytes-like: the unit-by-unit comparison names the encoder
+        return False

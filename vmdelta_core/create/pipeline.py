@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import attrs
+import numpy as np
 
 from vmdelta_core.components import SourceImage
 from vmdelta_core.config import CreateConfig, describe_config, recorded_name
@@ -120,14 +121,26 @@ def _write_overlay(
     writer = _writer(file, plan, pool, stream=stream_form, bases=[pair.base for pair in pairs])
     writer.begin(split_document(_checked(skeleton.to_json()))[0])
     units = UnitEncoder(dedup, plan.refs, writer, pool, config.unit_size)
+    # every image's changes are read ahead, in order, on a thread of their own: while the pool
+    # and this thread encode one image, the next one's compare and digests are under way
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmdelta-scan")
+    scans: list[tuple[Future[_Scan], _Scan]] = []
     try:
+        for pair in pairs:
+            state = _Scan()
+            scans.append((ahead.submit(_scan, pair, config.unit_size, state), state))
         images = [
-            _encode_image(number, pair, skeleton.images[number], units, registry, progress)
+            _encode_image(number, pair, skeleton.images[number], units, registry, progress, scans[number])
             for number, pair in enumerate(pairs)
         ]
     except BaseException:
+        for scan, state in scans:
+            scan.cancel()
+            state.stopped = True  # a scan under way stops at its next chunk
         writer.abort()
         raise
+    finally:
+        ahead.shutdown(wait=True)
     writer.flush()
     metadata = _metadata(skeleton, images, plan, writer)
     size = writer.finish(_checked(metadata.to_json()))
@@ -213,22 +226,73 @@ def _skeleton(
     )
 
 
+@attrs.define
+class _Scan:
+    """What reading one image ahead found: its changed units, the digest of the image when it was
+    read whole on the way, and of its artifact file when that is another file; ``done``: bytes
+    compared so far (for a progress bar drawn by whoever waits for it); ``stopped``: give up."""
+
+    changed: np.ndarray | None = None
+    running: ImageDigest | None = None
+    artifact: str | None = None
+    done: int = 0
+    stopped: bool = False
+
+
+class _Stopped(Exception):
+    """A scan given up: the overlay failed elsewhere."""
+
+
+def _scan(pair: OpenedPair, unit: int, scan: _Scan) -> _Scan:
+    """Compare an image with its base (digesting it on the way when it is read whole) and digest
+    its artifact file, into ``scan``: reads only, so it runs while other images are encoded."""
+    modified = pair.modified
+    use_hints = _use_hints(pair)
+    scan.running = None if use_hints else ImageDigest()
+
+    def advance(n: int) -> None:
+        if scan.stopped:
+            raise _Stopped
+        scan.done += n
+
+    scan.changed = changed_units(pair.base, modified, unit, progress=advance, use_hints=use_hints, digest=scan.running)
+    if modified.exact_artifact and not _same_file(modified.file, pair.plan.spec.modified):
+        scan.artifact = file_digest(pair.plan.spec.modified)
+    return scan
+
+
+def _scanned(name: str, size: int, scan: Future[_Scan], state: _Scan, progress: Progress) -> _Scan:
+    """The scan's outcome, a bar following it while it is under way."""
+    if not scan.done():
+        advance = progress.start(f"compare {name}", size)
+        told = 0
+        while not wait([scan], timeout=0.1).done:
+            advance(state.done - told)
+            told = state.done
+    return scan.result()
+
+
 def _encode_image(
-    number: int, pair: OpenedPair, image: ImageRecord, units: UnitEncoder, registry: Registry, progress: Progress
+    number: int,
+    pair: OpenedPair,
+    image: ImageRecord,
+    units: UnitEncoder,
+    registry: Registry,
+    progress: Progress,
+    scan: tuple[Future[_Scan], _Scan],
 ) -> ImageRecord:
-    """Every stage of one image: envelope, changes, filters, dedup and encoding, digest; ``image``
-    completed with their outcome."""
+    """Every stage of one image: envelope, changes (read ahead by ``scan``), filters, dedup and
+    encoding, digest; ``image`` completed with their outcome."""
     unit = units.unit
     name, modified = pair.plan.name, pair.modified
     # the envelope first: a reader streaming the artifact out needs its head before the pages
     envelope = _store_envelope(number, pair, units.writer)
-    use_hints = _use_hints(pair)
-    running = None if use_hints else ImageDigest()  # reading the whole image anyway: digest it on the way
-    advance = progress.start(f"compare {name}", modified.size)
-    changed = changed_units(pair.base, modified, unit, progress=advance, use_hints=use_hints, digest=running)
+    scanned = _scanned(name, modified.size, *scan, progress)
+    changed = scanned.changed
+    assert changed is not None
     selection = select_units(pair, changed, registry, unit)
     counts = units.write(number, pair, selection.kept, progress.start(f"encode {name}", selection.kept.size * unit))
-    digest, artifact_digest = _digests(pair, selection, running, unit, progress)
+    digest, artifact_digest = _digests(pair, selection, scanned.running, unit, progress, scanned.artifact)
     return attrs.evolve(
         image,
         digest=digest,
@@ -260,10 +324,16 @@ def _store_envelope(number: int, pair: OpenedPair, writer: OverlayWriter) -> Env
 
 
 def _digests(
-    pair: OpenedPair, selection: Selection, running: ImageDigest | None, unit: int, progress: Progress
+    pair: OpenedPair,
+    selection: Selection,
+    running: ImageDigest | None,
+    unit: int,
+    progress: Progress,
+    artifact: str | None = None,
 ) -> tuple[str, str | None]:
     """The digest of the image apply rebuilds (with dropped units as the base has them), and of
-    the artifact when the source reproduces it byte for byte."""
+    the artifact when the source reproduces it byte for byte (``artifact``, when it was taken
+    already)."""
     modified, dropped = pair.modified, selection.dropped
     if running is not None and not dropped.size:
         digest = running.hexdigest()
@@ -274,7 +344,9 @@ def _digests(
         return digest, None
     # an image that is its file byte for byte has one digest for both
     spec = pair.plan.spec
-    return digest, digest if _same_file(modified.file, spec.modified) else file_digest(spec.modified)
+    if _same_file(modified.file, spec.modified):
+        return digest, digest
+    return digest, artifact or file_digest(spec.modified)
 
 
 def _same_file(a: Path | None, b: Path) -> bool:

@@ -2,7 +2,8 @@
 
 Units go in batches of :data:`BATCH_UNITS`: dedup classifies a batch with arrays, the encoders
 take what is left on the thread pool, and the batch's items go to the writer, which frames and
-compresses them. Memory stays bounded by the batch, not the image.
+compresses them. While the pool encodes one batch, dedup classifies the next. Memory stays
+bounded by the two batches, not the image.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+import attrs
 import numpy as np
 
+from vmdelta_core.components import SourceImage
 from vmdelta_core.create.dedup import ENCODE, Deduplicator
 from vmdelta_core.create.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.create.plan import ImagePlan
@@ -22,7 +25,7 @@ from vmdelta_core.overlay.schema import ITEM_TYPES, Ref
 
 __all__ = ["BATCH_UNITS", "UnitEncoder"]
 
-BATCH_UNITS = 4096
+BATCH_UNITS = 2048
 
 #: the statistics counter of each reference class
 _COUNTED = {
@@ -31,6 +34,28 @@ _COUNTED = {
     int(Ref.BASE_DISK): "base_disk",
     int(Ref.SELF): "earlier",
 }
+
+
+@attrs.define
+class _Batch:
+    """A batch classified, its encoding under way: :meth:`finish` waits for it."""
+
+    units: np.ndarray
+    classes: np.ndarray
+    values: np.ndarray
+    todo: np.ndarray
+    encoded: Callable[[], tuple[list[int], list[bytes]]] | None
+
+    def finish(self) -> tuple[np.ndarray, list[bytes | None]]:
+        """Refs and payloads of every unit of the batch."""
+        refs = self.classes.astype(np.uint8)
+        payloads: list[bytes | None] = [None] * self.units.size
+        if self.encoded is not None:
+            encoded_refs, encoded = self.encoded()
+            refs[self.todo] = encoded_refs
+            for row, payload in zip(self.todo.tolist(), encoded, strict=True):
+                payloads[row] = payload
+        return refs, payloads
 
 
 class UnitEncoder:
@@ -52,41 +77,40 @@ class UnitEncoder:
         self._names = {choice.ref: choice.name for choice in refs.values()}
 
     def write(self, number: int, pair: OpenedPair, kept: np.ndarray, advance: Callable[[int], None]) -> ImageStatistics:
-        """Write items for the units ``kept`` (sorted indices) of image ``number``; its counts."""
+        """Write items for the units ``kept`` (sorted indices) of image ``number``; its counts.
+
+        Batches overlap by one: while the pool encodes a batch, this thread classifies the next.
+        """
         plan: ImagePlan = pair.plan
         policy = EncodingPolicy([self.refs[name] for name in plan.encoders], self.refs["raw"], plan.policy, self.pool)
         counts = dict.fromkeys(_COUNTED.values(), 0)
         uses: dict[str, list[int]] = {}
-        for start in range(0, kept.size, BATCH_UNITS):
+        item_type = int(ITEM_TYPES[plan.spec.kind][0])
+        pending: _Batch | None = None
+        for start in range(0, kept.size + BATCH_UNITS, BATCH_UNITS):
             batch = kept[start : start + BATCH_UNITS]
-            classes, values, refs, payloads = self._batch(number, pair, batch, policy)
-            for ref, name in _COUNTED.items():
-                counts[name] += int((classes == ref).sum())
-            for ref, payload in ((int(r), p) for r, p in zip(refs.tolist(), payloads, strict=True) if p is not None):
-                use = uses.setdefault(self._names[ref], [0, 0])
-                use[0] += 1
-                use[1] += len(payload)
-            lengths = np.minimum(self.unit, pair.modified.size - batch * self.unit)
-            item_type = int(ITEM_TYPES[plan.spec.kind][0])
-            self.writer.add_items(
-                number,
-                (batch * self.unit).astype(np.uint64),
-                lengths,
-                refs,
-                np.full(batch.size, item_type, dtype=np.uint8),
-                values,
-                payloads,
-            )
-            advance(int(batch.size) * self.unit)
-            self._release()
+            started = self._start(number, pair, batch, policy) if batch.size else None
+            if pending is not None:
+                refs, payloads = pending.finish()
+                _count(counts, uses, self._names, pending.classes, refs, payloads)
+                self.writer.add_items(
+                    number,
+                    (pending.units * self.unit).astype(np.uint64),
+                    np.minimum(self.unit, pair.modified.size - pending.units * self.unit),
+                    refs,
+                    np.full(pending.units.size, item_type, dtype=np.uint8),
+                    pending.values,
+                    payloads,
+                )
+                advance(int(pending.units.size) * self.unit)
+                self._release(number, (int(pending.units[-1]) + 1) * self.unit)
+            pending = started
         return ImageStatistics(
             encoders={name: EncoderUse(units, size) for name, (units, size) in uses.items()}, **counts
         )
 
-    def _batch(
-        self, number: int, pair: OpenedPair, batch: np.ndarray, policy: EncodingPolicy
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[bytes | None]]:
-        """Classes (a ref, or ENCODE), ref values, refs and payloads of one batch of units."""
+    def _start(self, number: int, pair: OpenedPair, batch: np.ndarray, policy: EncodingPolicy) -> _Batch:
+        """Classify one batch of units (a ref, or ENCODE) and start encoding what is left."""
         unit, modified = self.unit, pair.modified
         full = modified.size // unit
         whole = batch[batch < full]
@@ -95,24 +119,56 @@ class UnitEncoder:
             tail_zero = not modified.data[full * unit :].any()
             classes = np.append(classes, np.uint8(Ref.ZEROS if tail_zero else ENCODE))
             values = np.append(values, np.uint64(0))
-        refs = classes.astype(np.uint8)
-        payloads: list[bytes | None] = [None] * batch.size
         todo = np.flatnonzero(classes == ENCODE)
+        encoded = None
         if todo.size:
-            starts = (batch[todo] * unit).tolist()
-            lengths = np.minimum(unit, modified.size - batch[todo] * unit).tolist()
-            bases = [memoryview(pair.base.padded(s, n)) for s, n in zip(starts, lengths, strict=True)]
-            targets = [memoryview(modified.data[s : s + n]) for s, n in zip(starts, lengths, strict=True)]
-            encoded_refs, encoded = policy.encode(bases, targets)
-            refs[todo] = encoded_refs
-            for row, payload in zip(todo.tolist(), encoded, strict=True):
-                payloads[row] = payload
-        return classes, values, refs, payloads
+            rows = batch[todo]
+            lengths = np.minimum(unit, modified.size - rows * unit)
+            view = memoryview(modified.data)
+            targets = [view[s : s + n] for s, n in zip((rows * unit).tolist(), lengths.tolist(), strict=True)]
+            encoded = policy.submit(_bases_of(pair.base, rows, lengths, unit), targets)
+        return _Batch(batch, classes, values, todo, encoded)
 
-    def _release(self) -> None:
-        """What a batch read (its units, their bases, dedup confirmations anywhere in the bases
-        and earlier images) is done with: drop those pages."""
-        for image in self.dedup.images:
-            image.release(0, image.size)
+    def _release(self, number: int, done: int) -> None:
+        """What the batches up to byte ``done`` of image ``number`` read (their units, their
+        bases, dedup confirmations anywhere in the bases and earlier images) is done with: drop
+        those pages. The image's pages past ``done`` stay: the batch in flight reads them."""
+        for at, image in enumerate(self.dedup.images):
+            image.release(0, done if at == number else image.size)
         for base in self.dedup.bases:
             base.image.release(0, base.image.size)
+
+
+def _bases_of(base: SourceImage, rows: np.ndarray, lengths: np.ndarray, unit: int) -> list[memoryview]:
+    """The base's bytes of each unit ``rows`` (``lengths`` long), zero-padded past its end:
+    gathered in one copy where the units lie whole inside the base."""
+    full = base.size // unit
+    whole = (rows < full) & (lengths == unit)
+    gathered = memoryview(base.data[: full * unit].reshape(full, unit)[rows[whole]].reshape(-1))
+    out: list[memoryview] = []
+    at = 0
+    for row, length, inside in zip(rows.tolist(), lengths.tolist(), whole.tolist(), strict=True):
+        if inside:
+            out.append(gathered[at : at + unit])
+            at += unit
+        else:
+            out.append(memoryview(base.padded(row * unit, length)))
+    return out
+
+
+def _count(
+    counts: dict[str, int],
+    uses: dict[str, list[int]],
+    names: Mapping[int, str],
+    classes: np.ndarray,
+    refs: np.ndarray,
+    payloads: list[bytes | None],
+) -> None:
+    """Add a batch to the image's counts of each reference class and each encoder's use."""
+    for ref, name in _COUNTED.items():
+        counts[name] += int((classes == ref).sum())
+    for ref, payload in zip(refs.tolist(), payloads, strict=True):
+        if payload is not None:
+            use = uses.setdefault(names[ref], [0, 0])
+            use[0] += 1
+            use[1] += len(payload)
