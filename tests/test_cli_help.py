@@ -75,7 +75,7 @@ def test_create_help_names_the_default_encoders_and_the_installed_codecs(
     assert "default here: tiny,raw with --policy best" in text
     assert "default: raw" not in text
     assert "brotlish (levels 1 to 11, default 4)" in text
-    assert "zstd (levels -131072 to 22, default 9)" in text
+    assert "zstd (levels -131072 to 22, default 3)" in text
     assert "lzma (levels 0 to 9, default 6)" in text
     assert "none (no levels)" in text
 
