@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vmdelta_core.components import SourceImage
-from vmdelta_core.errors import FormatError, IntegrityError
+from vmdelta_core.errors import FormatError, IntegrityError, VmdeltaError
 from vmdelta_core.handoff.relay import EARLIER_WINDOW, PAGE, EarlierPages, HandoffBase, RelayReceiver, RelaySender
 from vmdelta_core.handoff.wire import End, pack_run, write_end, write_frame
 from vmdelta_core.index import BaseIndex
@@ -267,3 +267,38 @@ def test_the_window_of_earlier_pages_forgets_the_oldest_and_stays_bounded() -> N
     copy = window.get(9)
     window.add(pages[0], 0)  # overwrites page 6's slot
     assert copy == pages[9].tobytes() and EARLIER_WINDOW * PAGE <= 64 << 20
+
+
+# ------------------------------------------------------------------------------------------------
+# the destination's reading of a hello: which versions it takes
+# ------------------------------------------------------------------------------------------------
+
+
+def hello_read(handoff: object) -> tuple:
+    """What a destination makes of a hello offering ``handoff`` (its bases, name, version, disk)."""
+    import json
+    import socket
+    from types import SimpleNamespace
+
+    from vmdelta_core.handoff.session import HandoffReceiver
+    from vmdelta_core.serve.protocol import CHUNK_FIELD, MAGIC
+
+    receiver = HandoffReceiver.__new__(HandoffReceiver)
+    receiver.config = SimpleNamespace(token="t")  # type: ignore[assignment]
+    body = json.dumps({"handoff": handoff, "name": "vm1", "token": "t"}).encode()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(MAGIC + CHUNK_FIELD.pack(len(body)) + body)
+        return receiver._hello(theirs)
+
+
+def test_a_destination_takes_versions_1_to_3_and_refuses_others() -> None:
+    assert hello_read({"version": 3, "bases": []})[2:] == (3, None)
+    assert hello_read({"version": 3, "bases": [], "disk": {"size": 8 * PAGE}})[2:] == (3, 8 * PAGE)
+    assert hello_read({"version": 2, "bases": [], "disk": {"size": PAGE}})[2:] == (2, PAGE)
+    assert hello_read({"version": 1, "bases": []})[2:] == (1, None)
+    for version in (4, 0, True, 3.0, "3", None):
+        with pytest.raises(VmdeltaError, match="not a handoff of version 1 to 3"):
+            hello_read({"version": version, "bases": []})
+    with pytest.raises(VmdeltaError, match="no size in whole blocks"):
+        hello_read({"version": 3, "bases": [], "disk": {"size": 100}})

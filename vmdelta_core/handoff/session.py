@@ -338,10 +338,10 @@ class HandoffReceiver:
         if not hmac.compare_digest(hello["token"].encode(), self.config.token.encode()):
             raise _Refused("auth", "wrong token")
         handoff = hello.get("handoff")
-        if not isinstance(handoff, dict) or handoff.get("version") not in VERSIONS:
+        version = handoff.get("version") if isinstance(handoff, dict) else None
+        if type(version) is not int or version not in VERSIONS:  # JSON's true would equal 1
             raise _Refused("format", f"not a handoff of version {VERSIONS[0]} to {VERSIONS[-1]}")
         disk_size = None
-        version = handoff["version"]
         if version == DISK_VERSION or (version == EARLIER_VERSION and "disk" in handoff):
             disk = handoff.get("disk")
             disk_size = disk.get("size") if isinstance(disk, dict) else None
