@@ -147,8 +147,8 @@ def test_a_forged_base_index_match_is_encoded_not_referenced() -> None:
 
 
 def test_when_every_hash_collides_no_ref_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
-    def colliding(units: np.ndarray) -> np.ndarray:
-        return np.full(units.shape[0], 7, dtype=np.uint64)
+    def colliding(units: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.full(rows.size, 7, dtype=np.uint64)
 
     monkeypatch.setattr(dedup_module, "unit_hashes", colliding)
     base_units = random_units(15, 4)

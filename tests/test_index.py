@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from vmdelta_core.builtin.file import FileSource
-from vmdelta_core.index import BaseIndex, load_or_build_index
+from vmdelta_core.index import BaseIndex, load_or_build_index, unit_hashes
 
 
 def open_file(path: Path):
@@ -69,3 +70,15 @@ def test_only_units_with_data_are_indexed(tmp_path: Path) -> None:
     with open_file(base) as image:
         index, _ = load_or_build_index(base, image, source="file", unit=4096, options={}, cache_dir=tmp_path / "c")
     assert index.units.tolist() == [3, 40]
+
+
+def test_unit_hashes_of_chosen_rows_are_the_rows_own_hashes() -> None:
+    rng = np.random.default_rng(5)
+    units = rng.integers(0, 256, size=(9, 512), dtype=np.uint8)
+    units[[2, 6]] = 0
+    every = unit_hashes(units)
+    assert every.tolist() == [xxhash.xxh3_64_intdigest(row.tobytes()) for row in units]
+    rows = np.array([6, 0, 8, 2, 8])
+    assert unit_hashes(units, rows).tolist() == every[rows].tolist()
+    assert unit_hashes(units, np.zeros(0, dtype=np.int64)).size == 0
+    assert unit_hashes(units[:0]).size == 0

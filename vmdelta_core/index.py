@@ -44,18 +44,28 @@ _CHUNK_UNITS = 4096  # 16 MiB of 4 KiB units per step
 ProgressFn = Callable[[int], None]
 
 
-def unit_hashes(units: np.ndarray) -> np.ndarray:
-    """XXH3-64 of each row of a ``(n, unit)`` uint8 array (zero rows get the zero unit's hash)."""
-    n, unit = units.shape
-    out = np.full(n, xxhash.xxh3_64_intdigest(bytes(unit)), dtype=np.uint64)
-    nonzero = np.flatnonzero(_nonzero_rows(units))
-    if nonzero.size:
-        digest = xxhash.xxh3_64_intdigest
-        flat = memoryview(np.ascontiguousarray(units)).cast("B")
-        out[nonzero] = np.fromiter(
-            (digest(flat[i * unit : (i + 1) * unit]) for i in nonzero.tolist()), dtype=np.uint64, count=nonzero.size
-        )
-    return out
+def unit_hashes(units: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """XXH3-64 of each row of a ``(n, unit)`` uint8 array (zero rows get the zero unit's hash
+    without being hashed), or of its rows ``rows`` only, hashed where they lie (not copied)."""
+    unit = units.shape[1]
+    units = np.ascontiguousarray(units)
+    if rows is None:
+        out = np.full(units.shape[0], xxhash.xxh3_64_intdigest(bytes(unit)), dtype=np.uint64)
+        rows = np.flatnonzero(_nonzero_rows(units))
+        out[rows] = _hash_rows(units, rows)
+        return out
+    return _hash_rows(units, rows)
+
+
+def _hash_rows(units: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """XXH3-64 of the rows ``rows`` of the C-contiguous ``units``."""
+    unit = units.shape[1]
+    if not rows.size:
+        return np.zeros(0, dtype=np.uint64)
+    digest = xxhash.xxh3_64_intdigest
+    flat = memoryview(units).cast("B")
+    starts = (rows * unit).tolist()
+    return np.fromiter((digest(flat[s : s + unit]) for s in starts), dtype=np.uint64, count=len(starts))
 
 
 def _nonzero_rows(units: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from vmdelta_core.errors import FormatError, IntegrityError, PluginError
 from vmdelta_core.fileio import copy_range, data_extents, punch_hole, punch_zero_runs, write_pieces
 from vmdelta_core.overlay.container import FrameEntry, frame_items
 from vmdelta_core.overlay.digest import digest_kind, own_file_digest
-from vmdelta_core.overlay.items import ADDRESS_BITS, ItemColumns
+from vmdelta_core.overlay.items import ADDRESS_BITS, OFFSET_MASK, ItemColumns
 from vmdelta_core.overlay.metadata import ImageRecord, OverlayMetadata
 from vmdelta_core.overlay.schema import BASE_REFS, ITEM_TYPES, Ref
 from vmdelta_core.records import Progress
@@ -31,7 +31,6 @@ from vmdelta_core.records import Progress
 __all__ = ["ImageRebuilder", "copy_base", "verify_rebuilt"]
 
 _DECODE_BATCH = 256
-_OFFSET_MASK = (1 << ADDRESS_BITS) - 1
 _KIND_OF_BASE_REF = {int(ref): kind for kind, ref in BASE_REFS.items()}
 
 
@@ -366,9 +365,7 @@ def _windows(rows: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
 def _split(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`split_address` of a column: (ordinal or image number, byte offset), as int64."""
     values = values.astype(np.uint64)
-    return (values >> np.uint64(ADDRESS_BITS)).astype(np.int64), (values & np.uint64((1 << ADDRESS_BITS) - 1)).astype(
-        np.int64
-    )
+    return (values >> np.uint64(ADDRESS_BITS)).astype(np.int64), (values & np.uint64(OFFSET_MASK)).astype(np.int64)
 
 
 def _write_runs(fd: int, offsets: np.ndarray, lengths: np.ndarray, zero: np.ndarray, pieces: list[object]) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from vmdelta_core.components import SourceImage
 from vmdelta_core.index import BaseIndex, unit_hashes
-from vmdelta_core.overlay.items import join_addresses, split_address
+from vmdelta_core.overlay.items import ADDRESS_BITS, OFFSET_MASK, join_addresses
 from vmdelta_core.overlay.schema import Ref
 
 __all__ = ["ENCODE", "DedupBase", "Deduplicator"]
@@ -24,6 +24,12 @@ ENCODE = 0  # class of a unit that needs an encoder
 
 def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ~(a.view(np.uint64) != b.view(np.uint64)).any(axis=1) if a.shape[1] % 8 == 0 else (a == b).all(axis=1)
+
+
+def _take(units: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The rows ``rows`` of a ``(n, unit)`` array, copied out (``take`` copies each row whole,
+    twice as fast as indexing, which copies byte by byte)."""
+    return np.take(units, rows, axis=0)
 
 
 @attrs.define(eq=False)
@@ -83,13 +89,13 @@ class Deduplicator:
         if n == 0:
             return classes, values
         full = image.size // unit
-        units = image.data[: full * unit].reshape(full, unit)[indices]
+        units = _take(image.data[: full * unit].reshape(full, unit), indices)
         nonzero = units.view(np.uint64).any(axis=1) if unit % 8 == 0 else units.any(axis=1)
         classes[~nonzero] = Ref.ZEROS
         todo = np.flatnonzero(nonzero)
         if todo.size == 0:
             return classes, values
-        hashes = unit_hashes(units[todo])
+        hashes = unit_hashes(units, todo)
 
         for base in self.bases:
             if todo.size == 0:
@@ -98,7 +104,7 @@ class Deduplicator:
             hit = np.flatnonzero(found >= 0)
             if hit.size == 0:
                 continue
-            same = _rows_equal(units[todo[hit]], base.units()[found[hit]])
+            same = _rows_equal(_take(units, todo[hit]), _take(base.units(), found[hit]))
             rows = todo[hit[same]]
             classes[rows] = base.ref
             values[rows] = join_addresses(base.ordinal, found[hit[same]].astype(np.uint64) * np.uint64(unit))
@@ -120,13 +126,24 @@ class Deduplicator:
         for seen in self._seen:
             pos = np.minimum(np.searchsorted(seen.hashes, hashes), seen.hashes.size - 1)
             hit = np.flatnonzero(keep & (seen.hashes[pos] == hashes))
-            for row, address in zip(hit.tolist(), seen.addresses[pos[hit]].tolist(), strict=True):
-                number, offset = split_address(address)
-                earlier = self.images[number].data[offset : offset + unit]
-                if np.array_equal(earlier, units[todo[row]]):
-                    classes[todo[row]] = Ref.SELF
-                    values[todo[row]] = address
-                    keep[row] = False
+            if not hit.size:
+                continue
+            addresses = seen.addresses[pos[hit]]
+            numbers = addresses >> np.uint64(ADDRESS_BITS)
+            for number in np.unique(numbers).tolist():
+                mine = np.flatnonzero(numbers == number)
+                image = self.images[number]
+                offsets = (addresses[mine] & np.uint64(OFFSET_MASK)).astype(np.int64)
+                # an earlier unit is a whole one (only those are remembered); anything else is no match
+                inside = (offsets % unit == 0) & (offsets + unit <= image.size)
+                mine, offsets = mine[inside], offsets[inside]
+                full = image.size // unit
+                earlier = _take(image.data[: full * unit].reshape(full, unit), offsets // unit)
+                same = mine[_rows_equal(_take(units, todo[hit[mine]]), earlier)]
+                rows = todo[hit[same]]
+                classes[rows] = Ref.SELF
+                values[rows] = addresses[same]
+                keep[hit[same]] = False
         return todo[keep], hashes[keep]
 
     def _within_batch(
@@ -143,7 +160,7 @@ class Deduplicator:
         leader = first[inverse]  # position in todo of the first unit with the same hash
         later = np.flatnonzero(leader != np.arange(todo.size))
         if later.size:
-            same = _rows_equal(units[todo[later]], units[todo[leader[later]]])
+            same = _rows_equal(_take(units, todo[later]), _take(units, todo[leader[later]]))
             rows = todo[later[same]]
             classes[rows] = Ref.SELF
             lead_units = indices[todo[leader[later[same]]]].astype(np.uint64)

@@ -144,7 +144,7 @@ def _bases_of(base: SourceImage, rows: np.ndarray, lengths: np.ndarray, unit: in
     gathered in one copy where the units lie whole inside the base."""
     full = base.size // unit
     whole = (rows < full) & (lengths == unit)
-    gathered = memoryview(base.data[: full * unit].reshape(full, unit)[rows[whole]].reshape(-1))
+    gathered = memoryview(np.take(base.data[: full * unit].reshape(full, unit), rows[whole], axis=0).reshape(-1))
     out: list[memoryview] = []
     at = 0
     for row, length, inside in zip(rows.tolist(), lengths.tolist(), whole.tolist(), strict=True):

@@ -21,6 +21,7 @@ from vmdelta_core.overlay.schema import FIXED_VALUE_REFS, LIVE_TYPES, Ref
 __all__ = [
     "ADDRESS_BITS",
     "MIN_ITEM",
+    "OFFSET_MASK",
     "ItemColumns",
     "ItemPayloads",
     "item_sizes",
@@ -46,12 +47,12 @@ MIN_ITEM = 11
 # kind in overlay order (with one disk it is the plain byte offset, as in the original item
 # streams); a self ref's value is ``image number << 52 | byte offset`` of the earlier item.
 ADDRESS_BITS = 52
-_OFFSET_MASK = (1 << ADDRESS_BITS) - 1
+OFFSET_MASK = (1 << ADDRESS_BITS) - 1
 
 
 def split_address(value: int) -> tuple[int, int]:
     """(ordinal or image number, byte offset) of a base or self ref value."""
-    return value >> ADDRESS_BITS, value & _OFFSET_MASK
+    return value >> ADDRESS_BITS, value & OFFSET_MASK
 
 
 def join_addresses(number: int, offsets: np.ndarray) -> np.ndarray:
