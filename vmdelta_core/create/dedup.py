@@ -17,7 +17,7 @@ from vmdelta_core.index import BaseIndex, unit_hashes
 from vmdelta_core.overlay.items import ADDRESS_BITS, OFFSET_MASK, join_addresses
 from vmdelta_core.overlay.schema import Ref
 
-__all__ = ["ENCODE", "DedupBase", "Deduplicator"]
+__all__ = ["ENCODE", "DedupBase", "Deduplicator", "Probe"]
 
 ENCODE = 0  # class of a unit that needs an encoder
 
@@ -45,6 +45,20 @@ class DedupBase:
         unit = self.index.unit_size
         full = self.image.size // unit
         return self.image.data[: full * unit].reshape(full, unit)
+
+
+@attrs.define(eq=False)
+class Probe:
+    """A batch of units probed (:meth:`Deduplicator.probe`), waiting to be resolved: its units
+    gathered, its classes so far, and the rows still to encode (``todo``) with their hashes."""
+
+    image_number: int
+    indices: np.ndarray
+    classes: np.ndarray
+    values: np.ndarray
+    units: np.ndarray = attrs.field(factory=lambda: np.zeros((0, 0), dtype=np.uint8))
+    todo: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=np.int64))
+    hashes: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=np.uint64))
 
 
 @attrs.define(eq=False)
@@ -81,22 +95,24 @@ class Deduplicator:
         The units must be full units inside the image; they are given in address order, and
         every batch of an image must come after the batches before it.
         """
+        return self.resolve(self.probe(image_number, indices))
+
+    def probe(self, image_number: int, indices: np.ndarray) -> Probe:
+        """The first half of :meth:`classify`: zero units and units in a base. It reads only what
+        does not change (the images, the bases and their indexes), so batches may be probed
+        ahead, on another thread, while earlier ones are resolved."""
         unit = self.unit
         image = self.images[image_number]
         n = indices.shape[0]
-        classes = np.full(n, ENCODE, dtype=np.uint8)
-        values = np.zeros(n, dtype=np.uint64)
+        probe = Probe(image_number, indices, np.full(n, ENCODE, dtype=np.uint8), np.zeros(n, dtype=np.uint64))
         if n == 0:
-            return classes, values
+            return probe
         full = image.size // unit
-        units = _take(image.data[: full * unit].reshape(full, unit), indices)
+        probe.units = units = _take(image.data[: full * unit].reshape(full, unit), indices)
         nonzero = units.view(np.uint64).any(axis=1) if unit % 8 == 0 else units.any(axis=1)
-        classes[~nonzero] = Ref.ZEROS
+        probe.classes[~nonzero] = Ref.ZEROS
         todo = np.flatnonzero(nonzero)
-        if todo.size == 0:
-            return classes, values
         hashes = unit_hashes(units, todo)
-
         for base in self.bases:
             if todo.size == 0:
                 break
@@ -106,16 +122,22 @@ class Deduplicator:
                 continue
             same = _rows_equal(_take(units, todo[hit]), _take(base.units(), found[hit]))
             rows = todo[hit[same]]
-            classes[rows] = base.ref
-            values[rows] = join_addresses(base.ordinal, found[hit[same]].astype(np.uint64) * np.uint64(unit))
+            probe.classes[rows] = base.ref
+            probe.values[rows] = join_addresses(base.ordinal, found[hit[same]].astype(np.uint64) * np.uint64(unit))
             keep = np.ones(todo.size, dtype=bool)
             keep[hit[same]] = False
             todo, hashes = todo[keep], hashes[keep]
+        probe.todo, probe.hashes = todo, hashes
+        return probe
 
+    def resolve(self, probe: Probe) -> tuple[np.ndarray, np.ndarray]:
+        """The second half of :meth:`classify`: units equal to one encoded earlier in this
+        overlay. Batches are resolved in order, each after those before it."""
+        classes, values, todo, hashes = probe.classes, probe.values, probe.todo, probe.hashes
         if todo.size:
-            todo, hashes = self._earlier_batches(todo, hashes, units, classes, values)
+            todo, hashes = self._earlier_batches(todo, hashes, probe.units, classes, values)
         if todo.size:
-            self._within_batch(image_number, indices, todo, hashes, units, classes, values)
+            self._within_batch(probe.image_number, probe.indices, todo, hashes, probe.units, classes, values)
         return classes, values
 
     def _earlier_batches(

@@ -15,7 +15,7 @@ import attrs
 import numpy as np
 
 from vmdelta_core.components import SourceImage
-from vmdelta_core.create.dedup import ENCODE, Deduplicator
+from vmdelta_core.create.dedup import ENCODE, Deduplicator, Probe
 from vmdelta_core.create.encode import EncoderChoice, EncodingPolicy
 from vmdelta_core.create.plan import ImagePlan
 from vmdelta_core.create.sources import OpenedPair
@@ -79,43 +79,57 @@ class UnitEncoder:
     def write(self, number: int, pair: OpenedPair, kept: np.ndarray, advance: Callable[[int], None]) -> ImageStatistics:
         """Write items for the units ``kept`` (sorted indices) of image ``number``; its counts.
 
-        Batches overlap by one: while the pool encodes a batch, this thread classifies the next.
+        Batches overlap three deep: while the pool encodes a batch, this thread resolves the
+        next one's references to earlier units, and a thread of its own probes the one after
+        (zero units, units in a base: reading pages of the bases is most of dedup's time).
         """
         plan: ImagePlan = pair.plan
         policy = EncodingPolicy([self.refs[name] for name in plan.encoders], self.refs["raw"], plan.policy, self.pool)
         counts = dict.fromkeys(_COUNTED.values(), 0)
         uses: dict[str, list[int]] = {}
         item_type = int(ITEM_TYPES[plan.spec.kind][0])
+        full = pair.modified.size // self.unit
+        batches = [kept[start : start + BATCH_UNITS] for start in range(0, kept.size, BATCH_UNITS)]
         pending: _Batch | None = None
-        for start in range(0, kept.size + BATCH_UNITS, BATCH_UNITS):
-            batch = kept[start : start + BATCH_UNITS]
-            started = self._start(number, pair, batch, policy) if batch.size else None
-            if pending is not None:
-                refs, payloads = pending.finish()
-                _count(counts, uses, self._names, pending.classes, refs, payloads)
-                self.writer.add_items(
-                    number,
-                    (pending.units * self.unit).astype(np.uint64),
-                    np.minimum(self.unit, pair.modified.size - pending.units * self.unit),
-                    refs,
-                    np.full(pending.units.size, item_type, dtype=np.uint8),
-                    pending.values,
-                    payloads,
-                )
-                advance(int(pending.units.size) * self.unit)
-                self._release(number, (int(pending.units[-1]) + 1) * self.unit)
-            pending = started
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmdelta-probe") as ahead:
+            probes = [ahead.submit(self.dedup.probe, number, batch[batch < full]) for batch in batches[:1]]
+            try:
+                for k in range(len(batches) + 1):
+                    started = None
+                    if k < len(batches):
+                        probe = probes[k].result()
+                        if k + 1 < len(batches):
+                            following = batches[k + 1]
+                            probes.append(ahead.submit(self.dedup.probe, number, following[following < full]))
+                        started = self._start(pair, batches[k], probe, policy)
+                    if pending is not None:
+                        refs, payloads = pending.finish()
+                        _count(counts, uses, self._names, pending.classes, refs, payloads)
+                        self.writer.add_items(
+                            number,
+                            (pending.units * self.unit).astype(np.uint64),
+                            np.minimum(self.unit, pair.modified.size - pending.units * self.unit),
+                            refs,
+                            np.full(pending.units.size, item_type, dtype=np.uint8),
+                            pending.values,
+                            payloads,
+                        )
+                        advance(int(pending.units.size) * self.unit)
+                        self._release(number, (int(pending.units[-1]) + 1) * self.unit)
+                    pending = started
+            finally:
+                for future in probes:
+                    future.cancel()
         return ImageStatistics(
             encoders={name: EncoderUse(units, size) for name, (units, size) in uses.items()}, **counts
         )
 
-    def _start(self, number: int, pair: OpenedPair, batch: np.ndarray, policy: EncodingPolicy) -> _Batch:
-        """Classify one batch of units (a ref, or ENCODE) and start encoding what is left."""
+    def _start(self, pair: OpenedPair, batch: np.ndarray, probe: Probe, policy: EncodingPolicy) -> _Batch:
+        """Resolve one probed batch of units (a ref, or ENCODE) and start encoding what is left."""
         unit, modified = self.unit, pair.modified
         full = modified.size // unit
-        whole = batch[batch < full]
-        classes, values = self.dedup.classify(number, whole)
-        if whole.size < batch.size:  # the short last unit: zero or encoded, never deduplicated
+        classes, values = self.dedup.resolve(probe)
+        if probe.indices.size < batch.size:  # the short last unit: zero or encoded, never deduplicated
             tail_zero = not modified.data[full * unit :].any()
             classes = np.append(classes, np.uint8(Ref.ZEROS if tail_zero else ENCODE))
             values = np.append(values, np.uint64(0))
