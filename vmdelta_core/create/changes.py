@@ -7,10 +7,7 @@ overlay's allocated clusters) only those units are compared at all.
 
 from __future__ import annotations
 
-import collections
-import itertools
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,35 +27,6 @@ def _differ(a: np.ndarray, b: np.ndarray, unit: int) -> np.ndarray:
     return (a.reshape(-1, unit) != b.reshape(-1, unit)).any(axis=1)
 
 
-def _compared(
-    chunks: Iterator[tuple[int, int, bool]], mdata: np.ndarray, bdata: np.ndarray, unit: int, threads: int
-) -> Iterator[tuple[int, int, np.ndarray | None]]:
-    """``(first unit, end unit, which differ)`` for each chunk in order (``None`` for a hole),
-    up to ``threads`` chunks compared at once; a consumer that stops early stops them."""
-
-    def compare(first: int, end: int, is_hole: bool) -> tuple[int, int, np.ndarray | None]:
-        if is_hole:
-            return first, end, None
-        lo, hi = first * unit, end * unit
-        return first, end, _differ(mdata[lo:hi], bdata[lo:hi], unit)
-
-    if threads <= 1:
-        yield from itertools.starmap(compare, chunks)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmdelta-compare") as pool:
-        ahead: collections.deque[Future[tuple[int, int, np.ndarray | None]]] = collections.deque()
-        try:
-            for chunk in chunks:
-                ahead.append(pool.submit(compare, *chunk))
-                if len(ahead) > threads:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
-        finally:
-            for future in ahead:
-                future.cancel()
-
-
 def changed_units(
     base: SourceImage,
     modified: SourceImage,
@@ -69,7 +37,6 @@ def changed_units(
     digest: ImageDigest | None = None,
     start: int = 0,
     stop: int | None = None,
-    threads: int = 1,
 ) -> np.ndarray:
     """Sorted ``int64`` indices of the modified image's units whose bytes differ from the base's.
 
@@ -79,8 +46,6 @@ def changed_units(
 
     :param start: compare only units ``[start, stop)`` (a shard of the image); ``digest`` is then
         fed that range's bytes.
-    :param threads: compare this many chunks at once (reading pages in is most of the time, and
-        page faults on several cores are served at once); results are taken in order.
     """
     msize, bsize = modified.size, base.size
     count = -(-msize // unit)
@@ -98,13 +63,13 @@ def changed_units(
     both_holes = intersect_runs(holes, np.concatenate([hole_runs(base, unit, ends), beyond_base]))
     found: list[np.ndarray] = []
     mdata, bdata = modified.data, base.data
-    chunks = iter_chunks(modified, unit, both_holes, min(start, common), min(stop, common))
-    for first, end, diff in _compared(chunks, mdata, bdata, unit, threads):
+    for first, end, is_hole in iter_chunks(modified, unit, both_holes, min(start, common), min(stop, common)):
         lo, hi = first * unit, end * unit
-        if diff is not None:
+        if not is_hole:
+            diff = _differ(mdata[lo:hi], bdata[lo:hi], unit)
             found.append(first + np.flatnonzero(diff))
             if digest is not None:
-                digest.update(mdata[lo:hi])  # its pages are in place: the comparison read them
+                digest.update(mdata[lo:hi])
             modified.release(lo, hi)
             base.release(lo, hi)
         elif digest is not None:

@@ -128,7 +128,7 @@ def _write_overlay(
     try:
         for pair in pairs:
             state = _Scan()
-            scans.append((ahead.submit(_scan, pair, config.unit_size, config.threads, state), state))
+            scans.append((ahead.submit(_scan, pair, config.unit_size, state), state))
         images = [
             _encode_image(number, pair, skeleton.images[number], units, registry, progress, scans[number])
             for number, pair in enumerate(pairs)
@@ -243,7 +243,7 @@ class _Stopped(Exception):
     """A scan given up: the overlay failed elsewhere."""
 
 
-def _scan(pair: OpenedPair, unit: int, threads: int, scan: _Scan) -> _Scan:
+def _scan(pair: OpenedPair, unit: int, scan: _Scan) -> _Scan:
     """Compare an image with its base (digesting it on the way when it is read whole) and digest
     its artifact file, into ``scan``: reads only, so it runs while other images are encoded."""
     modified = pair.modified
@@ -255,9 +255,7 @@ def _scan(pair: OpenedPair, unit: int, threads: int, scan: _Scan) -> _Scan:
             raise _Stopped
         scan.done += n
 
-    scan.changed = changed_units(
-        pair.base, modified, unit, progress=advance, use_hints=use_hints, digest=scan.running, threads=threads
-    )
+    scan.changed = changed_units(pair.base, modified, unit, progress=advance, use_hints=use_hints, digest=scan.running)
     if modified.exact_artifact and not _same_file(modified.file, pair.plan.spec.modified):
         scan.artifact = file_digest(pair.plan.spec.modified)
     return scan
