@@ -9,7 +9,7 @@ bounded by the two batches, not the image.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import attrs
 import numpy as np
@@ -92,16 +92,20 @@ class UnitEncoder:
         batches = [kept[start : start + BATCH_UNITS] for start in range(0, kept.size, BATCH_UNITS)]
         pending: _Batch | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmdelta-probe") as ahead:
-            probes = [ahead.submit(self.dedup.probe, number, batch[batch < full]) for batch in batches[:1]]
+
+            def probe(k: int) -> Future[Probe] | None:
+                if k == len(batches):
+                    return None
+                return ahead.submit(self.dedup.probe, number, batches[k][batches[k] < full])
+
+            following = probe(0)
             try:
                 for k in range(len(batches) + 1):
                     started = None
-                    if k < len(batches):
-                        probe = probes[k].result()
-                        if k + 1 < len(batches):
-                            following = batches[k + 1]
-                            probes.append(ahead.submit(self.dedup.probe, number, following[following < full]))
-                        started = self._start(pair, batches[k], probe, policy)
+                    if following is not None:
+                        probed = following.result()
+                        following = probe(k + 1)  # only the next one: each holds its batch's units
+                        started = self._start(pair, batches[k], probed, policy)
                     if pending is not None:
                         refs, payloads = pending.finish()
                         _count(counts, uses, self._names, pending.classes, refs, payloads)
@@ -118,8 +122,8 @@ class UnitEncoder:
                         self._release(number, (int(pending.units[-1]) + 1) * self.unit)
                     pending = started
             finally:
-                for future in probes:
-                    future.cancel()
+                if following is not None:
+                    following.cancel()
         return ImageStatistics(
             encoders={name: EncoderUse(units, size) for name, (units, size) in uses.items()}, **counts
         )
