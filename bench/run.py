@@ -6,10 +6,13 @@ apply`` (the file form, and the stream form through ``create -o -`` and ``apply 
 -T2`` and ``zstd -19`` with ``--long=31 --patch-from``, ``xdelta3 -9 -B``, and the throwaway
 overlay model (``shared/tools/overlay-model.py``), measures size, wall time and peak RSS of every
 process (``wait4``), checks that every rebuilt file is identical, and writes a Markdown table with
-vmdelta's ratios to each tool. Every tool runs ``--runs`` times, the tools taking turns (a round
+vmdelta's ratios to each tool. ``vmdelta apply`` flushes its outputs to disk before it names them;
+``zstd -d`` leaves them in the page cache, so zstd -3 has a second row whose apply also waits for
+that flush (``-d then fsync``), timed by this harness. Every tool runs ``--runs`` times, the tools taking turns (a round
 runs each once), and the table gives each one's median: a machine whose speed drifts during the
 run moves every tool alike. A last table times start-up: ``vmdelta --help``, and ``vmdelta apply``
-up to its first work (opening its overlay), against a bare Python.
+up to its first work (opening its overlay), against a bare Python and against a Python that only
+imports the libraries any overlay is read with (numpy, attrs, construct: the floor of that start).
 
 vmdelta runs as an installed tool does: with its bytecode cached (``PYTHONDONTWRITEBYTECODE`` is
 dropped, the cache goes to the work folder, and one unmeasured run of each command fills it).
@@ -163,10 +166,15 @@ def run_vmdelta_size_mode(pairs: list[tuple[str, Path, Path]], work: Path, extra
     return Result(SIZE_MODE, overlay.stat().st_size, c.seconds, c.peak_rss, a.seconds, a.peak_rss)
 
 
-def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path, threads: int = 1) -> Result:
+def run_zstd(
+    level: int, pairs: list[tuple[str, Path, Path]], work: Path, threads: int = 1, flushed: bool = False
+) -> list[Result]:
+    """zstd at ``level`` over each pair; with ``flushed``, a second row whose apply also waits for
+    its outputs to reach the disk (``fsync``, timed here), as ``vmdelta apply`` does before it
+    names an output: the same durability, to compare with."""
     size = 0
     option = [f"-T{threads}"] if threads > 1 else []
-    create = apply = 0.0
+    create = apply = flush = 0.0
     c_rss = a_rss = 0
     for _, base, modified in pairs:
         patch, out = work / f"{modified.name}.zst{level}", work / f"{modified.name}.zst{level}.out"
@@ -185,6 +193,14 @@ def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path, thread
             ]
         )
         a = measure(["zstd", "-d", "--long=31", "-q", "-f", f"--patch-from={base}", str(patch), "-o", str(out)])
+        if flushed:
+            started = time.perf_counter()
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            flush += time.perf_counter() - started
         if not same(out, modified):
             raise SystemExit(f"zstd rebuilt {modified.name} wrongly")
         size += patch.stat().st_size
@@ -193,7 +209,10 @@ def run_zstd(level: int, pairs: list[tuple[str, Path, Path]], work: Path, thread
         c_rss, a_rss = max(c_rss, c.peak_rss), max(a_rss, a.peak_rss)
         out.unlink()
     name = " ".join([f"zstd -{level}", *option, "--long=31 --patch-from"])
-    return Result(name, size, create, c_rss, apply, a_rss)
+    results = [Result(name, size, create, c_rss, apply, a_rss)]
+    if flushed:
+        results.append(Result(f"{name}, -d then fsync", size, create, c_rss, apply + flush, a_rss))
+    return results
 
 
 def run_xdelta3(pairs: list[tuple[str, Path, Path]], work: Path) -> Result:
@@ -256,9 +275,9 @@ def run_case(
         if size_mode:
             results.append(run_vmdelta_size_mode(pairs, work, extra))
         if "zstd-3" not in skip:
-            results.append(run_zstd(3, pairs, work, threads=2))
+            results += run_zstd(3, pairs, work, threads=2, flushed=True)
         if "zstd-19" not in skip:
-            results.append(run_zstd(19, pairs, work))
+            results += run_zstd(19, pairs, work)
         if "xdelta3" not in skip:
             results.append(run_xdelta3(pairs, work))
         rounds.append(results)
@@ -271,6 +290,10 @@ def startup(work: Path, runs: int) -> str:
     env = vmdelta_env(work)
     commands = {
         "python -c pass (the floor)": ([sys.executable, "-c", "pass"], 0),
+        "python -c 'import numpy, attrs, construct' (the libraries' floor)": (
+            [sys.executable, "-c", "import numpy, attrs, construct"],
+            0,
+        ),
         "vmdelta --help": ([*VMDELTA, "--help"], 0),
         "vmdelta apply, to its first work": (
             [*VMDELTA, "apply", "-q", str(work / "none.overlay"), "--disk", str(work / "none.img"), str(work / "o")],
