@@ -133,6 +133,29 @@ def test_many_batches_still_find_the_first_encoded_copy() -> None:
     assert [split_address(v)[1] for v in values.tolist()] == [k * UNIT for k in range(40)]
 
 
+def test_batches_probed_ahead_resolve_as_classified_in_turn() -> None:
+    """create probes the next batch (zero and base units) before this one's earlier-unit
+    references are resolved: the classes and refs are those of classifying batch after batch."""
+    pool = random_units(13, 6)
+    base_units = np.concatenate([random_units(14, 3), pool[:2]])
+    first = np.stack([pool[2], pool[0], np.zeros(UNIT, np.uint8), pool[3], pool[2], pool[4]])
+    second = np.stack([pool[3], pool[1], pool[5], pool[4], pool[5]])
+
+    def fresh() -> Deduplicator:
+        return Deduplicator(UNIT, [base(DISK, 0, base_units)], [image(first), image(second)])
+
+    batches = [(0, np.arange(0, 3)), (0, np.arange(3, 6)), (1, np.arange(0, 2)), (1, np.arange(2, 5))]
+    in_turn = fresh()
+    expected = [in_turn.classify(number, indices) for number, indices in batches]
+    ahead = fresh()
+    probes = [ahead.probe(number, indices) for number, indices in batches]  # all before any resolve
+    got = [ahead.resolve(probe) for probe in probes]
+    for (number, indices), (classes, values), (want_classes, want_values) in zip(batches, got, expected, strict=True):
+        assert classes.tolist() == want_classes.tolist() and values.tolist() == want_values.tolist()
+        check_refs(ahead, number, indices, classes, values)
+    assert {int(c) for classes, _ in got for c in classes} == {ENCODE, ZEROS, DISK, SELF}
+
+
 def test_a_forged_base_index_match_is_encoded_not_referenced() -> None:
     target = random_units(13, 2)
     base_units = random_units(14, 4)

@@ -2,8 +2,9 @@
 
 Units go in batches of :data:`BATCH_UNITS`: dedup classifies a batch with arrays, the encoders
 take what is left on the thread pool, and the batch's items go to the writer, which frames and
-compresses them. While the pool encodes one batch, dedup classifies the next. Memory stays
-bounded by the two batches, not the image.
+compresses them. Three batches are under way at once: the pool encodes one, this thread resolves
+the next one's references to earlier units, and a thread of its own probes the one after for
+zero units and units in a base. Memory stays bounded by those three batches, not the image.
 """
 
 from __future__ import annotations
