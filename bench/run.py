@@ -286,7 +286,8 @@ def run_case(
 
 def startup(work: Path, runs: int) -> str:
     """Start-up, median of ``runs`` taking turns: ``vmdelta --help``, and ``vmdelta apply`` up to
-    its first work (opening its overlay, missing here: exit status 2), against a bare Python."""
+    its first work (opening its overlay, missing here: exit status 2), against a bare Python and
+    a Python importing numpy, attrs and construct (what reading any overlay needs)."""
     env = vmdelta_env(work)
     commands = {
         "python -c pass (the floor)": ([sys.executable, "-c", "pass"], 0),
