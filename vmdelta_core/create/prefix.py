@@ -7,6 +7,13 @@ which costs it tens of seconds. Here each frame gets a prefix of its own: the ba
 units' addresses, and the base ranges where its units' content is found, by a sampled index of the
 base (one 32-byte window every 32 bytes) looked up at every byte of the frame's payloads. Any run
 of 63 equal bytes hits the index; a range is kept once several windows of one unit agree on it.
+
+A prefix is worth only what its frame refers to: bytes nothing refers to make every offset into
+it dearer. The two kinds of image differ there (measured on realistic-128 and realistic-512, see
+``bench/REPORT.md``, "Size mode"). A disk block found elsewhere in the base is a file moved or
+rewritten: a disk unit takes the two ranges most of its windows agree on, and its own address
+only when that still holds some of its words. A memory page takes every range found and its own
+address: leaner memory prefixes came out larger.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ STRIDE = 32
 MAX_WINDOWS = 8 << 20
 #: windows of one unit that must agree on a base range before it joins the prefix
 MIN_HITS = 3
+#: a disk unit's prefix: the base ranges most of its windows agree on, at most this many...
+DISK_RANGES = 2
+#: ...and its own address only when it shares this many non-zero 8-byte words with the base there
+DISK_OWN_WORDS = 8
 #: a unit found in the base is located to the 4 KiB block it would start in; the prefix takes
 #: that block and the next, so it holds the unit whatever its shift
 _BLOCK = 4096
@@ -110,20 +121,47 @@ class FramePrefixes:
         lengths = np.array([len(p) for p in payloads], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         own = cols.offsets[rows].astype(np.int64)
-        ranges = [np.stack([own, np.minimum(own + lengths, size)], axis=1)]  # each unit's own address
+        ends = np.minimum(own + lengths, size)
+        disk = matcher.base.kind == "disk"
+        if disk:
+            kept = np.array(
+                [
+                    _shared_words(payload, matcher.base.data, lo, hi) >= DISK_OWN_WORDS
+                    for payload, lo, hi in zip(payloads, own.tolist(), ends.tolist(), strict=True)
+                ],
+                dtype=bool,
+            )
+            own, ends = own[kept], ends[kept]
+        ranges = [np.stack([own, ends], axis=1)]  # the units' own addresses
         positions, offsets = matcher.find(b"".join(payloads))
         if positions.size:
             row = np.searchsorted(starts, positions, side="right") - 1
             # the base unit where the unit would start: windows shifted by a few bytes agree on it
             block = (offsets - (positions - starts[row])) // _BLOCK
             keys, hits = np.unique(np.stack([row, block], axis=1), axis=0, return_counts=True)
-            agreed = keys[hits >= MIN_HITS, 1]
+            keys, hits = keys[hits >= MIN_HITS], hits[hits >= MIN_HITS]
+            if disk:  # each unit's best ranges: by unit, most hits first
+                order = np.lexsort((-hits, keys[:, 0]))
+                keys = keys[order]
+                rank = np.arange(keys.shape[0]) - np.searchsorted(keys[:, 0], keys[:, 0])
+                keys = keys[rank < DISK_RANGES]
+            agreed = keys[:, 1]
             lo = np.maximum(agreed * _BLOCK, 0)
             hi = np.minimum(agreed * _BLOCK + 2 * _BLOCK, size)
             ranges.append(np.stack([lo, hi], axis=1))
         runs = _merged(np.concatenate(ranges))
         data = matcher.base.data
         return runs, b"".join(data[lo : lo + n].tobytes() for lo, n in runs)
+
+
+def _shared_words(payload: bytes, data: np.ndarray, lo: int, hi: int) -> int:
+    """How many non-zero 8-byte words ``payload`` shares with ``data[lo:hi]``, word for word."""
+    count = min(len(payload), hi - lo) // 8
+    if count <= 0:
+        return 0
+    new = np.frombuffer(payload, dtype="<u8", count=count)
+    old = np.frombuffer(data[lo : lo + count * 8], dtype="<u8")
+    return int(np.count_nonzero((new == old) & (new != 0)))
 
 
 def _merged(ranges: np.ndarray) -> list[tuple[int, int]]:
