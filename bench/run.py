@@ -97,6 +97,7 @@ class Result:
 
 VMDELTA = [sys.executable, "-m", "vmdelta_core.cli"]
 STREAM_FORM = "vmdelta, stream form (create -o -, apply -)"
+COLD_INDEX = "vmdelta, bases not indexed before (create only)"
 
 
 def vmdelta_env(work: Path) -> dict[str, str]:
@@ -108,13 +109,14 @@ def vmdelta_env(work: Path) -> dict[str, str]:
 def run_vmdelta(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str]) -> list[Result]:
     """vmdelta in the file form and in the stream form (``create -o -``, ``apply -``)."""
     env = vmdelta_env(work)
-    overlay, stream = work / "vm.overlay", work / "vm.stream"
+    overlay, stream, cold = work / "vm.overlay", work / "vm.stream", work / "cold.overlay"
     create = [*VMDELTA, "create", "-q", "-o", str(overlay), *extra]
+    create_cold = [*VMDELTA, "create", "-q", "-o", str(cold), *extra]
     create_stream = [*VMDELTA, "create", "-q", "-o", "-", *extra]
     apply = [*VMDELTA, "apply", "-q", str(overlay)]
     apply_stream = [*VMDELTA, "apply", "-q", "-"]
     for kind, base, modified in pairs:
-        for argv in (create, create_stream):
+        for argv in (create, create_stream, create_cold):
             argv += [f"--{kind}", str(base), str(modified)]
         apply += [f"--{kind}", str(base), str(work / f"out-{modified.name}")]
         apply_stream += [f"--{kind}", str(base), str(work / f"stream-{modified.name}")]
@@ -137,9 +139,16 @@ def run_vmdelta(pairs: list[tuple[str, Path, Path]], work: Path, extra: list[str
             if not same(rebuilt, modified):
                 raise SystemExit(f"vmdelta rebuilt {modified.name} wrongly")
             rebuilt.unlink()
+    # and as a machine that has never seen the bases: an empty cache, each base indexed (and a
+    # memory base parsed) by this create itself
+    cold_cache = work / "cold-cache"
+    shutil.rmtree(cold_cache, ignore_errors=True)
+    k = measure(create_cold, env={**env, "VMDELTA_CACHE_DIR": str(cold_cache)})
+    shutil.rmtree(cold_cache)
     return [
         Result("vmdelta", overlay.stat().st_size, c.seconds, c.peak_rss, a.seconds, a.peak_rss),
         Result(STREAM_FORM, stream.stat().st_size, cs.seconds, cs.peak_rss, s.seconds, s.peak_rss),
+        Result(COLD_INDEX, cold.stat().st_size, k.seconds, k.peak_rss, None, None),
     ]
 
 
