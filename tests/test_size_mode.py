@@ -6,6 +6,7 @@ import random
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 from make_golden import golden_inputs, golden_items, golden_overlay
@@ -14,7 +15,9 @@ from test_container import _apply_golden, reseal
 from vmdelta_core.api import ApplyConfig, ApplyImageSpec, CreateConfig, ImageSpec, apply_overlay, create_overlay
 from vmdelta_core.builtin.codecs import MAX_PREFIX, MAX_PREFIX_RUNS, ZstdBaseCodec, ZstdCodec
 from vmdelta_core.cli import main
+from vmdelta_core.components import SourceImage
 from vmdelta_core.config import SIZE_MODE_FRAME, load_pipeline, size_mode
+from vmdelta_core.create.prefix import FramePrefixes
 from vmdelta_core.errors import ConfigError, FormatError, VmdeltaError
 from vmdelta_core.fuzzing import check_untrusted
 from vmdelta_core.overlay.container import OverlayReader, decompress_frame
@@ -73,6 +76,43 @@ def test_its_frames_name_base_runs_and_need_the_base(golden_dir: Path) -> None:
         assert count >= 1 and table > 0  # the raw units' own addresses at least
         with pytest.raises(FormatError, match="against its base"):
             decompress_frame(entry, stored, CODEC, "frame")
+
+
+def _prefix_runs(kind: str, base: bytes, units: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
+    """The base runs the size mode's chooser picks for one frame of ``units`` (address, bytes)."""
+    image = SourceImage(kind, np.frombuffer(base, dtype=np.uint8))  # type: ignore[arg-type]
+    item = ItemType.DISK if kind == "disk" else ItemType.MEMORY
+    frame = pack_items(
+        [o for o, _ in units],
+        [len(u) for _, u in units],
+        [int(Ref.RAW)] * len(units),
+        [int(item)] * len(units),
+        [0] * len(units),
+        [u for _, u in units],
+    )
+    runs, prefix = FramePrefixes([image])(0, frame)
+    assert prefix == b"".join(base[o : o + n] for o, n in runs)
+    return runs
+
+
+def test_a_disk_unit_is_compressed_against_where_its_content_lies_not_its_unrelated_address() -> None:
+    base = random.Random(5).randbytes(64 * 4096)
+    moved = base[40 * 4096 + 100 : 41 * 4096 + 100]  # a block of the base, shifted: dedup misses it
+    fresh = random.Random(6).randbytes(4096)  # new content: the block at its address is unrelated
+    edited = bytearray(base[10 * 4096 : 11 * 4096])
+    edited[::512] = bytes(8)  # the block at its address, a few bytes changed
+    runs = _prefix_runs("disk", base, [(4 * 4096, moved), (6 * 4096, fresh), (10 * 4096, bytes(edited))])
+    covered = {block for o, n in runs for block in range(o // 4096, (o + n + 4095) // 4096)}
+    assert {40, 41, 10} <= covered  # where the moved block lies, and the edited block's own address
+    assert not {4, 6} & covered  # not the unrelated blocks at the other units' addresses
+
+
+def test_a_memory_page_keeps_its_own_address_in_the_prefix() -> None:
+    base = random.Random(5).randbytes(64 * 4096)
+    moved = base[40 * 4096 + 100 : 41 * 4096 + 100]
+    runs = _prefix_runs("memory", base, [(4 * 4096, moved)])
+    covered = {block for o, n in runs for block in range(o // 4096, (o + n + 4095) // 4096)}
+    assert {4, 40, 41} <= covered
 
 
 def test_a_unit_found_shifted_in_the_base_costs_little_and_needs_that_base() -> None:
