@@ -78,8 +78,9 @@ def test_its_frames_name_base_runs_and_need_the_base(golden_dir: Path) -> None:
             decompress_frame(entry, stored, CODEC, "frame")
 
 
-def _prefix_runs(kind: str, base: bytes, units: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
-    """The base runs the size mode's chooser picks for one frame of ``units`` (address, bytes)."""
+def _prefix_blocks(kind: str, base: bytes, units: list[tuple[int, bytes]]) -> set[int]:
+    """The 4 KiB base blocks the size mode's chooser puts in the prefix of one frame of ``units``
+    (address, bytes)."""
     image = SourceImage(kind, np.frombuffer(base, dtype=np.uint8))  # type: ignore[arg-type]
     item = ItemType.DISK if kind == "disk" else ItemType.MEMORY
     frame = pack_items(
@@ -92,7 +93,7 @@ def _prefix_runs(kind: str, base: bytes, units: list[tuple[int, bytes]]) -> list
     )
     runs, prefix = FramePrefixes([image])(0, frame)
     assert prefix == b"".join(base[o : o + n] for o, n in runs)
-    return runs
+    return {block for o, n in runs for block in range(o // 4096, (o + n + 4095) // 4096)}
 
 
 def test_a_disk_unit_is_compressed_against_where_its_content_lies_not_its_unrelated_address() -> None:
@@ -101,8 +102,7 @@ def test_a_disk_unit_is_compressed_against_where_its_content_lies_not_its_unrela
     fresh = random.Random(6).randbytes(4096)  # new content: the block at its address is unrelated
     edited = bytearray(base[10 * 4096 : 11 * 4096])
     edited[::512] = bytes(8)  # the block at its address, a few bytes changed
-    runs = _prefix_runs("disk", base, [(4 * 4096, moved), (6 * 4096, fresh), (10 * 4096, bytes(edited))])
-    covered = {block for o, n in runs for block in range(o // 4096, (o + n + 4095) // 4096)}
+    covered = _prefix_blocks("disk", base, [(4 * 4096, moved), (6 * 4096, fresh), (10 * 4096, bytes(edited))])
     assert {40, 41, 10} <= covered  # where the moved block lies, and the edited block's own address
     assert not {4, 6} & covered  # not the unrelated blocks at the other units' addresses
 
@@ -110,9 +110,7 @@ def test_a_disk_unit_is_compressed_against_where_its_content_lies_not_its_unrela
 def test_a_memory_page_keeps_its_own_address_in_the_prefix() -> None:
     base = random.Random(5).randbytes(64 * 4096)
     moved = base[40 * 4096 + 100 : 41 * 4096 + 100]
-    runs = _prefix_runs("memory", base, [(4 * 4096, moved)])
-    covered = {block for o, n in runs for block in range(o // 4096, (o + n + 4095) // 4096)}
-    assert {4, 40, 41} <= covered
+    assert {4, 40, 41} <= _prefix_blocks("memory", base, [(4 * 4096, moved)])
 
 
 def test_a_unit_found_shifted_in_the_base_costs_little_and_needs_that_base() -> None:
